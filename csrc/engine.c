@@ -1,0 +1,272 @@
+#define _GNU_SOURCE
+/*
+ * engine.c -- weight packing, the forward driver (engine_impl.h, once per
+ * dtype), CPU dispatch and the floating-point environment.
+ */
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#include "fl_internal.h"
+#if defined(FL_X86)
+#include <immintrin.h>
+#include <cpuid.h>
+#endif
+
+/* ------------------------------------------------------------------ memory */
+void *fl_aligned_alloc(size_t bytes)
+{
+    void *p = NULL;
+    if (bytes == 0) bytes = FL_ALIGN;
+    if (posix_memalign(&p, FL_ALIGN, bytes) != 0) return NULL;
+    return p;
+}
+
+void fl_aligned_free(void *p) { free(p); }
+
+/* ------------------------------------------------------------- dispatch */
+static int g_isa_detected = -1;
+static int g_isa_active = -1;
+
+#if defined(FL_X86)
+static unsigned long long fl_xgetbv0(void)
+{
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return ((unsigned long long)hi << 32) | lo;
+}
+#endif
+
+int fl_isa_detected(void)
+{
+    if (g_isa_detected >= 0) return g_isa_detected;
+    int isa = FL_ISA_PORTABLE;
+#if defined(FL_X86)
+    unsigned a, b, c, d;
+    if (__get_cpuid(1, &a, &b, &c, &d)) {
+        int osxsave = (c >> 27) & 1, avx = (c >> 28) & 1, fma = (c >> 12) & 1;
+        if (osxsave && avx) {
+            unsigned long long xcr0 = fl_xgetbv0();
+            int ymm_ok = (xcr0 & 0x6) == 0x6;
+            int zmm_ok = (xcr0 & 0xe6) == 0xe6;
+            if (__get_cpuid_count(7, 0, &a, &b, &c, &d)) {
+                int avx2 = (b >> 5) & 1;
+                int f = (b >> 16) & 1, dq = (b >> 17) & 1, bw = (b >> 30) & 1, vl = (b >> 31) & 1;
+                if (ymm_ok && avx2 && fma) isa = FL_ISA_AVX2;
+                if (isa == FL_ISA_AVX2 && zmm_ok && f && dq && bw && vl) isa = FL_ISA_AVX512;
+            }
+        }
+    }
+#endif
+    g_isa_detected = isa;
+    return isa;
+}
+
+int fl_isa_active(void)
+{
+    if (g_isa_active < 0) g_isa_active = fl_isa_detected();
+    return g_isa_active;
+}
+
+int fl_isa_set(int isa)
+{
+    int best = fl_isa_detected();
+    if (isa < FL_ISA_PORTABLE) isa = FL_ISA_PORTABLE;
+    if (isa > best) isa = best;
+    g_isa_active = isa;
+    return isa;
+}
+
+const char *fl_isa_name(int isa)
+{
+    switch (isa) {
+    case FL_ISA_AVX512: return "avx512";
+    case FL_ISA_AVX2: return "avx2";
+    case FL_ISA_PORTABLE: return "portable";
+    default: return "unknown";
+    }
+}
+
+const fl_kernels_f32 *fl_kernels_f32_active(void)
+{
+#if defined(FL_X86)
+    switch (fl_isa_active()) {
+    case FL_ISA_AVX512: return &fl_kernels_f32_avx512;
+    case FL_ISA_AVX2: return &fl_kernels_f32_avx2;
+    default: break;
+    }
+#endif
+    return &fl_kernels_f32_portable;
+}
+
+/* --------------------------------------------------------- fp environment */
+unsigned fl_fpenv_enter(void)
+{
+#if defined(FL_X86)
+    unsigned saved = _mm_getcsr();
+    _mm_setcsr(saved | 0x8040); /* FTZ | DAZ */
+    return saved;
+#else
+    return 0;
+#endif
+}
+
+void fl_fpenv_leave(unsigned saved)
+{
+#if defined(FL_X86)
+    _mm_setcsr(saved);
+#else
+    (void)saved;
+#endif
+}
+
+/* ---------------------------------------------------------------- packing */
+void fl_cell_opts_default(fl_cell_opts *o)
+{
+    memset(o, 0, sizeof *o);
+    o->act[0] = FL_ACT_SIGMOID;
+    o->act[1] = FL_ACT_TANH;
+    o->act[2] = FL_ACT_TANH;
+}
+
+#define PACK_BODY(REAL)                                                                 \
+    {                                                                                   \
+        const REAL *wih = (const REAL *)w_ih, *whh = (const REAL *)w_hh;                \
+        const REAL *b = (const REAL *)bias, *wr = (const REAL *)w_hr;                   \
+        const REAL *pp = (const REAL *)peep;                                            \
+        REAL *pih = (REAL *)cell->wih, *phh = (REAL *)cell->whh, *pb = (REAL *)cell->bias; \
+        for (int j = 0; j < cell->nb; j++)                                              \
+            for (int g = 0; g < 4; g++)                                                 \
+                for (int l = 0; l < FL_BW; l++) {                                       \
+                    int u = j * FL_BW + l, col = g * FL_BW + l;                         \
+                    if (u >= H) continue;                                               \
+                    size_t row = (size_t)g * H + u;                                     \
+                    for (int k = 0; k < in; k++)                                        \
+                        pih[((size_t)j * in + k) * FL_PW + col] = wih[row * in + k];    \
+                    for (int k = 0; k < Hout; k++)                                      \
+                        phh[((size_t)j * Hout + k) * FL_PW + col] = whh[row * Hout + k]; \
+                    if (b) pb[(size_t)j * FL_PW + col] = b[row];                        \
+                }                                                                       \
+        if (wr) {                                                                       \
+            REAL *pr = (REAL *)cell->whr;                                               \
+            for (int p = 0; p < P; p++)                                                 \
+                for (int k = 0; k < H; k++)                                             \
+                    pr[((size_t)(p / FL_PW) * H + k) * FL_PW + p % FL_PW] = wr[(size_t)p * H + k]; \
+        }                                                                               \
+        if (pp) {                                                                       \
+            REAL *pq = (REAL *)cell->peep;                                              \
+            for (int q = 0; q < 3; q++)                                                 \
+                for (int u = 0; u < H; u++)                                             \
+                    pq[((size_t)(u / FL_BW) * 3 + q) * FL_BW + u % FL_BW] = pp[(size_t)q * H + u]; \
+        }                                                                               \
+    }
+
+fl_cell *fl_cell_create(int dtype, int in, int H, int P, const void *w_ih, const void *w_hh,
+                        const void *bias, const void *w_hr, const void *peep,
+                        const fl_cell_opts *opts)
+{
+    if ((dtype != FL_F32 && dtype != FL_F64) || in < 0 || H < 1 || P < 0 || P > H)
+        return NULL;
+    if (!w_hh || (in > 0 && !w_ih) || (P > 0 && !w_hr)) return NULL;
+    if (in > (1 << 28) || H > (1 << 24)) return NULL;
+    size_t es = dtype == FL_F32 ? sizeof(float) : sizeof(double);
+    fl_cell *cell = (fl_cell *)calloc(1, sizeof *cell);
+    if (!cell) return NULL;
+    cell->dtype = dtype;
+    cell->in = in; cell->H = H; cell->P = P; cell->Hout = P ? P : H;
+    cell->nb = (H + FL_BW - 1) / FL_BW;
+    cell->np = P ? (P + FL_PW - 1) / FL_PW : 0;
+    int Hout = cell->Hout;
+    size_t s_ih = (size_t)cell->nb * in * FL_PW * es;
+    size_t s_hh = (size_t)cell->nb * Hout * FL_PW * es;
+    size_t s_b = (size_t)cell->nb * FL_PW * es;
+    size_t s_r = (size_t)cell->np * H * FL_PW * es;
+    size_t s_p = peep ? (size_t)cell->nb * 3 * FL_BW * es : 0;
+    cell->wih = fl_aligned_alloc(s_ih);
+    cell->whh = fl_aligned_alloc(s_hh);
+    cell->bias = fl_aligned_alloc(s_b);
+    cell->whr = P ? fl_aligned_alloc(s_r) : NULL;
+    cell->peep = peep ? fl_aligned_alloc(s_p) : NULL;
+    if (!cell->wih || !cell->whh || !cell->bias || (P && !cell->whr) || (peep && !cell->peep)) {
+        fl_cell_free(cell);
+        return NULL;
+    }
+    memset(cell->wih, 0, s_ih);
+    memset(cell->whh, 0, s_hh);
+    memset(cell->bias, 0, s_b);
+    if (P) memset(cell->whr, 0, s_r);
+    if (peep) memset(cell->peep, 0, s_p);
+    cell->bytes = s_ih + s_hh + s_b + s_r + s_p;
+    if (dtype == FL_F32) PACK_BODY(float) else PACK_BODY(double)
+    if (opts) cell->opts = *opts; else fl_cell_opts_default(&cell->opts);
+    cell->is_default = !peep && cell->opts.act[0] == FL_ACT_SIGMOID &&
+                       cell->opts.act[1] == FL_ACT_TANH && cell->opts.act[2] == FL_ACT_TANH &&
+                       !(cell->opts.clip > 0) && !(cell->opts.cell_clip > 0) &&
+                       !cell->opts.input_forget;
+    return cell;
+}
+
+void fl_cell_free(fl_cell *cell)
+{
+    if (!cell) return;
+    fl_aligned_free(cell->wih);
+    fl_aligned_free(cell->whh);
+    fl_aligned_free(cell->bias);
+    fl_aligned_free(cell->whr);
+    fl_aligned_free(cell->peep);
+    free(cell);
+}
+
+int fl_cell_dtype(const fl_cell *cell) { return cell->dtype; }
+size_t fl_cell_packed_bytes(const fl_cell *cell) { return cell->bytes; }
+
+/* ---------------------------------------------------------------- driver */
+#define REAL float
+#define SFX f32
+#define KERNELS_T fl_kernels_f32
+#define KERNELS fl_kernels_f32_active()
+#include "engine_impl.h"
+#undef REAL
+#undef SFX
+#undef KERNELS_T
+#undef KERNELS
+
+#define REAL double
+#define SFX f64
+#define KERNELS_T fl_kernels_f64
+#define KERNELS (&fl_kernels_f64_portable)
+#include "engine_impl.h"
+
+static int check_stack(fl_cell *const *cells, int L, int D)
+{
+    if (!cells || L < 1 || (D != 1 && D != 2)) return -1;
+    const fl_cell *c0 = cells[0];
+    if (!c0) return -1;
+    for (int l = 0; l < L; l++)
+        for (int d = 0; d < D; d++) {
+            const fl_cell *c = cells[l * D + d];
+            if (!c || c->dtype != c0->dtype || c->H != c0->H || c->P != c0->P) return -1;
+            if (l > 0 && c->in != D * c0->Hout) return -1;
+            if (l == 0 && c->in != c0->in) return -1;
+        }
+    return 0;
+}
+
+size_t fl_workspace_bytes(fl_cell *const *cells, int L, int D, int T, int N)
+{
+    int TC;
+    size_t a, b;
+    if (check_stack(cells, L, D) != 0 || T < 0 || N < 0) return 0;
+    if (cells[0]->dtype == FL_F32) return plan_f32(cells, L, D, T, N, &TC, &a, &b);
+    return plan_f64(cells, L, D, T, N, &TC, &a, &b);
+}
+
+int fl_forward(fl_cell *const *cells, int L, int D, const fl_io *io, void *ws, int nthreads)
+{
+    if (check_stack(cells, L, D) != 0) return -1;
+    if (!io || io->T < 0 || io->N < 0 || !io->hn || !io->cn || !ws) return -2;
+    if (io->T > 0 && io->N > 0 && (!io->x || !io->y)) return -2;
+    if (io->lengths) return -3; /* not supported by this engine version */
+    if (nthreads <= 0) nthreads = fl_num_threads_get();
+    if (cells[0]->dtype == FL_F32) return forward_f32(cells, L, D, io, ws, nthreads);
+    return forward_f64(cells, L, D, io, ws, nthreads);
+}

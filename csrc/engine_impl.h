@@ -1,0 +1,255 @@
+/*
+ * The forward driver, instantiated for float and double by engine.c.
+ * Expects REAL, SFX and KERNELS (an expression giving the kernel table).
+ *
+ * One call = one parallel region.  Each thread owns either a range of batch
+ * rows (no synchronisation at all: rows are independent through time and
+ * layers) or a range of hidden blocks (one barrier per step, two with a
+ * projection: every thread needs all of h_{t-1}).  Within its share a thread
+ *   - computes the input projection G = x W_ih^T + b for a chunk of time
+ *     steps (its own rows/blocks only, so no barrier), into a buffer sized to
+ *     stay in cache, then
+ *   - runs those steps: per block of 16 hidden units one kernel call does
+ *     h_{t-1} W_hh^T for all four gates and the gate math in its epilogue.
+ */
+#define FL_CAT_(a, b) a##b
+#define FL_CAT(a, b) FL_CAT_(a, b)
+#define FN(name) FL_CAT(name, SFX)
+
+typedef struct {
+    fl_cell *const *cells;
+    int L, D, T, N, TC;
+    const fl_io *io;
+    int split_batch;
+    REAL *G;          /* TC x N x (nb*64) */
+    REAL *buf[2];     /* inter-layer outputs, T x N x (D*Hout) */
+    REAL *hraw;       /* N x H, projection input */
+} FN(ctx_);
+
+static inline int FN(imin_)(int a, int b) { return a < b ? a : b; }
+
+/* Rows (o, i) for o in [o0, o1), i in [0, ni): A row at A + o*a_so + i*a_si,
+ * G row at G + o*g_so + i*g_si.  Blocks [j0, j1). */
+static void FN(input_gemm_)(const fl_cell *cell, const REAL *A, ptrdiff_t a_so, ptrdiff_t a_si,
+                            REAL *G, ptrdiff_t g_so, ptrdiff_t g_si,
+                            int o0, int o1, int ni, int j0, int j1)
+{
+    const KERNELS_T *kr = KERNELS;
+    const int K = cell->in, rmax = kr->rmax;
+    const REAL *wih = (const REAL *)cell->wih, *bias = (const REAL *)cell->bias;
+    /* Keep the A rows of one chunk within ~256 KB so that they stay in L2
+     * while every panel streams over them. */
+    size_t row_bytes = (size_t)ni * K * sizeof(REAL);
+    int oc = row_bytes ? (int)((256u * 1024u) / row_bytes) : 1;
+    if (oc < 1) oc = 1;
+    for (int c0 = o0; c0 < o1; c0 += oc) {
+        int c1 = FN(imin_)(o1, c0 + oc);
+        for (int j = j0; j < j1; j++) {
+            const REAL *panel = wih + (size_t)j * K * FL_PW;
+            const REAL *bj = bias + (size_t)j * FL_PW;
+            for (int o = c0; o < c1; o++) {
+                for (int i = 0; i < ni; i += rmax) {
+                    int R = FN(imin_)(rmax, ni - i);
+                    kr->gemm(R, K, A + o * a_so + i * a_si, a_si, panel, bj,
+                             G + o * g_so + i * g_si + (ptrdiff_t)j * FL_PW, g_si, FL_PW);
+                }
+            }
+        }
+    }
+}
+
+static void FN(thread_)(void *arg, int tid, int nt)
+{
+    FN(ctx_) *cx = (FN(ctx_) *)arg;
+    const fl_io *io = cx->io;
+    const KERNELS_T *kr = KERNELS;
+    const int L = cx->L, D = cx->D, T = cx->T, N = cx->N, TC = cx->TC, rmax = kr->rmax;
+    const fl_cell *c0cell = cx->cells[0];
+    const int H = c0cell->H, P = c0cell->P, Hout = c0cell->Hout, nb = c0cell->nb, np = c0cell->np;
+    const ptrdiff_t ldg = (ptrdiff_t)nb * FL_PW;
+    int n0 = 0, n1 = N, j0 = 0, j1 = nb, p0 = 0, p1 = np;
+    const int sync = (nt > 1) && !cx->split_batch;
+    if (nt > 1) {
+        if (cx->split_batch) {
+            n0 = (int)((long)N * tid / nt);
+            n1 = (int)((long)N * (tid + 1) / nt);
+        } else {
+            j0 = (int)((long)nb * tid / nt);
+            j1 = (int)((long)nb * (tid + 1) / nt);
+            p0 = (int)((long)np * tid / nt);
+            p1 = (int)((long)np * (tid + 1) / nt);
+        }
+    }
+    const int nrows = n1 - n0;
+    unsigned fpsave = fl_fpenv_enter();
+
+    for (int l = 0; l < L; l++) {
+        const REAL *xin;
+        ptrdiff_t xst, xsn;
+        REAL *yout;
+        ptrdiff_t yst, ysn;
+        if (l == 0) {
+            xin = (const REAL *)io->x; xst = io->x_st; xsn = io->x_sn;
+        } else {
+            xin = cx->buf[(l - 1) & 1]; xst = (ptrdiff_t)N * D * Hout; xsn = (ptrdiff_t)D * Hout;
+        }
+        if (l == L - 1) {
+            yout = (REAL *)io->y; yst = io->y_st; ysn = io->y_sn;
+        } else {
+            yout = cx->buf[l & 1]; yst = (ptrdiff_t)N * D * Hout; ysn = (ptrdiff_t)D * Hout;
+        }
+        for (int d = 0; d < D; d++) {
+            const fl_cell *cell = cx->cells[l * D + d];
+            const REAL *whh = (const REAL *)cell->whh;
+            const REAL *whr = (const REAL *)cell->whr;
+            REAL *cst = (REAL *)io->cn + (size_t)(l * D + d) * N * H;
+            const REAL *h0 = io->h0 ? (const REAL *)io->h0 + (size_t)(l * D + d) * N * Hout : NULL;
+            REAL *ydir = yout + (ptrdiff_t)d * Hout;
+            fl_epi epi;
+            epi.is_default = cell->is_default;
+            epi.opts = &cell->opts;
+
+            for (int s0 = 0; s0 < T; s0 += TC) {
+                int s1 = FN(imin_)(T, s0 + TC);
+                /* time steps of this chunk: t in [tlo, thi] */
+                int tlo = d ? T - s1 : s0;
+                int nts = s1 - s0;
+                if (nrows > 0) {
+                    const REAL *xa = xin + (ptrdiff_t)tlo * xst + (ptrdiff_t)n0 * xsn;
+                    REAL *ga = cx->G + (ptrdiff_t)n0 * ldg;
+                    if (nrows >= rmax || nts == 1)
+                        FN(input_gemm_)(cell, xa, xst, xsn, ga, (ptrdiff_t)N * ldg, ldg,
+                                        0, nts, nrows, j0, j1);
+                    else
+                        FN(input_gemm_)(cell, xa, xsn, xst, ga, ldg, (ptrdiff_t)N * ldg,
+                                        0, nrows, nts, j0, j1);
+                }
+                for (int s = s0; s < s1; s++) {
+                    int t = d ? T - 1 - s : s;
+                    const REAL *A;
+                    ptrdiff_t lda;
+                    if (s == 0) {
+                        A = h0; lda = Hout;
+                    } else {
+                        A = ydir + (ptrdiff_t)(d ? t + 1 : t - 1) * yst; lda = ysn;
+                    }
+                    const REAL *Gt = cx->G + (ptrdiff_t)(t - tlo) * N * ldg;
+                    REAL *hdst = P ? cx->hraw : ydir + (ptrdiff_t)t * yst;
+                    ptrdiff_t ldh = P ? H : ysn;
+                    for (int j = j0; j < j1; j++) {
+                        const REAL *panel = whh + (size_t)j * Hout * FL_PW;
+                        int nvalid = FN(imin_)(FL_BW, H - j * FL_BW);
+                        epi.peep = cell->peep ? (const REAL *)cell->peep + (size_t)j * 3 * FL_BW : NULL;
+                        for (int n = n0; n < n1; n += rmax) {
+                            int R = FN(imin_)(rmax, n1 - n);
+                            kr->lstm(R, Hout, A ? A + n * lda : NULL, lda, panel,
+                                     Gt + n * ldg + (ptrdiff_t)j * FL_PW, ldg,
+                                     cst + (ptrdiff_t)n * H + j * FL_BW, H,
+                                     hdst + n * ldh + j * FL_BW, ldh, nvalid, &epi);
+                        }
+                    }
+                    if (P) {
+                        if (sync) fl_pool_barrier(nt);
+                        REAL *yt = ydir + (ptrdiff_t)t * yst;
+                        for (int p = p0; p < p1; p++) {
+                            const REAL *panel = whr + (size_t)p * H * FL_PW;
+                            int ncols = FN(imin_)(FL_PW, P - p * FL_PW);
+                            for (int n = n0; n < n1; n += rmax) {
+                                int R = FN(imin_)(rmax, n1 - n);
+                                kr->gemm(R, H, cx->hraw + (ptrdiff_t)n * H, H, panel, NULL,
+                                         yt + n * ysn + p * FL_PW, ysn, ncols);
+                            }
+                        }
+                    }
+                    if (sync) fl_pool_barrier(nt);
+                }
+            }
+            /* h_n: the state after the last processed step. */
+            REAL *hn = (REAL *)io->hn + (size_t)(l * D + d) * N * Hout;
+            int col0, col1;
+            if (cx->split_batch || nt == 1) { col0 = 0; col1 = Hout; }
+            else if (P) { col0 = FN(imin_)(P, p0 * FL_PW); col1 = FN(imin_)(P, p1 * FL_PW); }
+            else { col0 = FN(imin_)(H, j0 * FL_BW); col1 = FN(imin_)(H, j1 * FL_BW); }
+            if (col1 > col0) {
+                for (int n = n0; n < n1; n++) {
+                    REAL *dst = hn + (size_t)n * Hout + col0;
+                    size_t bytes = (size_t)(col1 - col0) * sizeof(REAL);
+                    if (T > 0)
+                        memcpy(dst, ydir + (ptrdiff_t)(d ? 0 : T - 1) * yst + n * ysn + col0, bytes);
+                    else if (h0)
+                        memcpy(dst, h0 + (size_t)n * Hout + col0, bytes);
+                    else
+                        memset(dst, 0, bytes);
+                }
+            }
+        }
+        /* The next layer reads every column of this layer's output; the last
+         * step's barrier already ordered that, except when T == 0. */
+    }
+    fl_fpenv_leave(fpsave);
+}
+
+static size_t FN(plan_)(fl_cell *const *cells, int L, int D, int T, int N, int *TC,
+                        size_t *off_buf, size_t *off_hraw)
+{
+    const fl_cell *c = cells[0];
+    size_t row = (size_t)c->nb * FL_PW * sizeof(REAL) * (size_t)(N > 0 ? N : 1);
+    size_t tc = (size_t)(2u << 20) / row;   /* G chunk of about 2 MB */
+    if (tc < 8) tc = 8;                      /* but at least 8 steps ... */
+    if ((size_t)T < tc) tc = (size_t)(T > 0 ? T : 1);
+    *TC = (int)tc;
+    size_t bytes = (tc * row + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN;
+    *off_buf = bytes;
+    if (L > 1)
+        bytes += 2 * ((size_t)T * N * D * c->Hout * sizeof(REAL) + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN;
+    *off_hraw = bytes;
+    if (c->P) bytes += ((size_t)N * c->H * sizeof(REAL) + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN;
+    return bytes + FL_ALIGN;
+}
+
+static int FN(forward_)(fl_cell *const *cells, int L, int D, const fl_io *io, void *ws, int nthreads)
+{
+    FN(ctx_) cx;
+    size_t off_buf, off_hraw;
+    int T = io->T, N = io->N;
+    FN(plan_)(cells, L, D, T, N, &cx.TC, &off_buf, &off_hraw);
+    char *base = (char *)(((uintptr_t)ws + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN);
+    const fl_cell *c = cells[0];
+    size_t bufsz = ((size_t)T * N * D * c->Hout * sizeof(REAL) + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN;
+    cx.cells = cells; cx.L = L; cx.D = D; cx.T = T; cx.N = N; cx.io = io;
+    cx.G = (REAL *)base;
+    cx.buf[0] = L > 1 ? (REAL *)(base + off_buf) : NULL;
+    cx.buf[1] = L > 1 ? (REAL *)(base + off_buf + bufsz) : NULL;
+    cx.hraw = c->P ? (REAL *)(base + off_hraw) : NULL;
+
+    /* c state lives in cn from the start. */
+    for (int k = 0; k < L * D; k++) {
+        REAL *cn = (REAL *)io->cn + (size_t)k * N * c->H;
+        if (io->c0)
+            memcpy(cn, (const REAL *)io->c0 + (size_t)k * N * c->H, (size_t)N * c->H * sizeof(REAL));
+        else
+            memset(cn, 0, (size_t)N * c->H * sizeof(REAL));
+    }
+
+    /* Threads: split hidden blocks when each thread gets enough work per
+     * step to pay for a barrier (~1 us); otherwise split the batch. */
+    int nt = nthreads;
+    if (nt > c->nb && nt > N) nt = c->nb > N ? c->nb : N;
+    double flops_step = 2.0 * N * 4.0 * c->H * (c->in + c->Hout);
+    cx.split_batch = 0;
+    if (nt > 1) {
+        if (flops_step / nt < 4.0e4 || c->nb < nt) {
+            if (N >= nt) cx.split_batch = 1;
+            else nt = 1;
+        } else if (N >= 16 * nt && flops_step < 4.0e6) {
+            cx.split_batch = 1;
+        }
+    }
+    if (T == 0 || N == 0) nt = 1;
+    fl_pool_run(FN(thread_), &cx, nt);
+    return 0;
+}
+
+#undef FN
+#undef FL_CAT
+#undef FL_CAT_

@@ -1,0 +1,103 @@
+/*
+ * fl_internal.h -- what the engine, the kernels and the thread pool share.
+ *
+ * Packed layout (one layout for every ISA, so forcing another ISA never
+ * needs a repack).  Hidden units are cut into blocks of FL_BW = 16; for block
+ * j the four gates of its 16 units sit side by side in 64 columns:
+ *     column  g*16 + l   <->  canonical row  g*H + j*16 + l   (g = i,f,g,o)
+ * A "panel" is K rows of those 64 columns, contiguous:
+ *     panel_j[k*64 + col] = W[row(col)][k]      (zero where j*16+l >= H)
+ * so one recurrent step streams each panel front to back.  The projection
+ * W_hr (P, H) is packed the same way without gates: panel p holds output
+ * columns p*64 .. p*64+63.
+ */
+#ifndef FL_INTERNAL_H
+#define FL_INTERNAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include "fastlstm.h"
+
+#define FL_BW 16            /* hidden units per block */
+#define FL_PW 64            /* columns per panel (4 gates x FL_BW) */
+#define FL_ALIGN 64
+
+/* What the epilogue of the recurrent kernel needs besides the GEMM. */
+typedef struct {
+    int is_default;          /* sigmoid/tanh/tanh, no clip, no peepholes */
+    const void *peep;        /* block's peepholes, 3 x FL_BW (i, f, o), or NULL */
+    const fl_cell_opts *opts;
+} fl_epi;
+
+/* Kernel signatures (REAL = float or double):
+ * gemm: out[r][0..ncols) = bias[0..ncols) + sum_k A[r*lda + k] * panel[k*64 + col]
+ *       for r < R (R <= rmax); bias may be NULL.
+ * lstm: pre[r][col] = G[r*ldg + col] + sum_k A[r*lda + k] * panel[k*64 + col]
+ *       (A NULL means h_{t-1} = 0), then the gate math for the block's
+ *       `nvalid` units: reads/writes c[r*ldc + l], writes h[r*ldh + l]. */
+typedef void (*fl_gemm_f32)(int R, int K, const float *A, ptrdiff_t lda,
+                            const float *panel, const float *bias,
+                            float *out, ptrdiff_t ldo, int ncols);
+typedef void (*fl_lstm_f32)(int R, int K, const float *A, ptrdiff_t lda,
+                            const float *panel, const float *G, ptrdiff_t ldg,
+                            float *c, ptrdiff_t ldc, float *h, ptrdiff_t ldh,
+                            int nvalid, const fl_epi *epi);
+typedef void (*fl_gemm_f64)(int R, int K, const double *A, ptrdiff_t lda,
+                            const double *panel, const double *bias,
+                            double *out, ptrdiff_t ldo, int ncols);
+typedef void (*fl_lstm_f64)(int R, int K, const double *A, ptrdiff_t lda,
+                            const double *panel, const double *G, ptrdiff_t ldg,
+                            double *c, ptrdiff_t ldc, double *h, ptrdiff_t ldh,
+                            int nvalid, const fl_epi *epi);
+
+typedef struct { int rmax; fl_gemm_f32 gemm; fl_lstm_f32 lstm; const char *name; } fl_kernels_f32;
+typedef struct { int rmax; fl_gemm_f64 gemm; fl_lstm_f64 lstm; const char *name; } fl_kernels_f64;
+
+extern const fl_kernels_f32 fl_kernels_f32_portable;
+extern const fl_kernels_f64 fl_kernels_f64_portable;
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
+#define FL_X86 1
+extern const fl_kernels_f32 fl_kernels_f32_avx2;
+extern const fl_kernels_f32 fl_kernels_f32_avx512;
+#endif
+
+const fl_kernels_f32 *fl_kernels_f32_active(void);
+
+/* Scalar epilogue shared by every ISA for non-default cells.
+ * pre is R x 64 (row stride 64), gate order i, f, g, o per 16 lanes. */
+void fl_epilogue_generic_f32(int R, const float *pre, float *c, ptrdiff_t ldc,
+                             float *h, ptrdiff_t ldh, int nvalid, const fl_epi *epi);
+void fl_epilogue_generic_f64(int R, const double *pre, double *c, ptrdiff_t ldc,
+                             double *h, ptrdiff_t ldh, int nvalid, const fl_epi *epi);
+
+struct fl_cell {
+    int dtype;
+    int in, H, P, Hout;     /* Hout = P ? P : H */
+    int nb;                 /* hidden blocks: ceil(H / 16) */
+    int np;                 /* projection panels: ceil(P / 64) */
+    void *wih;              /* nb panels of in x 64 */
+    void *whh;              /* nb panels of Hout x 64 */
+    void *bias;             /* nb x 64 (zeros if no bias) */
+    void *whr;              /* np panels of H x 64, or NULL */
+    void *peep;             /* nb x 3 x 16, or NULL */
+    fl_cell_opts opts;
+    int is_default;
+    size_t bytes;
+};
+
+/* Thread pool: run fn(arg, tid, nthreads) on nthreads threads (the caller is
+ * tid 0); returns the number of threads actually used (1 if the pool is busy
+ * with another call, so concurrent callers never oversubscribe). */
+typedef void (*fl_task_fn)(void *arg, int tid, int nthreads);
+int fl_pool_run(fl_task_fn fn, void *arg, int nthreads);
+/* Barrier among the threads of the current fl_pool_run. */
+void fl_pool_barrier(int nthreads);
+
+/* Floating-point environment inside the kernels: flush denormals. */
+unsigned fl_fpenv_enter(void);
+void fl_fpenv_leave(unsigned saved);
+
+void *fl_aligned_alloc(size_t bytes);
+void fl_aligned_free(void *p);
+
+#endif

@@ -1,0 +1,113 @@
+/*
+ * fastlstm.h -- the whole public surface of the fastlstm C engine.
+ *
+ * Layering (see README "Architecture"):
+ *   Python validates, allocates outputs and the workspace, then calls
+ *   fl_forward() with the GIL released.  Nothing in here allocates or fails
+ *   per call except for the documented argument checks of fl_forward().
+ *
+ * Canonical weight layout (PyTorch's, gate order i, f, g, o):
+ *   w_ih  (4H, In)      row-major
+ *   w_hh  (4H, Hout)    row-major, Hout = P if proj_size P > 0 else H
+ *   bias  (4H)          b_ih + b_hh, or NULL
+ *   w_hr  (P, H)        row-major, or NULL when P == 0
+ *   peep  (3, H)        peepholes for i, f, o (Graves 2013), or NULL
+ * fl_cell_create() packs them once into the kernel layout; the caller may
+ * free its arrays afterwards.
+ */
+#ifndef FASTLSTM_H
+#define FASTLSTM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum fl_dtype { FL_F32 = 0, FL_F64 = 1 };
+
+enum fl_isa { FL_ISA_PORTABLE = 0, FL_ISA_AVX2 = 1, FL_ISA_AVX512 = 2 };
+
+/* Activation functions (the ONNX LSTM set). alpha/beta as in ONNX. */
+enum fl_act {
+    FL_ACT_SIGMOID = 0,
+    FL_ACT_TANH = 1,
+    FL_ACT_RELU = 2,
+    FL_ACT_HARDSIGMOID = 3, /* clip(alpha*x + beta, 0, 1) */
+    FL_ACT_AFFINE = 4,      /* alpha*x + beta */
+    FL_ACT_LEAKYRELU = 5,   /* x >= 0 ? x : alpha*x */
+    FL_ACT_THRESHOLDEDRELU = 6, /* x > alpha ? x : 0 */
+    FL_ACT_SCALEDTANH = 7,  /* alpha*tanh(beta*x) */
+    FL_ACT_ELU = 8,         /* x >= 0 ? x : alpha*(exp(x) - 1) */
+    FL_ACT_SOFTSIGN = 9,    /* x / (1 + |x|) */
+    FL_ACT_SOFTPLUS = 10,   /* log(1 + exp(x)) */
+    FL_ACT_COUNT = 11
+};
+
+/* Cell options.  The default (zeroed struct with act = {SIGMOID, TANH, TANH})
+ * is the plain PyTorch LSTM and runs on the fused SIMD epilogue; anything
+ * else runs the same GEMMs with a generic scalar epilogue. */
+typedef struct {
+    int act[3];        /* f (gates i, f, o), g (candidate), h (output) */
+    double alpha[3];
+    double beta[3];
+    double clip;       /* > 0: clamp gate pre-activations to [-clip, clip]
+                          (ONNX Runtime's `clip`); 0: none */
+    double cell_clip;  /* > 0: clamp c_t to [-cell_clip, cell_clip] (TF1) */
+    int input_forget;  /* 1: f = 1 - i (ONNX `input_forget`) */
+} fl_cell_opts;
+
+void fl_cell_opts_default(fl_cell_opts *opts);
+
+typedef struct fl_cell fl_cell;
+
+/* Returns NULL on bad sizes or out of memory. */
+fl_cell *fl_cell_create(int dtype, int input_size, int hidden_size, int proj_size,
+                        const void *w_ih, const void *w_hh, const void *bias,
+                        const void *w_hr, const void *peep, const fl_cell_opts *opts);
+void fl_cell_free(fl_cell *cell);
+int fl_cell_dtype(const fl_cell *cell);
+size_t fl_cell_packed_bytes(const fl_cell *cell);
+
+/* One forward call over a stack of cells: cells[layer * dirs + dir].
+ * Strides are in elements.  x row (t, n) starts at x + t*x_st + n*x_sn;
+ * y row (t, n) at y + t*y_st + n*y_sn and holds [forward | reverse].
+ * h0, c0 (L*D, N, Hout) / (L*D, N, H) contiguous, or NULL for zeros.
+ * hn, cn likewise, required.
+ * lengths: NULL (every sequence has T steps) or N values in [0, T]; steps
+ * past a sequence's end are not computed, y there is zero and hn/cn hold the
+ * state at the last valid step (PyTorch PackedSequence semantics).        */
+typedef struct {
+    int T, N;
+    const void *x;
+    ptrdiff_t x_st, x_sn;
+    void *y;
+    ptrdiff_t y_st, y_sn;
+    const void *h0, *c0;
+    void *hn, *cn;
+    const int32_t *lengths;
+} fl_io;
+
+size_t fl_workspace_bytes(fl_cell *const *cells, int layers, int dirs, int T, int N);
+
+/* Returns 0 on success, a negative code if the arguments are inconsistent
+ * (these are also checked in Python first).  nthreads <= 0: default. */
+int fl_forward(fl_cell *const *cells, int layers, int dirs, const fl_io *io,
+               void *workspace, int nthreads);
+
+/* CPU dispatch. */
+int fl_isa_detected(void);  /* best ISA this CPU + OS + build supports */
+int fl_isa_active(void);
+int fl_isa_set(int isa);    /* clamps to detected; returns the ISA now active */
+const char *fl_isa_name(int isa);
+
+/* Threads. */
+int fl_num_threads_get(void);
+void fl_num_threads_set(int n); /* n <= 0: default (online CPUs) */
+int fl_num_cpus(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,165 @@
+/*
+ * AVX2 + FMA float32 kernels.  Compiled for that target through the pragma
+ * below; run only when dispatch saw AVX2, FMA and OS support for ymm state.
+ *
+ * A block's 64 columns are 8 ymm; with 16 ymm registers one batch row per
+ * call (8 accumulators, weights taken as memory operands) is the blocking
+ * that does not spill.  Same formulas and constants as fl_math.h.
+ */
+#include "../fl_internal.h"
+#include "../fl_math.h"
+
+#if defined(FL_X86)
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#elif defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
+#include <immintrin.h>
+
+#define AI static inline __attribute__((always_inline))
+
+AI __m256 v_exp(__m256 x)
+{
+    x = _mm256_max_ps(_mm256_set1_ps(FL_EXP_LO), x); /* NaN: keeps x */
+    x = _mm256_min_ps(_mm256_set1_ps(FL_EXP_HI), x);
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(FL_LOG2E)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(FL_LN2_HI), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(FL_LN2_LO), r);
+    __m256 p = _mm256_set1_ps(FL_EXP_P0);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(FL_EXP_P1));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(FL_EXP_P2));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(FL_EXP_P3));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(FL_EXP_P4));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(FL_EXP_P5));
+    __m256 y = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+/* 1/d: rcp (12 bits) and one Newton step (~2^-23). */
+AI __m256 v_rcp(__m256 d)
+{
+    __m256 y = _mm256_rcp_ps(d);
+    return _mm256_fmadd_ps(y, _mm256_fnmadd_ps(d, y, _mm256_set1_ps(1.0f)), y);
+}
+
+AI __m256 v_sigmoid(__m256 x)
+{
+    x = _mm256_max_ps(_mm256_set1_ps(-FL_SIG_CLAMP), x);
+    x = _mm256_min_ps(_mm256_set1_ps(FL_SIG_CLAMP), x);
+    __m256 e = v_exp(_mm256_sub_ps(_mm256_setzero_ps(), x));
+    return v_rcp(_mm256_add_ps(_mm256_set1_ps(1.0f), e));
+}
+
+AI __m256 v_tanh(__m256 x)
+{
+    const __m256 one = _mm256_set1_ps(1.0f);
+    const __m256 signbit = _mm256_set1_ps(-0.0f);
+    __m256 a = _mm256_andnot_ps(signbit, x);
+    __m256 small = _mm256_cmp_ps(a, _mm256_set1_ps(FL_TANH_SMALL), _CMP_LT_OQ);
+    __m256 z = _mm256_mul_ps(x, x);
+    __m256 p = _mm256_set1_ps(FL_TANH_T0);
+    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(FL_TANH_T1));
+    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(FL_TANH_T2));
+    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(FL_TANH_T3));
+    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(FL_TANH_T4));
+    __m256 ts = _mm256_fmadd_ps(_mm256_mul_ps(p, z), x, x);
+    __m256 ac = _mm256_min_ps(_mm256_set1_ps(FL_TANH_CLAMP), a);
+    __m256 e = v_exp(_mm256_add_ps(ac, ac));
+    __m256 tb = _mm256_fnmadd_ps(_mm256_set1_ps(2.0f), v_rcp(_mm256_add_ps(e, one)), one);
+    tb = _mm256_or_ps(tb, _mm256_and_ps(x, signbit));
+    return _mm256_blendv_ps(tb, ts, small);
+}
+
+AI void dot(int K, const float *a, const float *panel, __m256 acc[8])
+{
+    __m256 a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3];
+    __m256 a4 = acc[4], a5 = acc[5], a6 = acc[6], a7 = acc[7];
+    for (int k = 0; k < K; k++) {
+        const float *w = panel + (size_t)k * FL_PW;
+        __m256 b = _mm256_broadcast_ss(a + k);
+        a0 = _mm256_fmadd_ps(b, _mm256_load_ps(w), a0);
+        a1 = _mm256_fmadd_ps(b, _mm256_load_ps(w + 8), a1);
+        a2 = _mm256_fmadd_ps(b, _mm256_load_ps(w + 16), a2);
+        a3 = _mm256_fmadd_ps(b, _mm256_load_ps(w + 24), a3);
+        a4 = _mm256_fmadd_ps(b, _mm256_load_ps(w + 32), a4);
+        a5 = _mm256_fmadd_ps(b, _mm256_load_ps(w + 40), a5);
+        a6 = _mm256_fmadd_ps(b, _mm256_load_ps(w + 48), a6);
+        a7 = _mm256_fmadd_ps(b, _mm256_load_ps(w + 56), a7);
+    }
+    acc[0] = a0; acc[1] = a1; acc[2] = a2; acc[3] = a3;
+    acc[4] = a4; acc[5] = a5; acc[6] = a6; acc[7] = a7;
+}
+
+static __m256i tail_mask(int n)
+{
+    int m[8];
+    for (int i = 0; i < 8; i++) m[i] = i < n ? -1 : 0;
+    return _mm256_loadu_si256((const __m256i *)m);
+}
+
+static void gemm_avx2(int R, int K, const float *A, ptrdiff_t lda, const float *panel,
+                      const float *bias, float *out, ptrdiff_t ldo, int ncols)
+{
+    for (int r = 0; r < R; r++) {
+        __m256 acc[8];
+        for (int q = 0; q < 8; q++) acc[q] = bias ? _mm256_loadu_ps(bias + 8 * q) : _mm256_setzero_ps();
+        dot(K, A + r * lda, panel, acc);
+        float *o = out + r * ldo;
+        for (int q = 0; q < 8; q++) {
+            int n = ncols - 8 * q;
+            if (n >= 8) _mm256_storeu_ps(o + 8 * q, acc[q]);
+            else if (n > 0) _mm256_maskstore_ps(o + 8 * q, tail_mask(n), acc[q]);
+        }
+    }
+}
+
+static void lstm_avx2(int R, int K, const float *A, ptrdiff_t lda, const float *panel,
+                      const float *G, ptrdiff_t ldg, float *c, ptrdiff_t ldc, float *h,
+                      ptrdiff_t ldh, int nvalid, const fl_epi *epi)
+{
+    for (int r = 0; r < R; r++) {
+        __m256 acc[8];
+        const float *g = G + r * ldg;
+        for (int q = 0; q < 8; q++) acc[q] = _mm256_loadu_ps(g + 8 * q);
+        if (A) dot(K, A + r * lda, panel, acc);
+        float *cr = c + r * ldc, *hr = h + r * ldh;
+        if (!epi->is_default) {
+            float pre[FL_PW] __attribute__((aligned(32)));
+            for (int q = 0; q < 8; q++) _mm256_store_ps(pre + 8 * q, acc[q]);
+            fl_epilogue_generic_f32(1, pre, cr, ldc, hr, ldh, nvalid, epi);
+            continue;
+        }
+        for (int half = 0; half < 2; half++) {
+            int n = nvalid - 8 * half;
+            if (n <= 0) break;
+            __m256 i = v_sigmoid(acc[0 + half]);
+            __m256 f = v_sigmoid(acc[2 + half]);
+            __m256 gg = v_tanh(acc[4 + half]);
+            __m256 o = v_sigmoid(acc[6 + half]);
+            float *cp = cr + 8 * half, *hp = hr + 8 * half;
+            if (n >= 8) {
+                __m256 cn = _mm256_fmadd_ps(f, _mm256_loadu_ps(cp), _mm256_mul_ps(i, gg));
+                _mm256_storeu_ps(cp, cn);
+                _mm256_storeu_ps(hp, _mm256_mul_ps(o, v_tanh(cn)));
+            } else {
+                __m256i m = tail_mask(n);
+                __m256 cn = _mm256_fmadd_ps(f, _mm256_maskload_ps(cp, m), _mm256_mul_ps(i, gg));
+                _mm256_maskstore_ps(cp, m, cn);
+                _mm256_maskstore_ps(hp, m, _mm256_mul_ps(o, v_tanh(cn)));
+            }
+        }
+    }
+}
+
+const fl_kernels_f32 fl_kernels_f32_avx2 = {1, gemm_avx2, lstm_avx2, "avx2"};
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#elif defined(__GNUC__)
+#pragma GCC pop_options
+#endif
+#endif /* FL_X86 */

@@ -1,0 +1,236 @@
+/*
+ * AVX-512 float32 kernels (F, DQ, BW, VL + FMA).  This file is compiled for
+ * that target through the pragma below, whatever the build's baseline flags
+ * are; it only runs when dispatch (engine.c) saw the CPU and OS support it.
+ *
+ * Register blocking: a block of 16 hidden units is 64 columns = 4 zmm per
+ * batch row.  R rows (R <= 6) keep 4R accumulators in registers; a single row
+ * splits k into even/odd chains (8 accumulators) to hide FMA latency.
+ */
+#include "../fl_internal.h"
+#include "../fl_math.h"
+
+#if defined(FL_X86)
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma"))), apply_to = function)
+#elif defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")
+#endif
+#include <immintrin.h>
+
+#define RMAX 6
+#define AI static inline __attribute__((always_inline))
+
+AI __m512 v_exp(__m512 x)
+{
+    x = _mm512_max_ps(_mm512_set1_ps(FL_EXP_LO), x); /* NaN: keeps x */
+    x = _mm512_min_ps(_mm512_set1_ps(FL_EXP_HI), x);
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(FL_LOG2E)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(FL_LN2_HI), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(FL_LN2_LO), r);
+    __m512 p = _mm512_set1_ps(FL_EXP_P0);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(FL_EXP_P1));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(FL_EXP_P2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(FL_EXP_P3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(FL_EXP_P4));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(FL_EXP_P5));
+    __m512 y = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+}
+
+/* 1/d to ~2^-28 relative: rcp14 and one Newton step. */
+AI __m512 v_rcp(__m512 d)
+{
+    __m512 y = _mm512_rcp14_ps(d);
+    return _mm512_fmadd_ps(y, _mm512_fnmadd_ps(d, y, _mm512_set1_ps(1.0f)), y);
+}
+
+AI __m512 v_sigmoid(__m512 x)
+{
+    x = _mm512_max_ps(_mm512_set1_ps(-FL_SIG_CLAMP), x);
+    x = _mm512_min_ps(_mm512_set1_ps(FL_SIG_CLAMP), x);
+    __m512 e = v_exp(_mm512_sub_ps(_mm512_setzero_ps(), x));
+    return v_rcp(_mm512_add_ps(_mm512_set1_ps(1.0f), e));
+}
+
+AI __m512 v_tanh(__m512 x)
+{
+    const __m512 one = _mm512_set1_ps(1.0f);
+    __m512 a = _mm512_abs_ps(x);
+    __mmask16 small = _mm512_cmp_ps_mask(a, _mm512_set1_ps(FL_TANH_SMALL), _CMP_LT_OQ);
+    __m512 z = _mm512_mul_ps(x, x);
+    __m512 p = _mm512_set1_ps(FL_TANH_T0);
+    p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(FL_TANH_T1));
+    p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(FL_TANH_T2));
+    p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(FL_TANH_T3));
+    p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(FL_TANH_T4));
+    __m512 ts = _mm512_fmadd_ps(_mm512_mul_ps(p, z), x, x);
+    __m512 ac = _mm512_min_ps(_mm512_set1_ps(FL_TANH_CLAMP), a);
+    __m512 e = v_exp(_mm512_add_ps(ac, ac));
+    __m512 tb = _mm512_fnmadd_ps(_mm512_set1_ps(2.0f), v_rcp(_mm512_add_ps(e, one)), one);
+    /* restore the sign of x */
+    __m512i sign = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32((int)0x80000000u));
+    tb = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(tb), sign));
+    return _mm512_mask_blend_ps(small, tb, ts);
+}
+
+/* acc[r][q] += A[r][k] * panel[k][16q..16q+15] for k < K. */
+#define KLOOP(R)                                                                 \
+    for (int k = 0; k < K; k++) {                                                \
+        const float *w = panel + (size_t)k * FL_PW;                              \
+        __m512 w0 = _mm512_load_ps(w), w1 = _mm512_load_ps(w + 16);              \
+        __m512 w2 = _mm512_load_ps(w + 32), w3 = _mm512_load_ps(w + 48);         \
+        _Pragma("GCC unroll 6") for (int r = 0; r < (R); r++)                    \
+        {                                                                        \
+            __m512 b = _mm512_set1_ps(A[r * lda + k]);                           \
+            acc[r][0] = _mm512_fmadd_ps(b, w0, acc[r][0]);                       \
+            acc[r][1] = _mm512_fmadd_ps(b, w1, acc[r][1]);                       \
+            acc[r][2] = _mm512_fmadd_ps(b, w2, acc[r][2]);                       \
+            acc[r][3] = _mm512_fmadd_ps(b, w3, acc[r][3]);                       \
+        }                                                                        \
+    }
+
+/* One row, two k chains. */
+AI void dot1(int K, const float *A, const float *panel, __m512 acc[4])
+{
+    __m512 e0 = _mm512_setzero_ps(), e1 = e0, e2 = e0, e3 = e0;
+    __m512 a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3];
+    int k = 0;
+    for (; k + 1 < K; k += 2) {
+        const float *w = panel + (size_t)k * FL_PW;
+        __m512 b = _mm512_set1_ps(A[k]), bb = _mm512_set1_ps(A[k + 1]);
+        a0 = _mm512_fmadd_ps(b, _mm512_load_ps(w), a0);
+        a1 = _mm512_fmadd_ps(b, _mm512_load_ps(w + 16), a1);
+        a2 = _mm512_fmadd_ps(b, _mm512_load_ps(w + 32), a2);
+        a3 = _mm512_fmadd_ps(b, _mm512_load_ps(w + 48), a3);
+        e0 = _mm512_fmadd_ps(bb, _mm512_load_ps(w + 64), e0);
+        e1 = _mm512_fmadd_ps(bb, _mm512_load_ps(w + 80), e1);
+        e2 = _mm512_fmadd_ps(bb, _mm512_load_ps(w + 96), e2);
+        e3 = _mm512_fmadd_ps(bb, _mm512_load_ps(w + 112), e3);
+    }
+    if (k < K) {
+        const float *w = panel + (size_t)k * FL_PW;
+        __m512 b = _mm512_set1_ps(A[k]);
+        a0 = _mm512_fmadd_ps(b, _mm512_load_ps(w), a0);
+        a1 = _mm512_fmadd_ps(b, _mm512_load_ps(w + 16), a1);
+        a2 = _mm512_fmadd_ps(b, _mm512_load_ps(w + 32), a2);
+        a3 = _mm512_fmadd_ps(b, _mm512_load_ps(w + 48), a3);
+    }
+    acc[0] = _mm512_add_ps(a0, e0);
+    acc[1] = _mm512_add_ps(a1, e1);
+    acc[2] = _mm512_add_ps(a2, e2);
+    acc[3] = _mm512_add_ps(a3, e3);
+}
+
+AI void gemm_r(const int R, int K, const float *A, ptrdiff_t lda, const float *panel,
+               const float *bias, float *out, ptrdiff_t ldo, int ncols)
+{
+    __m512 acc[RMAX][4];
+    __m512 b0 = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
+    __m512 b1 = bias ? _mm512_loadu_ps(bias + 16) : _mm512_setzero_ps();
+    __m512 b2 = bias ? _mm512_loadu_ps(bias + 32) : _mm512_setzero_ps();
+    __m512 b3 = bias ? _mm512_loadu_ps(bias + 48) : _mm512_setzero_ps();
+    _Pragma("GCC unroll 6") for (int r = 0; r < R; r++)
+    {
+        acc[r][0] = b0; acc[r][1] = b1; acc[r][2] = b2; acc[r][3] = b3;
+    }
+    if (R == 1) dot1(K, A, panel, acc[0]);
+    else KLOOP(R)
+    if (ncols == FL_PW) {
+        _Pragma("GCC unroll 6") for (int r = 0; r < R; r++)
+        {
+            float *o = out + r * ldo;
+            _mm512_storeu_ps(o, acc[r][0]);
+            _mm512_storeu_ps(o + 16, acc[r][1]);
+            _mm512_storeu_ps(o + 32, acc[r][2]);
+            _mm512_storeu_ps(o + 48, acc[r][3]);
+        }
+    } else {
+        for (int r = 0; r < R; r++) {
+            float *o = out + r * ldo;
+            for (int q = 0; q < 4; q++) {
+                int n = ncols - 16 * q;
+                if (n <= 0) break;
+                __mmask16 m = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
+                _mm512_mask_storeu_ps(o + 16 * q, m, acc[r][q]);
+            }
+        }
+    }
+}
+
+AI void lstm_r(const int R, int K, const float *A, ptrdiff_t lda, const float *panel,
+               const float *G, ptrdiff_t ldg, float *c, ptrdiff_t ldc, float *h,
+               ptrdiff_t ldh, int nvalid, const fl_epi *epi)
+{
+    __m512 acc[RMAX][4];
+    _Pragma("GCC unroll 6") for (int r = 0; r < R; r++)
+    {
+        const float *g = G + r * ldg;
+        acc[r][0] = _mm512_loadu_ps(g);
+        acc[r][1] = _mm512_loadu_ps(g + 16);
+        acc[r][2] = _mm512_loadu_ps(g + 32);
+        acc[r][3] = _mm512_loadu_ps(g + 48);
+    }
+    if (A) {
+        if (R == 1) dot1(K, A, panel, acc[0]);
+        else KLOOP(R)
+    }
+    if (!epi->is_default) {
+        float pre[RMAX * FL_PW] __attribute__((aligned(64)));
+        for (int r = 0; r < R; r++)
+            for (int q = 0; q < 4; q++) _mm512_store_ps(pre + r * FL_PW + 16 * q, acc[r][q]);
+        fl_epilogue_generic_f32(R, pre, c, ldc, h, ldh, nvalid, epi);
+        return;
+    }
+    __mmask16 m = nvalid >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nvalid) - 1);
+    _Pragma("GCC unroll 6") for (int r = 0; r < R; r++)
+    {
+        __m512 i = v_sigmoid(acc[r][0]);
+        __m512 f = v_sigmoid(acc[r][1]);
+        __m512 g = v_tanh(acc[r][2]);
+        __m512 o = v_sigmoid(acc[r][3]);
+        __m512 cp = _mm512_maskz_loadu_ps(m, c + r * ldc);
+        __m512 cn = _mm512_fmadd_ps(f, cp, _mm512_mul_ps(i, g));
+        _mm512_mask_storeu_ps(c + r * ldc, m, cn);
+        _mm512_mask_storeu_ps(h + r * ldh, m, _mm512_mul_ps(o, v_tanh(cn)));
+    }
+}
+
+static void gemm_avx512(int R, int K, const float *A, ptrdiff_t lda, const float *panel,
+                        const float *bias, float *out, ptrdiff_t ldo, int ncols)
+{
+    switch (R) {
+    case 1: gemm_r(1, K, A, lda, panel, bias, out, ldo, ncols); break;
+    case 2: gemm_r(2, K, A, lda, panel, bias, out, ldo, ncols); break;
+    case 3: gemm_r(3, K, A, lda, panel, bias, out, ldo, ncols); break;
+    case 4: gemm_r(4, K, A, lda, panel, bias, out, ldo, ncols); break;
+    case 5: gemm_r(5, K, A, lda, panel, bias, out, ldo, ncols); break;
+    default: gemm_r(6, K, A, lda, panel, bias, out, ldo, ncols); break;
+    }
+}
+
+static void lstm_avx512(int R, int K, const float *A, ptrdiff_t lda, const float *panel,
+                        const float *G, ptrdiff_t ldg, float *c, ptrdiff_t ldc, float *h,
+                        ptrdiff_t ldh, int nvalid, const fl_epi *epi)
+{
+    switch (R) {
+    case 1: lstm_r(1, K, A, lda, panel, G, ldg, c, ldc, h, ldh, nvalid, epi); break;
+    case 2: lstm_r(2, K, A, lda, panel, G, ldg, c, ldc, h, ldh, nvalid, epi); break;
+    case 3: lstm_r(3, K, A, lda, panel, G, ldg, c, ldc, h, ldh, nvalid, epi); break;
+    case 4: lstm_r(4, K, A, lda, panel, G, ldg, c, ldc, h, ldh, nvalid, epi); break;
+    case 5: lstm_r(5, K, A, lda, panel, G, ldg, c, ldc, h, ldh, nvalid, epi); break;
+    default: lstm_r(6, K, A, lda, panel, G, ldg, c, ldc, h, ldh, nvalid, epi); break;
+    }
+}
+
+const fl_kernels_f32 fl_kernels_f32_avx512 = {RMAX, gemm_avx512, lstm_avx512, "avx512"};
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#elif defined(__GNUC__)
+#pragma GCC pop_options
+#endif
+#endif /* FL_X86 */

@@ -1,0 +1,181 @@
+#define _GNU_SOURCE
+/*
+ * pool.c -- a persistent pool of worker threads for one forward call at a
+ * time.  No OpenMP runtime: nothing to fight with NumPy's or PyTorch's.
+ *
+ * - The calling thread is thread 0; workers 1..n-1 are created on first use.
+ * - A call that finds the pool busy (another Python thread is inside a
+ *   forward) runs on its own thread alone, so concurrent callers never
+ *   oversubscribe the cores.
+ * - Idle workers spin briefly (a back-to-back call starts in microseconds),
+ *   then sleep on a condition variable (no CPU burnt between calls).
+ * - fl_pool_barrier(): counter + generation, spin with pause, then yield.
+ */
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <unistd.h>
+#include "fl_internal.h"
+#if defined(FL_X86)
+#include <immintrin.h>
+#define FL_PAUSE() _mm_pause()
+#else
+#define FL_PAUSE() ((void)0)
+#endif
+
+#define FL_MAX_THREADS 64
+#define FL_IDLE_SPINS 4000     /* ~ tens of microseconds before sleeping */
+#define FL_BARRIER_SPINS 20000 /* then sched_yield() */
+
+static pthread_mutex_t g_call_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_mutex_t g_sleep_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t g_sleep_cond = PTHREAD_COND_INITIALIZER;
+static int g_nworkers = 0; /* guarded by g_call_lock */
+
+static fl_task_fn g_fn;
+static void *g_arg;
+static int g_nt;
+static atomic_uint g_seq;
+static atomic_int g_done;
+static atomic_int g_sleeping;
+
+static atomic_int g_bar_count;
+static atomic_uint g_bar_gen;
+
+static atomic_int g_default_threads;
+static unsigned g_start_seq[FL_MAX_THREADS];
+
+int fl_num_cpus(void)
+{
+#if defined(_SC_NPROCESSORS_ONLN)
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    if (n >= 1) return n > FL_MAX_THREADS ? FL_MAX_THREADS : (int)n;
+#endif
+    return 1;
+}
+
+int fl_num_threads_get(void)
+{
+    int n = atomic_load(&g_default_threads);
+    return n > 0 ? n : fl_num_cpus();
+}
+
+void fl_num_threads_set(int n)
+{
+    if (n > FL_MAX_THREADS) n = FL_MAX_THREADS;
+    atomic_store(&g_default_threads, n > 0 ? n : 0);
+}
+
+static void *worker_main(void *p)
+{
+    int tid = (int)(intptr_t)p;
+    /* The job counter as it was when this worker was created (under the
+     * call lock, before the job that created it was published). */
+    unsigned seen = g_start_seq[tid];
+    for (;;) {
+        unsigned s;
+        int spins = 0;
+        while ((s = atomic_load_explicit(&g_seq, memory_order_acquire)) == seen) {
+            if (spins < FL_IDLE_SPINS) {
+                spins++;
+                FL_PAUSE();
+                continue;
+            }
+            pthread_mutex_lock(&g_sleep_lock);
+            atomic_fetch_add(&g_sleeping, 1);
+            while (atomic_load(&g_seq) == seen) pthread_cond_wait(&g_sleep_cond, &g_sleep_lock);
+            atomic_fetch_sub(&g_sleeping, 1);
+            pthread_mutex_unlock(&g_sleep_lock);
+        }
+        seen = s;
+        if (tid < g_nt) {
+            g_fn(g_arg, tid, g_nt);
+            atomic_fetch_add_explicit(&g_done, 1, memory_order_release);
+        }
+    }
+    return NULL;
+}
+
+void fl_pool_barrier(int nthreads)
+{
+    if (nthreads <= 1) return;
+    unsigned gen = atomic_load(&g_bar_gen);
+    if (atomic_fetch_add(&g_bar_count, 1) == nthreads - 1) {
+        atomic_store(&g_bar_count, 0);
+        atomic_fetch_add(&g_bar_gen, 1);
+        return;
+    }
+    int spins = 0;
+    while (atomic_load(&g_bar_gen) == gen) {
+        if (spins < FL_BARRIER_SPINS) {
+            spins++;
+            FL_PAUSE();
+        } else {
+            sched_yield();
+        }
+    }
+}
+
+/* After fork() only the forking thread exists in the child: forget the
+ * workers (they are recreated on demand) and reset the locks. */
+static void pool_atfork_child(void)
+{
+    pthread_mutex_init(&g_call_lock, NULL);
+    pthread_mutex_init(&g_sleep_lock, NULL);
+    pthread_cond_init(&g_sleep_cond, NULL);
+    g_nworkers = 0;
+    atomic_store(&g_sleeping, 0);
+}
+
+static pthread_once_t g_atfork_once = PTHREAD_ONCE_INIT;
+static void pool_register_atfork(void) { pthread_atfork(NULL, NULL, pool_atfork_child); }
+
+int fl_pool_run(fl_task_fn fn, void *arg, int nthreads)
+{
+    if (nthreads > FL_MAX_THREADS) nthreads = FL_MAX_THREADS;
+    pthread_once(&g_atfork_once, pool_register_atfork);
+    if (nthreads <= 1 || pthread_mutex_trylock(&g_call_lock) != 0) {
+        fn(arg, 0, 1);
+        return 1;
+    }
+    while (g_nworkers < nthreads - 1) {
+        pthread_t th;
+        pthread_attr_t attr;
+        g_start_seq[g_nworkers + 1] = atomic_load(&g_seq);
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        int rc = pthread_create(&th, &attr, worker_main, (void *)(intptr_t)(g_nworkers + 1));
+        pthread_attr_destroy(&attr);
+        if (rc != 0) break;
+        g_nworkers++;
+    }
+    if (nthreads > g_nworkers + 1) nthreads = g_nworkers + 1;
+    if (nthreads <= 1) {
+        pthread_mutex_unlock(&g_call_lock);
+        fn(arg, 0, 1);
+        return 1;
+    }
+    g_fn = fn;
+    g_arg = arg;
+    g_nt = nthreads;
+    atomic_store(&g_done, 0);
+    atomic_store(&g_bar_count, 0);
+    atomic_fetch_add_explicit(&g_seq, 1, memory_order_seq_cst);
+    if (atomic_load(&g_sleeping) > 0) {
+        pthread_mutex_lock(&g_sleep_lock);
+        pthread_cond_broadcast(&g_sleep_cond);
+        pthread_mutex_unlock(&g_sleep_lock);
+    }
+    fn(arg, 0, nthreads);
+    int spins = 0;
+    while (atomic_load_explicit(&g_done, memory_order_acquire) < nthreads - 1) {
+        if (spins < FL_BARRIER_SPINS) {
+            spins++;
+            FL_PAUSE();
+        } else {
+            sched_yield();
+        }
+    }
+    pthread_mutex_unlock(&g_call_lock);
+    return nthreads;
+}

@@ -1,0 +1,85 @@
+"""fastlstm: fast, faithful LSTM inference on CPUs.
+
+    import numpy as np, fastlstm
+    m = fastlstm.LSTM(8, 16, num_layers=2, bidirectional=True)
+    out, (h_n, c_n) = m(np.zeros((5, 3, 8), np.float32))
+
+See README.md for the API, the loaders and the architecture.
+"""
+import os as _os
+
+from . import _engine
+from .errors import DTypeError, FastLSTMError, FormatError, ShapeError, WeightsError
+from .model import LSTM
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LSTM", "FastLSTMError", "ShapeError", "DTypeError", "WeightsError", "FormatError",
+    "cpu_info", "set_isa", "set_num_threads", "get_num_threads",
+]
+
+_ISAS = ("portable", "avx2", "avx512")
+
+
+def cpu_info():
+    """Which kernel path runs and how many threads calls use by default.
+
+    Returns a dict: ``isa`` (active path), ``isa_detected`` (best path this CPU,
+    OS and build support), ``isas_available`` (every path that can be forced
+    here), ``num_cpus`` and ``num_threads``.
+    """
+    best = _engine.isa_detected()
+    return {
+        "isa": _engine.isa_active(),
+        "isa_detected": best,
+        "isas_available": list(_ISAS[: _ISAS.index(best) + 1]),
+        "num_cpus": _engine.num_cpus(),
+        "num_threads": _engine.num_threads_get(),
+    }
+
+
+def set_isa(name=None):
+    """Force the kernel path: "portable", "avx2", "avx512", or None for the
+    best one detected.  A path this CPU lacks is lowered to the best one it
+    has.  Returns the name of the path now active.  Weights need no repack:
+    every path uses the same packed layout.  The environment variable
+    FASTLSTM_ISA does the same at import."""
+    if name is None:
+        return _engine.isa_set(len(_ISAS))
+    if name not in _ISAS:
+        raise ValueError(f"name: expected one of {_ISAS} or None, got {name!r}")
+    return _engine.isa_set(_ISAS.index(name))
+
+
+def set_num_threads(n=None):
+    """Default number of threads for calls that don't pass num_threads
+    (None: one per online CPU).  The environment variable FASTLSTM_NUM_THREADS
+    does the same at import."""
+    if n is None:
+        _engine.num_threads_set(0)
+        return
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n: expected a positive int or None, got {n!r}")
+    _engine.num_threads_set(n)
+
+
+def get_num_threads():
+    """The default number of threads of a call."""
+    return _engine.num_threads_get()
+
+
+def _init_from_env():
+    isa = _os.environ.get("FASTLSTM_ISA")
+    if isa:
+        if isa not in _ISAS:
+            raise ImportError(f"FASTLSTM_ISA: expected one of {_ISAS}, got {isa!r}")
+        set_isa(isa)
+    nt = _os.environ.get("FASTLSTM_NUM_THREADS")
+    if nt:
+        if not nt.isdigit() or int(nt) < 1:
+            raise ImportError(f"FASTLSTM_NUM_THREADS: expected a positive int, got {nt!r}")
+        set_num_threads(int(nt))
+
+
+_init_from_env()

@@ -1,0 +1,169 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""Thin Cython layer over the C engine (csrc/include/fastlstm.h).
+
+Layering: the Python layer (fastlstm/model.py) validates every argument and
+allocates outputs and the workspace; this module only turns arrays into
+pointers and calls C with the GIL released.  It trusts its caller: every
+array it receives has already been checked for dtype, shape and layout.
+"""
+import numpy as np
+cimport numpy as cnp
+from libc.stdint cimport int32_t
+from libc.stdlib cimport calloc, free
+
+cnp.import_array()
+
+cdef extern from "fastlstm.h" nogil:
+    ctypedef struct fl_cell:
+        pass
+    ctypedef struct fl_cell_opts:
+        int act[3]
+        double alpha[3]
+        double beta[3]
+        double clip
+        double cell_clip
+        int input_forget
+    ctypedef struct fl_io:
+        int T, N
+        const void *x
+        Py_ssize_t x_st, x_sn
+        void *y
+        Py_ssize_t y_st, y_sn
+        const void *h0
+        const void *c0
+        void *hn
+        void *cn
+        const int32_t *lengths
+    void fl_cell_opts_default(fl_cell_opts *opts)
+    fl_cell *fl_cell_create(int dtype, int input_size, int hidden_size, int proj_size,
+                            const void *w_ih, const void *w_hh, const void *bias,
+                            const void *w_hr, const void *peep, const fl_cell_opts *opts)
+    void fl_cell_free(fl_cell *cell)
+    size_t fl_cell_packed_bytes(const fl_cell *cell)
+    size_t fl_workspace_bytes(fl_cell **cells, int layers, int dirs, int T, int N)
+    int fl_forward(fl_cell **cells, int layers, int dirs, const fl_io *io, void *ws, int nthreads)
+    int fl_isa_detected()
+    int fl_isa_active()
+    int fl_isa_set(int isa)
+    const char *fl_isa_name(int isa)
+    int fl_num_threads_get()
+    void fl_num_threads_set(int n)
+    int fl_num_cpus()
+
+ISA_NAMES = ("portable", "avx2", "avx512")
+
+
+def isa_detected():
+    return ISA_NAMES[fl_isa_detected()]
+
+
+def isa_active():
+    return ISA_NAMES[fl_isa_active()]
+
+
+def isa_set(int isa):
+    return ISA_NAMES[fl_isa_set(isa)]
+
+
+def num_threads_get():
+    return fl_num_threads_get()
+
+
+def num_threads_set(int n):
+    fl_num_threads_set(n)
+
+
+def num_cpus():
+    return fl_num_cpus()
+
+
+cdef inline const void *_ptr(object a):
+    if a is None:
+        return NULL
+    return cnp.PyArray_DATA(<cnp.ndarray>a)
+
+
+cdef class Stack:
+    """Packed weights of a stack of LSTM cells, cells[layer * dirs + dir]."""
+    cdef fl_cell **cells
+    cdef readonly int layers, dirs, dtype_code, input_size, hidden_size, proj_size
+
+    def __cinit__(self, int layers, int dirs, int dtype_code, int input_size,
+                  int hidden_size, int proj_size):
+        self.cells = <fl_cell **>calloc(layers * dirs, sizeof(fl_cell *))
+        if self.cells == NULL:
+            raise MemoryError()
+        self.layers = layers
+        self.dirs = dirs
+        self.dtype_code = dtype_code
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.proj_size = proj_size
+
+    def __dealloc__(self):
+        cdef int i
+        if self.cells != NULL:
+            for i in range(self.layers * self.dirs):
+                fl_cell_free(self.cells[i])
+            free(self.cells)
+
+    def set_cell(self, int index, int input_size, w_ih, w_hh, bias, w_hr, peep, opts):
+        """Pack one cell.  Arrays: C-contiguous, the stack's dtype, shapes
+        checked by the caller.  opts: (acts[3], alpha[3], beta[3], clip,
+        cell_clip, input_forget) or None for the default cell."""
+        cdef fl_cell_opts o
+        cdef int k
+        fl_cell_opts_default(&o)
+        if opts is not None:
+            acts, alpha, beta, clip, cell_clip, input_forget = opts
+            for k in range(3):
+                o.act[k] = acts[k]
+                o.alpha[k] = alpha[k]
+                o.beta[k] = beta[k]
+            o.clip = clip
+            o.cell_clip = cell_clip
+            o.input_forget = 1 if input_forget else 0
+        cdef fl_cell *cell = fl_cell_create(self.dtype_code, input_size, self.hidden_size,
+                                            self.proj_size, _ptr(w_ih), _ptr(w_hh), _ptr(bias),
+                                            _ptr(w_hr), _ptr(peep), &o)
+        if cell == NULL:
+            raise MemoryError("fastlstm: could not allocate packed weights")
+        fl_cell_free(self.cells[index])
+        self.cells[index] = cell
+
+    def packed_bytes(self):
+        cdef size_t total = 0
+        cdef int i
+        for i in range(self.layers * self.dirs):
+            if self.cells[i] != NULL:
+                total += fl_cell_packed_bytes(self.cells[i])
+        return total
+
+    def workspace_bytes(self, int T, int N):
+        return fl_workspace_bytes(self.cells, self.layers, self.dirs, T, N)
+
+    def forward(self, cnp.ndarray x, cnp.ndarray y, h0, c0, cnp.ndarray hn,
+                cnp.ndarray cn, cnp.ndarray ws, int nthreads):
+        """x: (T, N, In) view, y: (T, N, D*Hout) view, any strides that are
+        multiples of the itemsize and unit stride on the last axis."""
+        cdef fl_io io
+        cdef int rc
+        cdef Py_ssize_t isz = x.itemsize
+        io.T = <int>x.shape[0]
+        io.N = <int>x.shape[1]
+        io.x = cnp.PyArray_DATA(x)
+        io.x_st = x.strides[0] // isz
+        io.x_sn = x.strides[1] // isz
+        io.y = cnp.PyArray_DATA(y)
+        io.y_st = y.strides[0] // isz
+        io.y_sn = y.strides[1] // isz
+        io.h0 = _ptr(h0)
+        io.c0 = _ptr(c0)
+        io.hn = cnp.PyArray_DATA(hn)
+        io.cn = cnp.PyArray_DATA(cn)
+        io.lengths = NULL
+        cdef void *wsp = cnp.PyArray_DATA(ws)
+        with nogil:
+            rc = fl_forward(self.cells, self.layers, self.dirs, &io, wsp, nthreads)
+        if rc != 0:
+            raise RuntimeError(f"fastlstm: internal error {rc} in fl_forward")

@@ -1,0 +1,373 @@
+"""fastlstm.LSTM: a NumPy drop-in for torch.nn.LSTM at inference.
+
+This is the validation-and-allocation layer: it checks every argument,
+converts or refuses with a message that names the argument, allocates the
+outputs and the workspace, and then makes one call into the C engine with
+the GIL released.  Weights live here in PyTorch's canonical layout (the
+single source of truth) and are packed into the kernel layout once, whenever
+they are set; nothing is packed per call.
+"""
+from __future__ import annotations
+
+import math
+import re
+import threading
+
+import numpy as np
+
+from . import _engine
+from .errors import DTypeError, ShapeError, WeightsError
+
+__all__ = ["LSTM"]
+
+_DTYPES = {np.dtype(np.float32): 0, np.dtype(np.float64): 1}
+
+
+def _dtype_of(dtype):
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as exc:
+        raise DTypeError(f"dtype: expected float32 or float64, got {dtype!r}") from exc
+    if dt not in _DTYPES:
+        raise DTypeError(f"dtype: expected float32 or float64, got {dt}")
+    return dt
+
+
+def _to_numpy(value, name):
+    """Array-like (NumPy, torch tensor, list) to a NumPy array, no copy if possible."""
+    if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":
+            value = value.float()
+        value = value.numpy()
+    try:
+        arr = np.asarray(value)
+    except Exception as exc:  # ragged lists and the like
+        raise DTypeError(f"{name}: cannot be converted to a numeric array ({exc})") from exc
+    return arr
+
+
+def _as_real(value, name, dtype):
+    """Convert to `dtype` (float32/float64); refuse non-numeric input.
+
+    Integers, unsigned integers and floats of any width are converted to the
+    model's dtype (like numpy would); bool, complex, object, str and other
+    kinds are refused with a DTypeError naming the argument.
+    """
+    arr = _to_numpy(value, name)
+    if arr.dtype.kind not in "iuf":
+        raise DTypeError(
+            f"{name}: expected a real numeric array (float or int), got dtype {arr.dtype}")
+    return arr.astype(dtype, copy=False)
+
+
+def _positive_int(value, name, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    return int(value)
+
+
+class LSTM:
+    """A multi-layer LSTM with torch.nn.LSTM's constructor and call.
+
+    Parameters mirror ``torch.nn.LSTM``: ``input_size, hidden_size,
+    num_layers=1, bias=True, batch_first=False, dropout=0.0,
+    bidirectional=False, proj_size=0`` plus ``dtype`` (float32 or float64)
+    and ``seed`` for the random initialisation (PyTorch's
+    U(-1/sqrt(H), 1/sqrt(H))).  ``dropout`` is accepted and ignored: this is
+    an inference engine.
+
+    Call: ``out, (h_n, c_n) = m(x, hx=None)``; see ``__call__``.
+    """
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, proj_size=0, dtype=np.float32, *,
+                 seed=None, num_threads=None):
+        self.input_size = _positive_int(input_size, "input_size", 0)
+        self.hidden_size = _positive_int(hidden_size, "hidden_size", 1)
+        self.num_layers = _positive_int(num_layers, "num_layers", 1)
+        self.proj_size = _positive_int(proj_size, "proj_size", 0)
+        if self.proj_size >= self.hidden_size:
+            raise ValueError(
+                f"proj_size: must be smaller than hidden_size ({self.hidden_size}), "
+                f"got {self.proj_size}")
+        self.bias = bool(bias)
+        self.batch_first = bool(batch_first)
+        self.bidirectional = bool(bidirectional)
+        dropout = float(dropout)
+        if not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"dropout: expected a probability in [0, 1], got {dropout}")
+        self.dropout = dropout  # kept for torch compatibility; no effect at inference
+        self.dtype = _dtype_of(dtype)
+        self.num_threads = num_threads
+        sizes = (self.input_size, self.hidden_size, self.proj_size)
+        if max(sizes) >= 2 ** 24 or (4 * self.hidden_size) * max(self.input_size, self.hidden_size) >= 2 ** 40:
+            raise ValueError(f"sizes too large: input_size, hidden_size, proj_size = {sizes}")
+        self._stack = _engine.Stack(self.num_layers, self.num_directions, _DTYPES[self.dtype],
+                                    self.input_size, self.hidden_size, self.proj_size)
+        self._params = {}
+        self._lock = threading.Lock()
+        rng = np.random.default_rng(seed)
+        k = 1.0 / math.sqrt(self.hidden_size)
+        for name, shape in self._param_shapes().items():
+            self._params[name] = rng.uniform(-k, k, size=shape).astype(self.dtype)
+        for layer in range(self.num_layers):
+            for d in range(self.num_directions):
+                self._pack(layer, d)
+
+    # ------------------------------------------------------------ properties
+    @property
+    def num_directions(self):
+        return 2 if self.bidirectional else 1
+
+    @property
+    def output_size(self):
+        """Features of h: proj_size if projecting, else hidden_size."""
+        return self.proj_size or self.hidden_size
+
+    def __repr__(self):
+        extra = []
+        if self.num_layers != 1:
+            extra.append(f"num_layers={self.num_layers}")
+        if not self.bias:
+            extra.append("bias=False")
+        if self.batch_first:
+            extra.append("batch_first=True")
+        if self.bidirectional:
+            extra.append("bidirectional=True")
+        if self.proj_size:
+            extra.append(f"proj_size={self.proj_size}")
+        if self.dtype != np.float32:
+            extra.append(f"dtype={self.dtype.name}")
+        return f"fastlstm.LSTM({', '.join([str(self.input_size), str(self.hidden_size)] + extra)})"
+
+    # --------------------------------------------------------------- weights
+    def _param_shapes(self):
+        H, P, Hout = self.hidden_size, self.proj_size, self.output_size
+        shapes = {}
+        for layer in range(self.num_layers):
+            In = self.input_size if layer == 0 else self.num_directions * Hout
+            for d in range(self.num_directions):
+                s = f"l{layer}" + ("_reverse" if d else "")
+                shapes["weight_ih_" + s] = (4 * H, In)
+                shapes["weight_hh_" + s] = (4 * H, Hout)
+                if self.bias:
+                    shapes["bias_ih_" + s] = (4 * H,)
+                    shapes["bias_hh_" + s] = (4 * H,)
+                if P:
+                    shapes["weight_hr_" + s] = (P, H)
+        return shapes
+
+    def _pack(self, layer, d):
+        s = f"l{layer}" + ("_reverse" if d else "")
+        p = self._params
+        c = np.ascontiguousarray
+        bias = None
+        if self.bias:
+            bias = c((p["bias_ih_" + s].astype(np.float64) + p["bias_hh_" + s]).astype(self.dtype))
+        in_size = p["weight_ih_" + s].shape[1]
+        self._stack.set_cell(layer * self.num_directions + d, in_size, c(p["weight_ih_" + s]),
+                             c(p["weight_hh_" + s]), bias,
+                             c(p["weight_hr_" + s]) if self.proj_size else None, None, None)
+
+    def state_dict(self):
+        """A copy of the weights under torch.nn.LSTM's names."""
+        return {k: v.copy() for k, v in self._params.items()}
+
+    def load_state_dict(self, state_dict, strict=True):
+        """Set weights from a mapping in torch.nn.LSTM's names and shapes.
+
+        Values may be NumPy arrays or torch tensors; they are converted to the
+        model's dtype and copied.  With strict=True (default) every weight must
+        be present and no other key may be; otherwise missing keys keep their
+        current values (unknown keys are still refused).
+        """
+        shapes = self._param_shapes()
+        unknown = sorted(set(state_dict) - set(shapes))
+        if unknown:
+            raise WeightsError(f"state_dict: unexpected keys {unknown} for {self!r}")
+        missing = sorted(set(shapes) - set(state_dict))
+        if strict and missing:
+            raise WeightsError(f"state_dict: missing keys {missing} for {self!r}")
+        new = {}
+        for k, v in state_dict.items():
+            arr = _as_real(v, f"state_dict[{k!r}]", self.dtype)
+            if arr.shape != shapes[k]:
+                raise WeightsError(
+                    f"state_dict[{k!r}]: expected shape {shapes[k]}, got {arr.shape}")
+            new[k] = np.array(arr, dtype=self.dtype, order="C", copy=True)
+        with self._lock:
+            self._params.update(new)
+            touched = {_cell_of(k) for k in new}
+            for layer, d in sorted(touched):
+                self._pack(layer, d)
+
+    def set_weights(self, layer, direction=0, *, w_ih=None, w_hh=None, b_ih=None, b_hh=None,
+                    w_hr=None):
+        """Set one layer/direction's weights in PyTorch's layout (gate order
+        i, f, g, o): w_ih (4H, In), w_hh (4H, Hout), b_ih and b_hh (4H),
+        w_hr (P, H).  Arguments left as None keep their current value."""
+        layer = _positive_int(layer, "layer", 0)
+        if layer >= self.num_layers:
+            raise ValueError(f"layer: expected 0..{self.num_layers - 1}, got {layer}")
+        if direction not in range(self.num_directions):
+            raise ValueError(f"direction: expected 0..{self.num_directions - 1}, got {direction}")
+        s = f"l{layer}" + ("_reverse" if direction else "")
+        given = {"weight_ih_": w_ih, "weight_hh_": w_hh, "bias_ih_": b_ih, "bias_hh_": b_hh,
+                 "weight_hr_": w_hr}
+        sd = {k + s: v for k, v in given.items() if v is not None}
+        self.load_state_dict(sd, strict=False)
+
+    def get_weights(self, layer, direction=0):
+        """Copies of one layer/direction's weights: a dict with w_ih, w_hh,
+        b_ih, b_hh (None without bias) and w_hr (None without projection)."""
+        s = f"l{layer}" + ("_reverse" if direction else "")
+        if "weight_ih_" + s not in self._params:
+            raise ValueError(f"layer/direction: no cell {s!r} in {self!r}")
+        g = lambda k: self._params[k + s].copy() if (k + s) in self._params else None  # noqa: E731
+        return {"w_ih": g("weight_ih_"), "w_hh": g("weight_hh_"), "b_ih": g("bias_ih_"),
+                "b_hh": g("bias_hh_"), "w_hr": g("weight_hr_")}
+
+    @property
+    def packed_nbytes(self):
+        """Bytes of the packed (kernel layout) weights."""
+        return self._stack.packed_bytes()
+
+    # ---------------------------------------------------------- constructors
+    @classmethod
+    def from_state_dict(cls, state_dict, *, batch_first=False, dtype=None, prefix="",
+                        num_threads=None):
+        """Build a model from a torch.nn.LSTM state dict.
+
+        The configuration (input_size, hidden_size, num_layers, bias,
+        bidirectional, proj_size) is inferred from the keys and shapes.
+        ``prefix`` selects an LSTM inside a larger model's state dict (e.g.
+        ``"encoder.lstm."``); keys outside the prefix are ignored.  ``dtype``
+        defaults to the weights' dtype if float64, else float32.
+        """
+        sd = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if "weight_ih_l0" not in sd:
+            raise WeightsError(
+                f"state_dict: missing key {prefix + 'weight_ih_l0'!r} (found keys: "
+                f"{sorted(state_dict)[:8]}{' ...' if len(state_dict) > 8 else ''})")
+        for key in ("weight_hh_l0",):
+            if key not in sd:
+                raise WeightsError(f"state_dict: missing key {prefix + key!r}")
+        arrays = {k: _to_numpy(v, f"state_dict[{prefix + k!r}]") for k, v in sd.items()}
+        w_ih, w_hh = arrays["weight_ih_l0"], arrays["weight_hh_l0"]
+        if w_ih.ndim != 2 or w_hh.ndim != 2 or w_hh.shape[0] % 4 or w_ih.shape[0] != w_hh.shape[0]:
+            raise WeightsError(
+                f"state_dict: {prefix}weight_ih_l0 {w_ih.shape} and {prefix}weight_hh_l0 "
+                f"{w_hh.shape} are not (4*hidden, input) and (4*hidden, hidden_or_proj)")
+        hidden = w_hh.shape[0] // 4
+        layers = 0
+        while f"weight_ih_l{layers}" in arrays:
+            layers += 1
+        proj = arrays["weight_hr_l0"].shape[0] if "weight_hr_l0" in arrays else 0
+        if dtype is None:
+            dtype = np.float64 if w_ih.dtype == np.float64 else np.float32
+        model = cls(w_ih.shape[1], hidden, num_layers=layers, bias="bias_ih_l0" in arrays,
+                    batch_first=batch_first, bidirectional="weight_ih_l0_reverse" in arrays,
+                    proj_size=proj, dtype=dtype, num_threads=num_threads)
+        model.load_state_dict(arrays, strict=True)
+        return model
+
+    @classmethod
+    def from_torch(cls, module, *, dtype=None, num_threads=None):
+        """Build a model from a live torch.nn.LSTM (weights are copied)."""
+        cls_name = type(module).__name__
+        if not hasattr(module, "state_dict") or not hasattr(module, "hidden_size"):
+            raise TypeError(f"module: expected a torch.nn.LSTM, got {cls_name}")
+        if getattr(module, "mode", "LSTM") != "LSTM":
+            raise TypeError(f"module: expected a torch.nn.LSTM, got {cls_name} ({module.mode})")
+        sd = {k: v for k, v in module.state_dict().items()}
+        model = cls.from_state_dict(sd, batch_first=bool(module.batch_first), dtype=dtype,
+                                    num_threads=num_threads)
+        model.dropout = float(getattr(module, "dropout", 0.0))
+        return model
+
+    # ------------------------------------------------------------------ call
+    def __call__(self, x, hx=None, *, num_threads=None):
+        """Run the model: ``out, (h_n, c_n) = m(x, hx=None)``.
+
+        x: (T, N, input_size), or (N, T, input_size) with batch_first, or
+        unbatched (T, input_size).  Any real dtype is accepted and converted
+        to the model's dtype (float32 by default); bool, complex, object and
+        string arrays are refused.  Any memory layout works (non-contiguous
+        and Fortran-ordered inputs are read through their strides or copied).
+        hx: None (zeros) or (h_0, c_0) shaped (D*num_layers, N, output_size)
+        and (D*num_layers, N, hidden_size); unbatched input takes 2-D states.
+        Returns NumPy arrays of the model's dtype with torch.nn.LSTM's shapes:
+        out (T, N, D*output_size) (batch_first: (N, T, ...)), h_n, c_n.
+        """
+        dt = self.dtype
+        x = _as_real(x, "x", dt)
+        if x.ndim not in (2, 3):
+            raise ShapeError(
+                f"x: expected a 2-D (unbatched) or 3-D array, got {x.ndim}-D with shape {x.shape}")
+        if x.shape[-1] != self.input_size:
+            raise ShapeError(
+                f"x: expected input_size {self.input_size} in the last dimension, "
+                f"got shape {x.shape}")
+        unbatched = x.ndim == 2
+        if unbatched:
+            xt = x[:, None, :]
+        elif self.batch_first:
+            xt = x.transpose(1, 0, 2)
+        else:
+            xt = x
+        T, N = xt.shape[0], xt.shape[1]
+        LD, H, Hout = self.num_layers * self.num_directions, self.hidden_size, self.output_size
+        # The engine reads x through (time, batch) strides; the feature axis
+        # must be unit-stride and strides must be whole elements.
+        if xt.strides[2] != dt.itemsize or any(s % dt.itemsize for s in xt.strides[:2]):
+            xt = np.ascontiguousarray(xt)
+        h0 = c0 = None
+        if hx is not None:
+            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                raise ShapeError("hx: expected a tuple (h_0, c_0) or None")
+            hshape = (LD, Hout) if unbatched else (LD, N, Hout)
+            cshape = (LD, H) if unbatched else (LD, N, H)
+            h0 = np.ascontiguousarray(_as_real(hx[0], "hx[0] (h_0)", dt))
+            c0 = np.ascontiguousarray(_as_real(hx[1], "hx[1] (c_0)", dt))
+            if h0.shape != hshape:
+                raise ShapeError(f"hx[0] (h_0): expected shape {hshape}, got {h0.shape}")
+            if c0.shape != cshape:
+                raise ShapeError(f"hx[1] (c_0): expected shape {cshape}, got {c0.shape}")
+        D = self.num_directions
+        if unbatched:
+            out = np.empty((T, D * Hout), dt)
+            yt = out[:, None, :]
+        elif self.batch_first:
+            out = np.empty((N, T, D * Hout), dt)
+            yt = out.transpose(1, 0, 2)
+        else:
+            out = yt = np.empty((T, N, D * Hout), dt)
+        hn = np.empty((LD, N, Hout), dt)
+        cn = np.empty((LD, N, H), dt)
+        nt = num_threads if num_threads is not None else self.num_threads
+        nt = 0 if nt is None else _positive_int(nt, "num_threads", 1)
+        ws = np.empty(self._stack.workspace_bytes(T, N), np.uint8)
+        self._stack.forward(xt, yt, h0, c0, hn, cn, ws, nt)
+        if unbatched:
+            return out, (hn[:, 0, :], cn[:, 0, :])
+        return out, (hn, cn)
+
+    forward = __call__
+
+    def reference(self, x, hx=None):
+        """The float64 NumPy reference (fastlstm.reference) run on this model's
+        weights and configuration: the oracle the C engine is tested against."""
+        from .reference import lstm_forward
+        return lstm_forward(self._params, x, hx, num_layers=self.num_layers,
+                            bidirectional=self.bidirectional, batch_first=self.batch_first)
+
+
+_KEY = re.compile(r"^(weight_ih|weight_hh|bias_ih|bias_hh|weight_hr)_l(\d+)(_reverse)?$")
+
+
+def _cell_of(key):
+    m = _KEY.match(key)
+    return int(m.group(2)), 1 if m.group(3) else 0

@@ -1,0 +1,135 @@
+"""A float64 NumPy reference of the LSTM, written straight from the equations.
+
+It shares no code with the C engine or with fastlstm.model: it reads weights
+in PyTorch's canonical names (weight_ih_l{k}[_reverse], weight_hh_l{k},
+bias_ih_l{k}, bias_hh_l{k}, weight_hr_l{k}) and does its own layout handling.
+Used by the tests as the oracle, and by users to check a model.
+
+Per layer and direction, gate order i, f, g, o (Graves 2013 with the ONNX
+variants):
+    i_t = σ(W_ii x_t + W_hi h_{t-1} + b_i [+ p_i ⊙ c_{t-1}])
+    f_t = σ(W_if x_t + W_hf h_{t-1} + b_f [+ p_f ⊙ c_{t-1}])     (1 - i_t if input_forget)
+    g_t = tanh(W_ig x_t + W_hg h_{t-1} + b_g)
+    c_t = f_t ⊙ c_{t-1} + i_t ⊙ g_t                              (clamped if cell_clip)
+    o_t = σ(W_io x_t + W_ho h_{t-1} + b_o [+ p_o ⊙ c_t])
+    h_t = o_t ⊙ tanh(c_t);  h_t = W_hr h_t if projecting
+"""
+import numpy as np
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _softplus(x):
+    return np.where(x > 30, x, np.log1p(np.exp(np.minimum(x, 30))))
+
+
+ACTIVATIONS = {
+    "sigmoid": lambda x, a, b: _sigmoid(x),
+    "tanh": lambda x, a, b: np.tanh(x),
+    "relu": lambda x, a, b: np.maximum(x, 0.0),
+    "hardsigmoid": lambda x, a, b: np.clip(a * x + b, 0.0, 1.0),
+    "affine": lambda x, a, b: a * x + b,
+    "leakyrelu": lambda x, a, b: np.where(x >= 0, x, a * x),
+    "thresholdedrelu": lambda x, a, b: np.where(x > a, x, 0.0),
+    "scaledtanh": lambda x, a, b: a * np.tanh(b * x),
+    "elu": lambda x, a, b: np.where(x >= 0, x, a * (np.exp(np.minimum(x, 0)) - 1.0)),
+    "softsign": lambda x, a, b: x / (1.0 + np.abs(x)),
+    "softplus": lambda x, a, b: _softplus(x),
+}
+
+
+def _cell_step(x, h, c, w_ih, w_hh, b, w_hr, peep, cell):
+    acts = cell.get("activations", ("sigmoid", "tanh", "tanh"))
+    alpha = cell.get("alpha", (0.0, 0.0, 0.0))
+    beta = cell.get("beta", (0.0, 0.0, 0.0))
+    clip = cell.get("clip", 0.0)
+    cell_clip = cell.get("cell_clip", 0.0)
+    fa = lambda v: ACTIVATIONS[acts[0]](v, alpha[0], beta[0])  # noqa: E731
+    ga = lambda v: ACTIVATIONS[acts[1]](v, alpha[1], beta[1])  # noqa: E731
+    ha = lambda v: ACTIVATIONS[acts[2]](v, alpha[2], beta[2])  # noqa: E731
+    clipf = (lambda v: np.clip(v, -clip, clip)) if clip > 0 else (lambda v: v)  # noqa: E731
+    z = x @ w_ih.T + h @ w_hh.T
+    if b is not None:
+        z = z + b
+    H = w_hh.shape[0] // 4
+    zi, zf, zg, zo = z[:, :H], z[:, H:2 * H], z[:, 2 * H:3 * H], z[:, 3 * H:]
+    if peep is not None:
+        zi = zi + peep[0] * c
+        zf = zf + peep[1] * c
+    i = fa(clipf(zi))
+    f = 1.0 - i if cell.get("input_forget", False) else fa(clipf(zf))
+    g = ga(clipf(zg))
+    c_new = f * c + i * g
+    if cell_clip > 0:
+        c_new = np.clip(c_new, -cell_clip, cell_clip)
+    if peep is not None:
+        zo = zo + peep[2] * c_new
+    o = fa(clipf(zo))
+    h_new = o * ha(c_new)
+    if w_hr is not None:
+        h_new = h_new @ w_hr.T
+    return h_new, c_new
+
+
+def lstm_forward(params, x, hx=None, *, num_layers=1, bidirectional=False,
+                 batch_first=False, cell=None, peepholes=None):
+    """Run the LSTM described by `params` (PyTorch names) in float64.
+
+    x: (T, N, In), (N, T, In) with batch_first, or unbatched (T, In).
+    hx: None or (h0, c0) shaped (L*D, N, Hout) / (L*D, N, H) (unbatched: no N).
+    cell: dict of variant options (activations, alpha, beta, clip, cell_clip,
+    input_forget).  peepholes: dict name -> (3, H) for 'l{k}[_reverse]'.
+    Returns out, (h_n, c_n) with torch.nn.LSTM's shapes, in float64.
+    """
+    cell = cell or {}
+    p = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
+    x = np.asarray(x, dtype=np.float64)
+    unbatched = x.ndim == 2
+    if unbatched:
+        x = x[:, None, :]
+    elif batch_first:
+        x = x.transpose(1, 0, 2)
+    T, N, _ = x.shape
+    D = 2 if bidirectional else 1
+    H = p["weight_hh_l0"].shape[0] // 4
+    Hout = p["weight_hh_l0"].shape[1]
+    if hx is None:
+        h0 = np.zeros((num_layers * D, N, Hout))
+        c0 = np.zeros((num_layers * D, N, H))
+    else:
+        h0 = np.asarray(hx[0], dtype=np.float64)
+        c0 = np.asarray(hx[1], dtype=np.float64)
+        if unbatched:
+            h0, c0 = h0[:, None, :], c0[:, None, :]
+    hn = np.zeros((num_layers * D, N, Hout))
+    cn = np.zeros((num_layers * D, N, H))
+    layer_in = x
+    for layer in range(num_layers):
+        outs = []
+        for d in range(D):
+            sfx = f"l{layer}" + ("_reverse" if d else "")
+            w_ih, w_hh = p["weight_ih_" + sfx], p["weight_hh_" + sfx]
+            b = None
+            if "bias_ih_" + sfx in p:
+                b = p["bias_ih_" + sfx] + p["bias_hh_" + sfx]
+            w_hr = p.get("weight_hr_" + sfx)
+            peep = None
+            if peepholes is not None and sfx in peepholes:
+                peep = np.asarray(peepholes[sfx], dtype=np.float64)
+            h, c = h0[layer * D + d], c0[layer * D + d]
+            out = np.zeros((T, N, Hout))
+            steps = range(T - 1, -1, -1) if d else range(T)
+            for t in steps:
+                h, c = _cell_step(layer_in[t], h, c, w_ih, w_hh, b, w_hr, peep, cell)
+                out[t] = h
+            hn[layer * D + d], cn[layer * D + d] = h, c
+            outs.append(out)
+        layer_in = np.concatenate(outs, axis=2)
+    out = layer_in
+    if unbatched:
+        return out[:, 0, :], (hn[:, 0, :], cn[:, 0, :])
+    if batch_first:
+        out = out.transpose(1, 0, 2)
+    return out, (hn, cn)
