@@ -22,6 +22,22 @@ __all__ = ["LSTM"]
 
 _DTYPES = {np.dtype(np.float32): 0, np.dtype(np.float64): 1}
 
+# Activation names (ONNX's LSTM set, lower case) -> (engine code, default alpha, beta).
+ACTIVATIONS = {
+    "sigmoid": (0, 0.0, 0.0),
+    "tanh": (1, 0.0, 0.0),
+    "relu": (2, 0.0, 0.0),
+    "hardsigmoid": (3, 0.2, 0.5),
+    "affine": (4, 1.0, 0.0),
+    "leakyrelu": (5, 0.01, 0.0),
+    "thresholdedrelu": (6, 1.0, 0.0),
+    "scaledtanh": (7, 1.0, 1.0),
+    "elu": (8, 1.0, 0.0),
+    "softsign": (9, 0.0, 0.0),
+    "softplus": (10, 0.0, 0.0),
+}
+_DEFAULT_ACTS = ("sigmoid", "tanh", "tanh")
+
 
 def _dtype_of(dtype):
     try:
@@ -79,12 +95,26 @@ class LSTM:
     U(-1/sqrt(H), 1/sqrt(H))).  ``dropout`` is accepted and ignored: this is
     an inference engine.
 
+    Cell variants (all run in C; the float64 reference covers each):
+      ``peepholes=True``: Graves 2013 peephole weights ``peephole_l{k}``
+        of shape (3, hidden_size) for the i, f, o gates (i and f see
+        c_{t-1}, o sees c_t), initialised to zero.
+      ``activations=(f, g, h)``: ONNX LSTM activation names (sigmoid, tanh,
+        relu, hardsigmoid, affine, leakyrelu, thresholdedrelu, scaledtanh,
+        elu, softsign, softplus) with ``activation_alpha`` /
+        ``activation_beta`` (3 values each; None takes ONNX's defaults).
+      ``clip``: clamp gate pre-activations to [-clip, clip] (ONNX Runtime).
+      ``cell_clip``: clamp c_t to [-cell_clip, cell_clip] (TF1 LSTMCell).
+      ``input_forget=True``: f = 1 - i (ONNX's coupled gates).
+
     Call: ``out, (h_n, c_n) = m(x, hx=None)``; see ``__call__``.
     """
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, proj_size=0, dtype=np.float32, *,
-                 seed=None, num_threads=None):
+                 seed=None, num_threads=None, peepholes=False, activations=None,
+                 activation_alpha=None, activation_beta=None, clip=None, cell_clip=None,
+                 input_forget=False):
         self.input_size = _positive_int(input_size, "input_size", 0)
         self.hidden_size = _positive_int(hidden_size, "hidden_size", 1)
         self.num_layers = _positive_int(num_layers, "num_layers", 1)
@@ -105,6 +135,12 @@ class LSTM:
         sizes = (self.input_size, self.hidden_size, self.proj_size)
         if max(sizes) >= 2 ** 24 or (4 * self.hidden_size) * max(self.input_size, self.hidden_size) >= 2 ** 40:
             raise ValueError(f"sizes too large: input_size, hidden_size, proj_size = {sizes}")
+        self.peepholes = bool(peepholes)
+        self.activations, self.activation_alpha, self.activation_beta = _parse_activations(
+            activations, activation_alpha, activation_beta)
+        self.clip = _nonneg_float(clip, "clip")
+        self.cell_clip = _nonneg_float(cell_clip, "cell_clip")
+        self.input_forget = bool(input_forget)
         self._stack = _engine.Stack(self.num_layers, self.num_directions, _DTYPES[self.dtype],
                                     self.input_size, self.hidden_size, self.proj_size)
         self._params = {}
@@ -112,7 +148,10 @@ class LSTM:
         rng = np.random.default_rng(seed)
         k = 1.0 / math.sqrt(self.hidden_size)
         for name, shape in self._param_shapes().items():
-            self._params[name] = rng.uniform(-k, k, size=shape).astype(self.dtype)
+            if name.startswith("peephole_"):
+                self._params[name] = np.zeros(shape, self.dtype)
+            else:
+                self._params[name] = rng.uniform(-k, k, size=shape).astype(self.dtype)
         for layer in range(self.num_layers):
             for d in range(self.num_directions):
                 self._pack(layer, d)
@@ -158,7 +197,28 @@ class LSTM:
                     shapes["bias_hh_" + s] = (4 * H,)
                 if P:
                     shapes["weight_hr_" + s] = (P, H)
+                if self.peepholes:
+                    shapes["peephole_" + s] = (3, H)
         return shapes
+
+    @property
+    def is_default_cell(self):
+        """True for the plain torch.nn.LSTM cell (no variant options)."""
+        return (not self.peepholes and self.activations == _DEFAULT_ACTS and not self.clip
+                and not self.cell_clip and not self.input_forget)
+
+    def cell_options(self):
+        """The cell variant options as keyword arguments of the constructor."""
+        return {"peepholes": self.peepholes, "activations": self.activations,
+                "activation_alpha": self.activation_alpha,
+                "activation_beta": self.activation_beta, "clip": self.clip,
+                "cell_clip": self.cell_clip, "input_forget": self.input_forget}
+
+    def _engine_opts(self):
+        if self.is_default_cell:
+            return None
+        return (tuple(ACTIVATIONS[a][0] for a in self.activations), self.activation_alpha,
+                self.activation_beta, self.clip, self.cell_clip, self.input_forget)
 
     def _pack(self, layer, d):
         s = f"l{layer}" + ("_reverse" if d else "")
@@ -170,7 +230,9 @@ class LSTM:
         in_size = p["weight_ih_" + s].shape[1]
         self._stack.set_cell(layer * self.num_directions + d, in_size, c(p["weight_ih_" + s]),
                              c(p["weight_hh_" + s]), bias,
-                             c(p["weight_hr_" + s]) if self.proj_size else None, None, None)
+                             c(p["weight_hr_" + s]) if self.proj_size else None,
+                             c(p["peephole_" + s]) if self.peepholes else None,
+                             self._engine_opts())
 
     def state_dict(self):
         """A copy of the weights under torch.nn.LSTM's names."""
@@ -205,10 +267,11 @@ class LSTM:
                 self._pack(layer, d)
 
     def set_weights(self, layer, direction=0, *, w_ih=None, w_hh=None, b_ih=None, b_hh=None,
-                    w_hr=None):
+                    w_hr=None, peephole=None):
         """Set one layer/direction's weights in PyTorch's layout (gate order
         i, f, g, o): w_ih (4H, In), w_hh (4H, Hout), b_ih and b_hh (4H),
-        w_hr (P, H).  Arguments left as None keep their current value."""
+        w_hr (P, H), peephole (3, H) for i, f, o.  Arguments left as None
+        keep their current value."""
         layer = _positive_int(layer, "layer", 0)
         if layer >= self.num_layers:
             raise ValueError(f"layer: expected 0..{self.num_layers - 1}, got {layer}")
@@ -216,19 +279,20 @@ class LSTM:
             raise ValueError(f"direction: expected 0..{self.num_directions - 1}, got {direction}")
         s = f"l{layer}" + ("_reverse" if direction else "")
         given = {"weight_ih_": w_ih, "weight_hh_": w_hh, "bias_ih_": b_ih, "bias_hh_": b_hh,
-                 "weight_hr_": w_hr}
+                 "weight_hr_": w_hr, "peephole_": peephole}
         sd = {k + s: v for k, v in given.items() if v is not None}
         self.load_state_dict(sd, strict=False)
 
     def get_weights(self, layer, direction=0):
         """Copies of one layer/direction's weights: a dict with w_ih, w_hh,
-        b_ih, b_hh (None without bias) and w_hr (None without projection)."""
+        b_ih, b_hh (None without bias), w_hr (None without projection) and
+        peephole (None without peepholes)."""
         s = f"l{layer}" + ("_reverse" if direction else "")
         if "weight_ih_" + s not in self._params:
             raise ValueError(f"layer/direction: no cell {s!r} in {self!r}")
         g = lambda k: self._params[k + s].copy() if (k + s) in self._params else None  # noqa: E731
         return {"w_ih": g("weight_ih_"), "w_hh": g("weight_hh_"), "b_ih": g("bias_ih_"),
-                "b_hh": g("bias_hh_"), "w_hr": g("weight_hr_")}
+                "b_hh": g("bias_hh_"), "w_hr": g("weight_hr_"), "peephole": g("peephole_")}
 
     @property
     def packed_nbytes(self):
@@ -238,14 +302,16 @@ class LSTM:
     # ---------------------------------------------------------- constructors
     @classmethod
     def from_state_dict(cls, state_dict, *, batch_first=False, dtype=None, prefix="",
-                        num_threads=None):
+                        num_threads=None, **cell_options):
         """Build a model from a torch.nn.LSTM state dict.
 
         The configuration (input_size, hidden_size, num_layers, bias,
         bidirectional, proj_size) is inferred from the keys and shapes.
         ``prefix`` selects an LSTM inside a larger model's state dict (e.g.
         ``"encoder.lstm."``); keys outside the prefix are ignored.  ``dtype``
-        defaults to the weights' dtype if float64, else float32.
+        defaults to the weights' dtype if float64, else float32.  Keys
+        ``peephole_l{k}`` (3, hidden) turn peepholes on; other cell variant
+        options (activations, clip, ...) are passed as keywords.
         """
         sd = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
         if "weight_ih_l0" not in sd:
@@ -270,7 +336,9 @@ class LSTM:
             dtype = np.float64 if w_ih.dtype == np.float64 else np.float32
         model = cls(w_ih.shape[1], hidden, num_layers=layers, bias="bias_ih_l0" in arrays,
                     batch_first=batch_first, bidirectional="weight_ih_l0_reverse" in arrays,
-                    proj_size=proj, dtype=dtype, num_threads=num_threads)
+                    proj_size=proj, dtype=dtype, num_threads=num_threads,
+                    peepholes=cell_options.pop("peepholes", "peephole_l0" in arrays),
+                    **cell_options)
         model.load_state_dict(arrays, strict=True)
         return model
 
@@ -361,11 +429,46 @@ class LSTM:
         """The float64 NumPy reference (fastlstm.reference) run on this model's
         weights and configuration: the oracle the C engine is tested against."""
         from .reference import lstm_forward
+        peep = {k[len("peephole_"):]: v for k, v in self._params.items()
+                if k.startswith("peephole_")}
+        cell = {"activations": self.activations, "alpha": self.activation_alpha,
+                "beta": self.activation_beta, "clip": self.clip, "cell_clip": self.cell_clip,
+                "input_forget": self.input_forget}
         return lstm_forward(self._params, x, hx, num_layers=self.num_layers,
-                            bidirectional=self.bidirectional, batch_first=self.batch_first)
+                            bidirectional=self.bidirectional, batch_first=self.batch_first,
+                            cell=cell, peepholes=peep or None)
 
 
-_KEY = re.compile(r"^(weight_ih|weight_hh|bias_ih|bias_hh|weight_hr)_l(\d+)(_reverse)?$")
+def _nonneg_float(value, name):
+    if value is None:
+        return 0.0
+    v = float(value)
+    if not v >= 0.0 or math.isinf(v):
+        raise ValueError(f"{name}: expected a finite value >= 0 (0 or None: off), got {value!r}")
+    return v
+
+
+def _parse_activations(activations, alpha, beta):
+    acts = _DEFAULT_ACTS if activations is None else tuple(activations)
+    if len(acts) != 3:
+        raise ValueError(f"activations: expected 3 names (f, g, h), got {activations!r}")
+    acts = tuple(str(a).lower().replace("_", "") for a in acts)
+    for a in acts:
+        if a not in ACTIVATIONS:
+            raise ValueError(f"activations: unknown activation {a!r}; known: {sorted(ACTIVATIONS)}")
+    def fill(values, idx, name):
+        out = []
+        for k, a in enumerate(acts):
+            v = None if values is None else values[k]
+            out.append(float(ACTIVATIONS[a][idx] if v is None else v))
+        return tuple(out)
+    for values, name in ((alpha, "activation_alpha"), (beta, "activation_beta")):
+        if values is not None and len(values) != 3:
+            raise ValueError(f"{name}: expected 3 values (None for a default), got {values!r}")
+    return acts, fill(alpha, 1, "activation_alpha"), fill(beta, 2, "activation_beta")
+
+
+_KEY = re.compile(r"^(weight_ih|weight_hh|bias_ih|bias_hh|weight_hr|peephole)_l(\d+)(_reverse)?$")
 
 
 def _cell_of(key):
