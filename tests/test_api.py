@@ -1,0 +1,224 @@
+"""The NumPy API: shapes, layouts, dtypes, weights, errors."""
+import numpy as np
+import pytest
+
+import fastlstm
+from fastlstm import DTypeError, ShapeError, WeightsError
+from tolerances import assert_lstm_close
+
+
+def test_readme_example():
+    m = fastlstm.LSTM(8, 16, num_layers=2, bidirectional=True)
+    out, (h, c) = m(np.zeros((5, 3, 8), np.float32))
+    assert out.shape == (5, 3, 32) and h.shape == (4, 3, 16) and c.shape == (4, 3, 16)
+
+
+@pytest.mark.parametrize("bf", [False, True])
+def test_shapes(bf):
+    m = fastlstm.LSTM(3, 10, num_layers=3, bidirectional=True, proj_size=4, batch_first=bf)
+    x = np.ones((2, 7, 3) if bf else (7, 2, 3), np.float32)
+    out, (h, c) = m(x)
+    assert out.shape == ((2, 7, 8) if bf else (7, 2, 8))
+    assert h.shape == (6, 2, 4) and c.shape == (6, 2, 10)
+    out, (h, c) = m(np.ones((7, 3), np.float32))  # unbatched ignores batch_first
+    assert out.shape == (7, 8) and h.shape == (6, 4) and c.shape == (6, 10)
+
+
+def test_unbatched_equals_batch_of_one():
+    rng = np.random.default_rng(0)
+    m = fastlstm.LSTM(4, 9, bidirectional=True, seed=1)
+    x = rng.standard_normal((6, 4)).astype(np.float32)
+    out1, (h1, c1) = m(x)
+    out2, (h2, c2) = m(x[:, None, :])
+    np.testing.assert_array_equal(out1, out2[:, 0])
+    np.testing.assert_array_equal(h1, h2[:, 0])
+
+
+def test_reverse_h_n_is_state_after_t0():
+    rng = np.random.default_rng(0)
+    m = fastlstm.LSTM(4, 9, bidirectional=True, seed=1)
+    x = rng.standard_normal((6, 2, 4)).astype(np.float32)
+    out, (h, c) = m(x)
+    np.testing.assert_array_equal(h[0], out[-1, :, :9])
+    np.testing.assert_array_equal(h[1], out[0, :, 9:])
+
+
+@pytest.mark.parametrize("layout", ["F", "noncontig", "transposed", "readonly", "int", "float16",
+                                    "float64"])
+def test_input_layouts_and_dtypes(layout):
+    rng = np.random.default_rng(3)
+    m = fastlstm.LSTM(5, 7, seed=2)
+    base = rng.standard_normal((6, 3, 5)).astype(np.float32)
+    if layout == "F":
+        x = np.asfortranarray(base)
+    elif layout == "noncontig":
+        big = np.zeros((12, 3, 10), np.float32)
+        big[::2, :, ::2] = base
+        x = big[::2, :, ::2]
+    elif layout == "transposed":
+        x = np.ascontiguousarray(base.transpose(1, 0, 2)).transpose(1, 0, 2)
+    elif layout == "readonly":
+        x = base.copy()
+        x.flags.writeable = False
+    elif layout == "int":
+        base = np.round(base * 3)
+        x = base.astype(np.int32)
+    elif layout == "float16":
+        base = base.astype(np.float16).astype(np.float32)
+        x = base.astype(np.float16)
+    else:
+        x = base.astype(np.float64)
+    out = m(x)
+    assert out[0].dtype == np.float32
+    assert_lstm_close(out, m(np.ascontiguousarray(base, dtype=np.float32)), np.float32)
+    assert_lstm_close(out, m.reference(base), np.float32)
+
+
+def test_list_input():
+    m = fastlstm.LSTM(2, 3, seed=0)
+    x = [[[0.5, -1.0]], [[1.0, 2.0]]]
+    assert_lstm_close(m(x), m.reference(np.array(x)), np.float32)
+
+
+def test_float64_model():
+    m = fastlstm.LSTM(3, 5, dtype=np.float64, seed=0)
+    x = np.random.default_rng(0).standard_normal((4, 2, 3))
+    out, _ = m(x)
+    assert out.dtype == np.float64
+    assert_lstm_close(m(x), m.reference(x), np.float64)
+
+
+@pytest.mark.parametrize("bad, exc, words", [
+    (np.zeros((2, 3, 4, 5), np.float32), ShapeError, "x: expected a 2-D"),
+    (np.zeros(5, np.float32), ShapeError, "x: expected a 2-D"),
+    (np.zeros((2, 3, 4), np.float32), ShapeError, "input_size 5"),
+    (np.array([["a", "b"]]), DTypeError, "x: expected a real numeric"),
+    (np.zeros((2, 1, 5), object), DTypeError, "x: expected a real numeric"),
+    (np.zeros((2, 1, 5), complex), DTypeError, "x: expected a real numeric"),
+    (np.zeros((2, 1, 5), bool), DTypeError, "x: expected a real numeric"),
+    (3.0, ShapeError, "x: expected a 2-D"),
+])
+def test_bad_x(bad, exc, words):
+    m = fastlstm.LSTM(5, 4)
+    with pytest.raises(exc, match=words):
+        m(bad)
+
+
+def test_shape_errors_are_value_errors_and_dtype_errors_type_errors():
+    assert issubclass(ShapeError, ValueError) and issubclass(DTypeError, TypeError)
+    assert issubclass(ShapeError, fastlstm.FastLSTMError)
+
+
+@pytest.mark.parametrize("hx, words", [
+    ((np.zeros((1, 2, 4)), np.zeros((1, 2, 4))), r"hx\[0\] \(h_0\): expected shape \(2, 2, 4\)"),
+    ((np.zeros((2, 2, 4)), np.zeros((2, 3, 4))), r"hx\[1\] \(c_0\): expected shape \(2, 2, 4\)"),
+    ((np.zeros((2, 2, 4)),), "hx: expected a tuple"),
+    (np.zeros((2, 2, 4)), "hx: expected a tuple"),
+])
+def test_bad_hx(hx, words):
+    m = fastlstm.LSTM(5, 4, num_layers=2)
+    with pytest.raises(ShapeError, match=words):
+        m(np.zeros((3, 2, 5), np.float32), hx)
+
+
+def test_bad_hx_dtype():
+    m = fastlstm.LSTM(5, 4)
+    with pytest.raises(DTypeError, match=r"hx\[0\]"):
+        m(np.zeros((3, 2, 5), np.float32), (np.zeros((1, 2, 4), object), np.zeros((1, 2, 4))))
+
+
+def test_constructor_errors():
+    with pytest.raises(ValueError, match="hidden_size"):
+        fastlstm.LSTM(3, 0)
+    with pytest.raises(ValueError, match="proj_size"):
+        fastlstm.LSTM(3, 4, proj_size=4)
+    with pytest.raises(TypeError, match="num_layers"):
+        fastlstm.LSTM(3, 4, num_layers=1.5)
+    with pytest.raises(DTypeError, match="dtype"):
+        fastlstm.LSTM(3, 4, dtype=np.float16)
+    with pytest.raises(ValueError, match="activations"):
+        fastlstm.LSTM(3, 4, activations=("sigmoid", "tanh", "nope"))
+
+
+def test_state_dict_errors_name_the_key():
+    m = fastlstm.LSTM(3, 4, num_layers=2)
+    sd = m.state_dict()
+    del sd["weight_hh_l1"]
+    with pytest.raises(WeightsError, match="weight_hh_l1"):
+        m.load_state_dict(sd)
+    sd = m.state_dict()
+    sd["bias_ih_l0"] = np.zeros(5)
+    with pytest.raises(WeightsError, match=r"bias_ih_l0.*\(16,\)"):
+        m.load_state_dict(sd)
+    sd = m.state_dict()
+    sd["weight_ih_l7"] = np.zeros((16, 3))
+    with pytest.raises(WeightsError, match="weight_ih_l7"):
+        m.load_state_dict(sd)
+    with pytest.raises(WeightsError, match="weight_ih_l0"):
+        fastlstm.LSTM.from_state_dict({"foo": np.zeros(3)})
+    with pytest.raises(WeightsError, match="weight_ih_l0"):
+        fastlstm.LSTM.from_state_dict({"weight_ih_l0": np.zeros((16, 3)), "weight_hh_l0": np.zeros((12, 4))})
+
+
+def test_weights_set_get_and_repack():
+    """Changing weights repacks: the next call sees them (no stale cache)."""
+    rng = np.random.default_rng(5)
+    m = fastlstm.LSTM(3, 4, bidirectional=True, seed=0)
+    x = rng.standard_normal((5, 2, 3)).astype(np.float32)
+    before = m(x)[0]
+    w = m.get_weights(0, 1)
+    assert w["w_ih"].shape == (16, 3) and w["w_hr"] is None
+    w["w_ih"][:] = 0  # a copy: the model is unchanged
+    np.testing.assert_array_equal(m(x)[0], before)
+    new_w = rng.standard_normal((16, 3))
+    m.set_weights(0, 1, w_ih=new_w)
+    after = m(x)[0]
+    np.testing.assert_array_equal(after[:, :, :4], before[:, :, :4])
+    assert not np.allclose(after[:, :, 4:], before[:, :, 4:])
+    np.testing.assert_array_equal(m.get_weights(0, 1)["w_ih"], new_w.astype(np.float32))
+    assert_lstm_close(m(x), m.reference(x), np.float32)
+
+
+def test_zero_length_and_zero_batch():
+    m = fastlstm.LSTM(3, 4, num_layers=2)
+    out, (h, c) = m(np.zeros((0, 2, 3), np.float32))
+    assert out.shape == (0, 2, 4) and h.shape == (2, 2, 4) and not h.any() and not c.any()
+    h0 = np.ones((2, 2, 4), np.float32)
+    out, (h, c) = m(np.zeros((0, 2, 3), np.float32), (h0, 2 * h0))
+    np.testing.assert_array_equal(h, h0)
+    np.testing.assert_array_equal(c, 2 * h0)
+    out, (h, c) = m(np.zeros((5, 0, 3), np.float32))
+    assert out.shape == (5, 0, 4) and h.shape == (2, 0, 4)
+
+
+def test_nan_propagates():
+    m = fastlstm.LSTM(3, 4, seed=0)
+    x = np.zeros((4, 2, 3), np.float32)
+    x[1, 0, 0] = np.nan
+    out, (h, c) = m(x)
+    assert np.isnan(out[1:, 0]).all() and not np.isnan(out[:, 1]).any()
+    assert not np.isnan(out[0]).any()
+
+
+def test_cpu_info_and_set_isa():
+    info = fastlstm.cpu_info()
+    assert info["isa"] in info["isas_available"]
+    assert fastlstm.set_isa("portable") == "portable"
+    assert fastlstm.cpu_info()["isa"] == "portable"
+    assert fastlstm.set_isa(None) == info["isa_detected"]
+    with pytest.raises(ValueError, match="name"):
+        fastlstm.set_isa("sse9")
+
+
+def test_num_threads():
+    prev = fastlstm.get_num_threads()
+    fastlstm.set_num_threads(1)
+    assert fastlstm.get_num_threads() == 1
+    fastlstm.set_num_threads(None)
+    assert fastlstm.get_num_threads() == fastlstm.cpu_info()["num_cpus"]
+    with pytest.raises(ValueError):
+        fastlstm.set_num_threads(0)
+    m = fastlstm.LSTM(3, 4)
+    with pytest.raises(ValueError, match="num_threads"):
+        m(np.zeros((2, 1, 3), np.float32), num_threads=0)
+    fastlstm.set_num_threads(prev)
