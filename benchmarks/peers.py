@@ -430,6 +430,9 @@ def cross_check(runners, x, reference="fastlstm", tol=TOLERANCE, loud=True):
     differ).  With ``loud``, mismatches beyond ``tol`` are printed in a
     banner to stderr.  The reference must be among the runners.
     """
+    if reference not in runners:
+        raise ValueError(f"cross_check: reference engine {reference!r} is not among the "
+                         f"runners ({sorted(runners)})")
     ref = np.array(runners[reference](x), copy=True)
     diffs = {reference: 0.0}
     for name, r in runners.items():

@@ -29,7 +29,10 @@ typedef struct {
 static inline int FN(imin_)(int a, int b) { return a < b ? a : b; }
 
 /* Rows (o, i) for o in [o0, o1), i in [0, ni): A row at A + o*a_so + i*a_si,
- * G row at G + o*g_so + i*g_si.  Blocks [j0, j1). */
+ * G row at G + o*g_so + i*g_si.  Blocks [j0, j1).
+ * Blocking: a chunk of rows whose A slice stays in L2, and K in chunks of
+ * FL_KC so that the panel slice stays in L1 while every row tile of the chunk
+ * streams over it; partial sums accumulate in G in place. */
 static void FN(input_gemm_)(const fl_cell *cell, const REAL *A, ptrdiff_t a_so, ptrdiff_t a_si,
                             REAL *G, ptrdiff_t g_so, ptrdiff_t g_si,
                             int o0, int o1, int ni, int j0, int j1)
@@ -37,9 +40,7 @@ static void FN(input_gemm_)(const fl_cell *cell, const REAL *A, ptrdiff_t a_so, 
     const KERNELS_T *kr = KERNELS;
     const int K = cell->in, rmax = kr->rmax;
     const REAL *wih = (const REAL *)cell->wih, *bias = (const REAL *)cell->bias;
-    /* Keep the A rows of one chunk within ~256 KB so that they stay in L2
-     * while every panel streams over them. */
-    size_t row_bytes = (size_t)ni * K * sizeof(REAL);
+    size_t row_bytes = (size_t)ni * (K < FL_KC ? K : FL_KC) * sizeof(REAL);
     int oc = row_bytes ? (int)((256u * 1024u) / row_bytes) : 1;
     if (oc < 1) oc = 1;
     for (int c0 = o0; c0 < o1; c0 += oc) {
@@ -47,14 +48,48 @@ static void FN(input_gemm_)(const fl_cell *cell, const REAL *A, ptrdiff_t a_so, 
         for (int j = j0; j < j1; j++) {
             const REAL *panel = wih + (size_t)j * K * FL_PW;
             const REAL *bj = bias + (size_t)j * FL_PW;
-            for (int o = c0; o < c1; o++) {
-                for (int i = 0; i < ni; i += rmax) {
-                    int R = FN(imin_)(rmax, ni - i);
-                    kr->gemm(R, K, A + o * a_so + i * a_si, a_si, panel, bj,
-                             G + o * g_so + i * g_si + (ptrdiff_t)j * FL_PW, g_si, FL_PW);
+            int k0 = 0;
+            do {
+                int kc = FN(imin_)(FL_KC, K - k0);
+                for (int o = c0; o < c1; o++) {
+                    for (int i = 0; i < ni; i += rmax) {
+                        int R = FN(imin_)(rmax, ni - i);
+                        REAL *g = G + o * g_so + i * g_si + (ptrdiff_t)j * FL_PW;
+                        kr->gemm(R, kc, A + o * a_so + i * a_si + k0, a_si,
+                                 panel + (size_t)k0 * FL_PW, k0 ? g : bj, k0 ? g_si : 0,
+                                 g, g_si, FL_PW);
+                    }
                 }
-            }
+                k0 += kc;
+            } while (k0 < K);
         }
+    }
+}
+
+/* One step for hidden block j and rows [n0, n1): gates = G + h_{t-1} W_hh^T,
+ * then the epilogue.  With several row tiles, K is cut in chunks of FL_KC
+ * (panel slice in L1 across tiles; partial sums accumulate in G in place)
+ * and only the last chunk runs the fused LSTM kernel. */
+static inline void FN(step_block_)(const KERNELS_T *kr, int K, const REAL *A, ptrdiff_t lda,
+                                   const REAL *panel, REAL *Gj, ptrdiff_t ldg,
+                                   REAL *c, ptrdiff_t ldc, REAL *h, ptrdiff_t ldh,
+                                   int n0, int n1, int nvalid, const fl_epi *epi)
+{
+    const int rmax = kr->rmax;
+    int klast = 0;
+    if (A && n1 - n0 > rmax && K > FL_KC) {
+        klast = (K - 1) / FL_KC * FL_KC;
+        for (int k0 = 0; k0 < klast; k0 += FL_KC)
+            for (int n = n0; n < n1; n += rmax) {
+                int R = FN(imin_)(rmax, n1 - n);
+                kr->gemm(R, FL_KC, A + n * lda + k0, lda, panel + (size_t)k0 * FL_PW,
+                         Gj + n * ldg, ldg, Gj + n * ldg, ldg, FL_PW);
+            }
+    }
+    for (int n = n0; n < n1; n += rmax) {
+        int R = FN(imin_)(rmax, n1 - n);
+        kr->lstm(R, K - klast, A ? A + n * lda + klast : NULL, lda, panel + (size_t)klast * FL_PW,
+                 Gj + n * ldg, ldg, c + n * ldc, ldc, h + n * ldh, ldh, nvalid, epi);
     }
 }
 
@@ -133,20 +168,15 @@ static void FN(thread_)(void *arg, int tid, int nt)
                     } else {
                         A = ydir + (ptrdiff_t)(d ? t + 1 : t - 1) * yst; lda = ysn;
                     }
-                    const REAL *Gt = cx->G + (ptrdiff_t)(t - tlo) * N * ldg;
+                    REAL *Gt = cx->G + (ptrdiff_t)(t - tlo) * N * ldg;
                     REAL *hdst = P ? cx->hraw : ydir + (ptrdiff_t)t * yst;
                     ptrdiff_t ldh = P ? H : ysn;
                     for (int j = j0; j < j1; j++) {
-                        const REAL *panel = whh + (size_t)j * Hout * FL_PW;
-                        int nvalid = FN(imin_)(FL_BW, H - j * FL_BW);
                         epi.peep = cell->peep ? (const REAL *)cell->peep + (size_t)j * 3 * FL_BW : NULL;
-                        for (int n = n0; n < n1; n += rmax) {
-                            int R = FN(imin_)(rmax, n1 - n);
-                            kr->lstm(R, Hout, A ? A + n * lda : NULL, lda, panel,
-                                     Gt + n * ldg + (ptrdiff_t)j * FL_PW, ldg,
-                                     cst + (ptrdiff_t)n * H + j * FL_BW, H,
-                                     hdst + n * ldh + j * FL_BW, ldh, nvalid, &epi);
-                        }
+                        FN(step_block_)(kr, Hout, A, lda, whh + (size_t)j * Hout * FL_PW,
+                                        Gt + (ptrdiff_t)j * FL_PW, ldg, cst + j * FL_BW, H,
+                                        hdst + j * FL_BW, ldh, n0, n1,
+                                        FN(imin_)(FL_BW, H - j * FL_BW), &epi);
                     }
                     if (P) {
                         if (sync) fl_pool_barrier(nt);
@@ -156,7 +186,7 @@ static void FN(thread_)(void *arg, int tid, int nt)
                             int ncols = FN(imin_)(FL_PW, P - p * FL_PW);
                             for (int n = n0; n < n1; n += rmax) {
                                 int R = FN(imin_)(rmax, n1 - n);
-                                kr->gemm(R, H, cx->hraw + (ptrdiff_t)n * H, H, panel, NULL,
+                                kr->gemm(R, H, cx->hraw + (ptrdiff_t)n * H, H, panel, NULL, 0,
                                          yt + n * ysn + p * FL_PW, ysn, ncols);
                             }
                         }

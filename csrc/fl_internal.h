@@ -21,6 +21,7 @@
 #define FL_BW 16            /* hidden units per block */
 #define FL_PW 64            /* columns per panel (4 gates x FL_BW) */
 #define FL_ALIGN 64
+#define FL_KC 128           /* K chunk: a 32 KB panel slice stays in L1 */
 
 /* What the epilogue of the recurrent kernel needs besides the GEMM. */
 typedef struct {
@@ -30,20 +31,21 @@ typedef struct {
 } fl_epi;
 
 /* Kernel signatures (REAL = float or double):
- * gemm: out[r][0..ncols) = bias[0..ncols) + sum_k A[r*lda + k] * panel[k*64 + col]
- *       for r < R (R <= rmax); bias may be NULL.
+ * gemm: out[r][col] = init[r*ldi + col] + sum_k A[r*lda + k] * panel[k*64 + col]
+ *       for r < R (R <= rmax), col < ncols.  init NULL means zeros; ldi = 0
+ *       broadcasts one row (a bias); init == out accumulates in place.
  * lstm: pre[r][col] = G[r*ldg + col] + sum_k A[r*lda + k] * panel[k*64 + col]
  *       (A NULL means h_{t-1} = 0), then the gate math for the block's
  *       `nvalid` units: reads/writes c[r*ldc + l], writes h[r*ldh + l]. */
 typedef void (*fl_gemm_f32)(int R, int K, const float *A, ptrdiff_t lda,
-                            const float *panel, const float *bias,
+                            const float *panel, const float *init, ptrdiff_t ldi,
                             float *out, ptrdiff_t ldo, int ncols);
 typedef void (*fl_lstm_f32)(int R, int K, const float *A, ptrdiff_t lda,
                             const float *panel, const float *G, ptrdiff_t ldg,
                             float *c, ptrdiff_t ldc, float *h, ptrdiff_t ldh,
                             int nvalid, const fl_epi *epi);
 typedef void (*fl_gemm_f64)(int R, int K, const double *A, ptrdiff_t lda,
-                            const double *panel, const double *bias,
+                            const double *panel, const double *init, ptrdiff_t ldi,
                             double *out, ptrdiff_t ldo, int ncols);
 typedef void (*fl_lstm_f64)(int R, int K, const double *A, ptrdiff_t lda,
                             const double *panel, const double *G, ptrdiff_t ldg,

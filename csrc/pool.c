@@ -9,13 +9,20 @@
  *   oversubscribe the cores.
  * - Idle workers spin briefly (a back-to-back call starts in microseconds),
  *   then sleep on a condition variable (no CPU burnt between calls).
- * - fl_pool_barrier(): counter + generation, spin with pause, then yield.
+ * - fl_pool_barrier(): counter + generation, spin with pause for ~100 us,
+ *   then sleep on a futex (Linux; sched_yield elsewhere), so a thread whose
+ *   partner was descheduled on a busy machine stops burning the core.
  */
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
 #include <unistd.h>
 #include "fl_internal.h"
+#if defined(__linux__)
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#define FL_HAVE_FUTEX 1
+#endif
 #if defined(FL_X86)
 #include <immintrin.h>
 #define FL_PAUSE() _mm_pause()
@@ -25,7 +32,7 @@
 
 #define FL_MAX_THREADS 64
 #define FL_IDLE_SPINS 4000     /* ~ tens of microseconds before sleeping */
-#define FL_BARRIER_SPINS 20000 /* then sched_yield() */
+#define FL_BARRIER_SPINS 2000  /* ~100 us, then sleep in the kernel */
 
 static pthread_mutex_t g_call_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_mutex_t g_sleep_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -36,11 +43,30 @@ static fl_task_fn g_fn;
 static void *g_arg;
 static int g_nt;
 static atomic_uint g_seq;
-static atomic_int g_done;
 static atomic_int g_sleeping;
 
 static atomic_int g_bar_count;
 static atomic_uint g_bar_gen;
+static atomic_int g_bar_sleepers;
+
+static void bar_sleep(atomic_uint *word, unsigned val)
+{
+#if defined(FL_HAVE_FUTEX)
+    syscall(SYS_futex, (unsigned *)word, FUTEX_WAIT_PRIVATE, val, NULL, NULL, 0);
+#else
+    (void)word; (void)val;
+    sched_yield();
+#endif
+}
+
+static void bar_wake(atomic_uint *word)
+{
+#if defined(FL_HAVE_FUTEX)
+    syscall(SYS_futex, (unsigned *)word, FUTEX_WAKE_PRIVATE, 0x7fffffff, NULL, NULL, 0);
+#else
+    (void)word;
+#endif
+}
 
 static atomic_int g_default_threads;
 static unsigned g_start_seq[FL_MAX_THREADS];
@@ -89,8 +115,9 @@ static void *worker_main(void *p)
         }
         seen = s;
         if (tid < g_nt) {
-            g_fn(g_arg, tid, g_nt);
-            atomic_fetch_add_explicit(&g_done, 1, memory_order_release);
+            int nt = g_nt;
+            g_fn(g_arg, tid, nt);
+            fl_pool_barrier(nt); /* the caller returns once everyone is here */
         }
     }
     return NULL;
@@ -103,6 +130,7 @@ void fl_pool_barrier(int nthreads)
     if (atomic_fetch_add(&g_bar_count, 1) == nthreads - 1) {
         atomic_store(&g_bar_count, 0);
         atomic_fetch_add(&g_bar_gen, 1);
+        if (atomic_load(&g_bar_sleepers) > 0) bar_wake(&g_bar_gen);
         return;
     }
     int spins = 0;
@@ -111,7 +139,12 @@ void fl_pool_barrier(int nthreads)
             spins++;
             FL_PAUSE();
         } else {
-            sched_yield();
+            /* sleepers is raised before the generation is re-read (inside the
+             * futex call, atomically), so the last arriver either sees it and
+             * wakes us, or we see the new generation and do not sleep. */
+            atomic_fetch_add(&g_bar_sleepers, 1);
+            bar_sleep(&g_bar_gen, gen);
+            atomic_fetch_sub(&g_bar_sleepers, 1);
         }
     }
 }
@@ -158,7 +191,6 @@ int fl_pool_run(fl_task_fn fn, void *arg, int nthreads)
     g_fn = fn;
     g_arg = arg;
     g_nt = nthreads;
-    atomic_store(&g_done, 0);
     atomic_store(&g_bar_count, 0);
     atomic_fetch_add_explicit(&g_seq, 1, memory_order_seq_cst);
     if (atomic_load(&g_sleeping) > 0) {
@@ -167,15 +199,8 @@ int fl_pool_run(fl_task_fn fn, void *arg, int nthreads)
         pthread_mutex_unlock(&g_sleep_lock);
     }
     fn(arg, 0, nthreads);
-    int spins = 0;
-    while (atomic_load_explicit(&g_done, memory_order_acquire) < nthreads - 1) {
-        if (spins < FL_BARRIER_SPINS) {
-            spins++;
-            FL_PAUSE();
-        } else {
-            sched_yield();
-        }
-    }
+    /* Wait for the workers: the same barrier as between steps. */
+    fl_pool_barrier(nthreads);
     pthread_mutex_unlock(&g_call_lock);
     return nthreads;
 }

@@ -102,11 +102,12 @@ static __m256i tail_mask(int n)
 }
 
 static void gemm_avx2(int R, int K, const float *A, ptrdiff_t lda, const float *panel,
-                      const float *bias, float *out, ptrdiff_t ldo, int ncols)
+                      const float *init, ptrdiff_t ldi, float *out, ptrdiff_t ldo, int ncols)
 {
     for (int r = 0; r < R; r++) {
         __m256 acc[8];
-        for (int q = 0; q < 8; q++) acc[q] = bias ? _mm256_loadu_ps(bias + 8 * q) : _mm256_setzero_ps();
+        for (int q = 0; q < 8; q++)
+            acc[q] = init ? _mm256_loadu_ps(init + r * ldi + 8 * q) : _mm256_setzero_ps();
         dot(K, A + r * lda, panel, acc);
         float *o = out + r * ldo;
         for (int q = 0; q < 8; q++) {

@@ -126,16 +126,23 @@ AI void dot1(int K, const float *A, const float *panel, __m512 acc[4])
 }
 
 AI void gemm_r(const int R, int K, const float *A, ptrdiff_t lda, const float *panel,
-               const float *bias, float *out, ptrdiff_t ldo, int ncols)
+               const float *init, ptrdiff_t ldi, float *out, ptrdiff_t ldo, int ncols)
 {
     __m512 acc[RMAX][4];
-    __m512 b0 = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
-    __m512 b1 = bias ? _mm512_loadu_ps(bias + 16) : _mm512_setzero_ps();
-    __m512 b2 = bias ? _mm512_loadu_ps(bias + 32) : _mm512_setzero_ps();
-    __m512 b3 = bias ? _mm512_loadu_ps(bias + 48) : _mm512_setzero_ps();
-    _Pragma("GCC unroll 6") for (int r = 0; r < R; r++)
-    {
-        acc[r][0] = b0; acc[r][1] = b1; acc[r][2] = b2; acc[r][3] = b3;
+    if (init) {
+        _Pragma("GCC unroll 6") for (int r = 0; r < R; r++)
+        {
+            const float *b = init + r * ldi;
+            acc[r][0] = _mm512_loadu_ps(b);
+            acc[r][1] = _mm512_loadu_ps(b + 16);
+            acc[r][2] = _mm512_loadu_ps(b + 32);
+            acc[r][3] = _mm512_loadu_ps(b + 48);
+        }
+    } else {
+        _Pragma("GCC unroll 6") for (int r = 0; r < R; r++)
+        {
+            acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm512_setzero_ps();
+        }
     }
     if (R == 1) dot1(K, A, panel, acc[0]);
     else KLOOP(R)
@@ -200,15 +207,15 @@ AI void lstm_r(const int R, int K, const float *A, ptrdiff_t lda, const float *p
 }
 
 static void gemm_avx512(int R, int K, const float *A, ptrdiff_t lda, const float *panel,
-                        const float *bias, float *out, ptrdiff_t ldo, int ncols)
+                        const float *init, ptrdiff_t ldi, float *out, ptrdiff_t ldo, int ncols)
 {
     switch (R) {
-    case 1: gemm_r(1, K, A, lda, panel, bias, out, ldo, ncols); break;
-    case 2: gemm_r(2, K, A, lda, panel, bias, out, ldo, ncols); break;
-    case 3: gemm_r(3, K, A, lda, panel, bias, out, ldo, ncols); break;
-    case 4: gemm_r(4, K, A, lda, panel, bias, out, ldo, ncols); break;
-    case 5: gemm_r(5, K, A, lda, panel, bias, out, ldo, ncols); break;
-    default: gemm_r(6, K, A, lda, panel, bias, out, ldo, ncols); break;
+    case 1: gemm_r(1, K, A, lda, panel, init, ldi, out, ldo, ncols); break;
+    case 2: gemm_r(2, K, A, lda, panel, init, ldi, out, ldo, ncols); break;
+    case 3: gemm_r(3, K, A, lda, panel, init, ldi, out, ldo, ncols); break;
+    case 4: gemm_r(4, K, A, lda, panel, init, ldi, out, ldo, ncols); break;
+    case 5: gemm_r(5, K, A, lda, panel, init, ldi, out, ldo, ncols); break;
+    default: gemm_r(6, K, A, lda, panel, init, ldi, out, ldo, ncols); break;
     }
 }
 

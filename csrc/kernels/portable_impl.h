@@ -5,12 +5,12 @@
 #define FL_CAT(a, b) FL_CAT_(a, b)
 
 static void FL_CAT(gemm_portable_, SFX)(int R, int K, const REAL *A, ptrdiff_t lda,
-                                        const REAL *panel, const REAL *bias,
+                                        const REAL *panel, const REAL *init, ptrdiff_t ldi,
                                         REAL *out, ptrdiff_t ldo, int ncols)
 {
     for (int r = 0; r < R; r++) {
         REAL acc[FL_PW];
-        for (int col = 0; col < FL_PW; col++) acc[col] = bias ? bias[col] : (REAL)0;
+        for (int col = 0; col < FL_PW; col++) acc[col] = init ? init[r * ldi + col] : (REAL)0;
         const REAL *a = A + r * lda;
         for (int k = 0; k < K; k++) {
             const REAL ak = a[k];
