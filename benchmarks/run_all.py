@@ -60,12 +60,14 @@ def time_interleaved(runners, x, repeats, min_calls, min_time, max_calls_per_rou
     worker threads (OpenMP, ONNX Runtime, TBB), an artifact of hosting all
     engines in one process.
 
-    Returns {name: dict(times_ms=[...], per_round_ms=[[...]], median_ms, ...)}.
+    Returns {name: dict(times_ms=[all timed calls in order], calls_per_round,
+    switch_warmup_ms, median_ms, q25_ms, q75_ms, min_ms, mean_ms, calls,
+    round_medians_ms)}.
     """
     names = list(runners)
     round_budget_ns = min_time * 1e9 / repeats
     round_min_calls = max(1, math.ceil(min_calls / repeats))
-    res = {n: {"times_ms": [], "per_round_ms": [], "switch_warmup_ms": []} for n in names}
+    res = {n: {"times_ms": [], "calls_per_round": [], "switch_warmup_ms": []} for n in names}
     gc_was_enabled = gc.isenabled()
     gc.collect()
     gc.disable()
@@ -74,7 +76,7 @@ def time_interleaved(runners, x, repeats, min_calls, min_time, max_calls_per_rou
             k = r % len(names)
             for n in names[k:] + names[:k]:
                 fn = runners[n]
-                res[n]["switch_warmup_ms"].append(_time_call(fn, x))
+                res[n]["switch_warmup_ms"].append(round(_time_call(fn, x), 5))
                 ts = []
                 spent = 0
                 while (len(ts) < round_min_calls or spent < round_budget_ns) \
@@ -83,9 +85,9 @@ def time_interleaved(runners, x, repeats, min_calls, min_time, max_calls_per_rou
                     fn(x)
                     dt = time.perf_counter_ns() - t0
                     spent += dt
-                    ts.append(dt / 1e6)
+                    ts.append(round(dt / 1e6, 5))
                 res[n]["times_ms"].extend(ts)
-                res[n]["per_round_ms"].append(ts)
+                res[n]["calls_per_round"].append(len(ts))
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -95,7 +97,8 @@ def time_interleaved(runners, x, repeats, min_calls, min_time, max_calls_per_rou
         res[n].update(
             median_ms=statistics.median(ts), min_ms=min(ts), mean_ms=statistics.fmean(ts),
             q25_ms=float(q[0]), q75_ms=float(q[1]), calls=len(ts),
-            round_medians_ms=[statistics.median(t) for t in res[n]["per_round_ms"]])
+            round_medians_ms=[statistics.median(ts[a - k:a]) for a, k in zip(
+                np.cumsum(res[n]["calls_per_round"]), res[n]["calls_per_round"])])
     return res
 
 
@@ -234,16 +237,19 @@ def parse_args(argv=None):
                     help="least timed calls per engine per config (default 5; 3 quick)")
     ap.add_argument("--min-time", type=float, default=None,
                     help="least seconds of timed calls per engine per config "
-                         "(default 1.0; 0.05 quick)")
+                         "(default 2.0; 0.05 quick)")
     ap.add_argument("--out", default=None,
                     help="output path prefix (default benchmarks/results/latest, "
                          "latest_quick with --quick)")
     ap.add_argument("--no-plot", action="store_true", help="skip the PNG chart")
+    ap.add_argument("--check-only", action="store_true",
+                    help="only build every engine and cross-check its output against "
+                         "fastlstm's (one call each, no timing, nothing written)")
     ap.add_argument("--list", action="store_true", help="list the grid and exit")
     a = ap.parse_args(argv)
     a.repeats = a.repeats or (3 if a.quick else 5)
     a.min_calls = a.min_calls or (3 if a.quick else 5)
-    a.min_time = a.min_time if a.min_time is not None else (0.05 if a.quick else 1.0)
+    a.min_time = a.min_time if a.min_time is not None else (0.05 if a.quick else 2.0)
     if a.repeats < 1 or a.min_calls < 1 or a.min_time < 0:
         ap.error("--repeats and --min-calls must be >= 1, --min-time >= 0")
     try:
@@ -312,6 +318,13 @@ def main(argv=None):
                     if peers.is_mismatch(d):
                         mismatches.append({"config": cfg.label, "threads": n, "engine": e,
                                            "max_abs_diff": d})
+                if args.check_only:
+                    for e, d in diffs.items():
+                        if e != "fastlstm":
+                            print(f"   {SHORT[e]:<9} max abs diff {d:.2e}"
+                                  + ("  <-- MISMATCH" if peers.is_mismatch(d) else "  ok"))
+                    print()
+                    continue
                 eng = time_interleaved(runners, x, args.repeats, args.min_calls, args.min_time)
                 met = derive(cfg, n, eng)
                 for e in args.engine_list:
@@ -348,6 +361,11 @@ def main(argv=None):
                 export_infos[cfg.label] = {k: v for k, v in onnx_info.items() if k != "path"}
 
     elapsed = time.time() - started
+    if args.check_only:
+        if export_infos:
+            print("ONNX export: " + "; ".join(
+                f"{k}: {v.get('exporter')} {v.get('ops')}" for k, v in export_infos.items()))
+        return _report_mismatches(mismatches)
     table = markdown_table(results, args.engine_list)
     print(table)
     exporters = sorted({i.get("exporter", "?") for i in export_infos.values()})
@@ -387,6 +405,10 @@ def main(argv=None):
         except Exception as e:  # noqa: BLE001
             print(f"chart failed: {type(e).__name__}: {e}", file=sys.stderr)
     print(f"\nwrote {', '.join(os.path.relpath(p) for p in written)} in {elapsed:.0f} s")
+    return _report_mismatches(mismatches)
+
+
+def _report_mismatches(mismatches):
     if mismatches:
         bar = "!" * 78
         print(f"\n{bar}\n!!! {len(mismatches)} OUTPUT MISMATCH(ES) beyond {TOLERANCE:g}:",

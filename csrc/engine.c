@@ -254,10 +254,10 @@ static int check_stack(fl_cell *const *cells, int L, int D)
 size_t fl_workspace_bytes(fl_cell *const *cells, int L, int D, int T, int N)
 {
     int TC;
-    size_t a, b;
+    size_t a, b, c;
     if (check_stack(cells, L, D) != 0 || T < 0 || N < 0) return 0;
-    if (cells[0]->dtype == FL_F32) return plan_f32(cells, L, D, T, N, &TC, &a, &b);
-    return plan_f64(cells, L, D, T, N, &TC, &a, &b);
+    if (cells[0]->dtype == FL_F32) return plan_f32(cells, L, D, T, N, &TC, &a, &b, &c);
+    return plan_f64(cells, L, D, T, N, &TC, &a, &b, &c);
 }
 
 int fl_forward(fl_cell *const *cells, int L, int D, const fl_io *io, void *ws, int nthreads)
@@ -265,7 +265,6 @@ int fl_forward(fl_cell *const *cells, int L, int D, const fl_io *io, void *ws, i
     if (check_stack(cells, L, D) != 0) return -1;
     if (!io || io->T < 0 || io->N < 0 || !io->hn || !io->cn || !ws) return -2;
     if (io->T > 0 && io->N > 0 && (!io->x || !io->y)) return -2;
-    if (io->lengths) return -3; /* not supported by this engine version */
     if (nthreads <= 0) nthreads = fl_num_threads_get();
     if (cells[0]->dtype == FL_F32) return forward_f32(cells, L, D, io, ws, nthreads);
     return forward_f64(cells, L, D, io, ws, nthreads);

@@ -24,6 +24,8 @@ typedef struct {
     REAL *G;          /* TC x N x (nb*64) */
     REAL *buf[2];     /* inter-layer outputs, T x N x (D*Hout) */
     REAL *hraw;       /* N x H, projection input */
+    int *cnt;         /* T + 1 counts of active rows */
+    int row_split[FL_MAX_THREADS + 1];
 } FN(ctx_);
 
 static inline int FN(imin_)(int a, int b) { return a < b ? a : b; }
@@ -102,12 +104,15 @@ static void FN(thread_)(void *arg, int tid, int nt)
     const fl_cell *c0cell = cx->cells[0];
     const int H = c0cell->H, P = c0cell->P, Hout = c0cell->Hout, nb = c0cell->nb, np = c0cell->np;
     const ptrdiff_t ldg = (ptrdiff_t)nb * FL_PW;
+    /* cnt[t]: rows active at time t (lengths sorted descending: a prefix). */
+    const int *cnt = cx->cnt;
+    const int32_t *len = io->lengths;
     int n0 = 0, n1 = N, j0 = 0, j1 = nb, p0 = 0, p1 = np;
     const int sync = (nt > 1) && !cx->split_batch;
     if (nt > 1) {
         if (cx->split_batch) {
-            n0 = (int)((long)N * tid / nt);
-            n1 = (int)((long)N * (tid + 1) / nt);
+            n0 = cx->row_split[tid];
+            n1 = cx->row_split[tid + 1];
         } else {
             j0 = (int)((long)nb * tid / nt);
             j1 = (int)((long)nb * (tid + 1) / nt);
@@ -115,7 +120,6 @@ static void FN(thread_)(void *arg, int tid, int nt)
             p1 = (int)((long)np * (tid + 1) / nt);
         }
     }
-    const int nrows = n1 - n0;
     unsigned fpsave = fl_fpenv_enter();
 
     for (int l = 0; l < L; l++) {
@@ -146,9 +150,19 @@ static void FN(thread_)(void *arg, int tid, int nt)
 
             for (int s0 = 0; s0 < T; s0 += TC) {
                 int s1 = FN(imin_)(T, s0 + TC);
-                /* time steps of this chunk: t in [tlo, thi] */
+                /* time steps of this chunk: t in [tlo, tlo + nts) */
                 int tlo = d ? T - s1 : s0;
                 int nts = s1 - s0;
+                int rows_hi = FN(imin_)(n1, cnt[tlo]); /* most rows active in the chunk */
+                if (rows_hi <= n0 && !sync) {
+                    if (!d) break; /* forward: later chunks are shorter still */
+                    continue;
+                }
+                if (cnt[tlo] == 0) { /* no row of any thread is active: skip together */
+                    if (!d) break;
+                    continue;
+                }
+                int nrows = rows_hi - n0;
                 if (nrows > 0) {
                     const REAL *xa = xin + (ptrdiff_t)tlo * xst + (ptrdiff_t)n0 * xsn;
                     REAL *ga = cx->G + (ptrdiff_t)n0 * ldg;
@@ -161,31 +175,40 @@ static void FN(thread_)(void *arg, int tid, int nt)
                 }
                 for (int s = s0; s < s1; s++) {
                     int t = d ? T - 1 - s : s;
-                    const REAL *A;
-                    ptrdiff_t lda;
-                    if (s == 0) {
-                        A = h0; lda = Hout;
-                    } else {
-                        A = ydir + (ptrdiff_t)(d ? t + 1 : t - 1) * yst; lda = ysn;
-                    }
+                    int nact = cnt[t];
+                    if (nact == 0) continue; /* the same for every thread */
+                    int r1 = FN(imin_)(n1, nact);
+                    /* Rows [n0, rs) continue from y[t -/+ 1]; rows [rs, r1) start
+                     * here from h0 (every row at t = 0 forward; in reverse, the
+                     * rows whose valid prefix ends at t). */
+                    int rs = s == 0 ? n0 : (d ? FN(imin_)(r1, cnt[t + 1]) : r1);
+                    if (rs < n0) rs = n0;
+                    const REAL *Aprev = s == 0 ? NULL : ydir + (ptrdiff_t)(d ? t + 1 : t - 1) * yst;
                     REAL *Gt = cx->G + (ptrdiff_t)(t - tlo) * N * ldg;
                     REAL *hdst = P ? cx->hraw : ydir + (ptrdiff_t)t * yst;
                     ptrdiff_t ldh = P ? H : ysn;
                     for (int j = j0; j < j1; j++) {
+                        const REAL *panel = whh + (size_t)j * Hout * FL_PW;
+                        int nvalid = FN(imin_)(FL_BW, H - j * FL_BW);
                         epi.peep = cell->peep ? (const REAL *)cell->peep + (size_t)j * 3 * FL_BW : NULL;
-                        FN(step_block_)(kr, Hout, A, lda, whh + (size_t)j * Hout * FL_PW,
-                                        Gt + (ptrdiff_t)j * FL_PW, ldg, cst + j * FL_BW, H,
-                                        hdst + j * FL_BW, ldh, n0, n1,
-                                        FN(imin_)(FL_BW, H - j * FL_BW), &epi);
+                        if (rs > n0)
+                            FN(step_block_)(kr, Hout, Aprev, ysn, panel, Gt + (ptrdiff_t)j * FL_PW, ldg,
+                                            cst + j * FL_BW, H, hdst + j * FL_BW, ldh, n0, rs,
+                                            nvalid, &epi);
+                        if (r1 > rs)
+                            FN(step_block_)(kr, Hout, h0, Hout, panel, Gt + (ptrdiff_t)j * FL_PW, ldg,
+                                            cst + j * FL_BW, H, hdst + j * FL_BW, ldh, rs, r1,
+                                            nvalid, &epi);
                     }
                     if (P) {
                         if (sync) fl_pool_barrier(nt);
                         REAL *yt = ydir + (ptrdiff_t)t * yst;
+                        int pr1 = sync ? nact : r1, pr0 = sync ? 0 : n0;
                         for (int p = p0; p < p1; p++) {
                             const REAL *panel = whr + (size_t)p * H * FL_PW;
                             int ncols = FN(imin_)(FL_PW, P - p * FL_PW);
-                            for (int n = n0; n < n1; n += rmax) {
-                                int R = FN(imin_)(rmax, n1 - n);
+                            for (int n = pr0; n < pr1; n += rmax) {
+                                int R = FN(imin_)(rmax, pr1 - n);
                                 kr->gemm(R, H, cx->hraw + (ptrdiff_t)n * H, H, panel, NULL, 0,
                                          yt + n * ysn + p * FL_PW, ysn, ncols);
                             }
@@ -194,33 +217,33 @@ static void FN(thread_)(void *arg, int tid, int nt)
                     if (sync) fl_pool_barrier(nt);
                 }
             }
-            /* h_n: the state after the last processed step. */
+            /* h_n: the state after each row's last processed step. */
             REAL *hn = (REAL *)io->hn + (size_t)(l * D + d) * N * Hout;
             int col0, col1;
-            if (cx->split_batch || nt == 1) { col0 = 0; col1 = Hout; }
+            if (!sync) { col0 = 0; col1 = Hout; }
             else if (P) { col0 = FN(imin_)(P, p0 * FL_PW); col1 = FN(imin_)(P, p1 * FL_PW); }
             else { col0 = FN(imin_)(H, j0 * FL_BW); col1 = FN(imin_)(H, j1 * FL_BW); }
             if (col1 > col0) {
-                for (int n = n0; n < n1; n++) {
+                int hr0 = sync ? 0 : n0, hr1 = sync ? N : n1;
+                for (int n = hr0; n < hr1; n++) {
+                    int Ln = len ? len[n] : T;
                     REAL *dst = hn + (size_t)n * Hout + col0;
                     size_t bytes = (size_t)(col1 - col0) * sizeof(REAL);
-                    if (T > 0)
-                        memcpy(dst, ydir + (ptrdiff_t)(d ? 0 : T - 1) * yst + n * ysn + col0, bytes);
+                    if (Ln > 0)
+                        memcpy(dst, ydir + (ptrdiff_t)(d ? 0 : Ln - 1) * yst + n * ysn + col0, bytes);
                     else if (h0)
-                        memcpy(dst, h0 + (size_t)n * Hout + col0, bytes);
+                        memmove(dst, h0 + (size_t)n * Hout + col0, bytes); /* h0 may alias hn */
                     else
                         memset(dst, 0, bytes);
                 }
             }
         }
-        /* The next layer reads every column of this layer's output; the last
-         * step's barrier already ordered that, except when T == 0. */
     }
     fl_fpenv_leave(fpsave);
 }
 
 static size_t FN(plan_)(fl_cell *const *cells, int L, int D, int T, int N, int *TC,
-                        size_t *off_buf, size_t *off_hraw)
+                        size_t *off_buf, size_t *off_hraw, size_t *off_cnt)
 {
     const fl_cell *c = cells[0];
     size_t row = (size_t)c->nb * FL_PW * sizeof(REAL) * (size_t)(N > 0 ? N : 1);
@@ -231,18 +254,20 @@ static size_t FN(plan_)(fl_cell *const *cells, int L, int D, int T, int N, int *
     size_t bytes = (tc * row + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN;
     *off_buf = bytes;
     if (L > 1)
-        bytes += 2 * ((size_t)T * N * D * c->Hout * sizeof(REAL) + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN;
+        bytes += 2 * (((size_t)T * N * D * c->Hout * sizeof(REAL) + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN);
     *off_hraw = bytes;
     if (c->P) bytes += ((size_t)N * c->H * sizeof(REAL) + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN;
+    *off_cnt = bytes;
+    bytes += ((size_t)(T + 1) * sizeof(int) + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN;
     return bytes + FL_ALIGN;
 }
 
 static int FN(forward_)(fl_cell *const *cells, int L, int D, const fl_io *io, void *ws, int nthreads)
 {
     FN(ctx_) cx;
-    size_t off_buf, off_hraw;
+    size_t off_buf, off_hraw, off_cnt;
     int T = io->T, N = io->N;
-    FN(plan_)(cells, L, D, T, N, &cx.TC, &off_buf, &off_hraw);
+    FN(plan_)(cells, L, D, T, N, &cx.TC, &off_buf, &off_hraw, &off_cnt);
     char *base = (char *)(((uintptr_t)ws + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN);
     const fl_cell *c = cells[0];
     size_t bufsz = ((size_t)T * N * D * c->Hout * sizeof(REAL) + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN;
@@ -251,20 +276,43 @@ static int FN(forward_)(fl_cell *const *cells, int L, int D, const fl_io *io, vo
     cx.buf[0] = L > 1 ? (REAL *)(base + off_buf) : NULL;
     cx.buf[1] = L > 1 ? (REAL *)(base + off_buf + bufsz) : NULL;
     cx.hraw = c->P ? (REAL *)(base + off_hraw) : NULL;
+    cx.cnt = (int *)(base + off_cnt);
+
+    /* Active rows per time step; lengths must be sorted descending. */
+    long total = 0;
+    if (io->lengths) {
+        for (int n = 0; n < N; n++) {
+            int Ln = io->lengths[n];
+            if (Ln < 0 || Ln > T || (n > 0 && Ln > io->lengths[n - 1])) return -4;
+            total += Ln;
+        }
+        int n = N;
+        for (int t = 0; t <= T; t++) {
+            while (n > 0 && io->lengths[n - 1] <= t) n--;
+            cx.cnt[t] = n;
+        }
+    } else {
+        for (int t = 0; t < T; t++) cx.cnt[t] = N;
+        total = (long)T * N;
+    }
+    if (T >= 0) cx.cnt[T] = 0;
 
     /* c state lives in cn from the start. */
     for (int k = 0; k < L * D; k++) {
         REAL *cn = (REAL *)io->cn + (size_t)k * N * c->H;
-        if (io->c0)
+        if (io->c0 && io->c0 != io->cn)
             memcpy(cn, (const REAL *)io->c0 + (size_t)k * N * c->H, (size_t)N * c->H * sizeof(REAL));
-        else
+        else if (!io->c0)
             memset(cn, 0, (size_t)N * c->H * sizeof(REAL));
     }
 
     /* Threads: split hidden blocks when each thread gets enough work per
-     * step to pay for a barrier (~1 us); otherwise split the batch. */
+     * step to pay for a barrier (~1 us); otherwise split the batch rows,
+     * balancing the number of (row, step) pairs. */
     int nt = nthreads;
-    if (nt > c->nb && nt > N) nt = c->nb > N ? c->nb : N;
+    int maxcpu = fl_num_cpus();
+    if (nt > maxcpu) nt = maxcpu;
+    if (nt > FL_MAX_THREADS) nt = FL_MAX_THREADS;
     double flops_step = 2.0 * N * 4.0 * c->H * (c->in + c->Hout);
     cx.split_batch = 0;
     if (nt > 1) {
@@ -275,7 +323,17 @@ static int FN(forward_)(fl_cell *const *cells, int L, int D, const fl_io *io, vo
             cx.split_batch = 1;
         }
     }
-    if (T == 0 || N == 0) nt = 1;
+    if (T == 0 || N == 0 || total == 0) nt = 1;
+    if (cx.split_batch && nt > 1) {
+        long acc = 0;
+        int k = 1;
+        cx.row_split[0] = 0;
+        for (int n = 0; n < N && k < nt; n++) {
+            acc += io->lengths ? io->lengths[n] : T;
+            while (k < nt && acc * nt >= total * k) cx.row_split[k++] = n + 1;
+        }
+        while (k <= nt) cx.row_split[k++] = N;
+    }
     fl_pool_run(FN(thread_), &cx, nt);
     return 0;
 }

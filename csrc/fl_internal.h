@@ -21,6 +21,7 @@
 #define FL_BW 16            /* hidden units per block */
 #define FL_PW 64            /* columns per panel (4 gates x FL_BW) */
 #define FL_ALIGN 64
+#define FL_MAX_THREADS 64
 #define FL_KC 128           /* K chunk: a 32 KB panel slice stays in L1 */
 
 /* What the epilogue of the recurrent kernel needs besides the GEMM. */

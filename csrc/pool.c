@@ -30,7 +30,6 @@
 #define FL_PAUSE() ((void)0)
 #endif
 
-#define FL_MAX_THREADS 64
 #define FL_IDLE_SPINS 4000     /* ~ tens of microseconds before sleeping */
 #define FL_BARRIER_SPINS 2000  /* ~100 us, then sleep in the kernel */
 

@@ -83,3 +83,4 @@ def _init_from_env():
 
 
 _init_from_env()
+from .io import list_stacks, load  # noqa: E402

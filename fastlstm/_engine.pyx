@@ -143,9 +143,10 @@ cdef class Stack:
         return fl_workspace_bytes(self.cells, self.layers, self.dirs, T, N)
 
     def forward(self, cnp.ndarray x, cnp.ndarray y, h0, c0, cnp.ndarray hn,
-                cnp.ndarray cn, cnp.ndarray ws, int nthreads):
+                cnp.ndarray cn, cnp.ndarray ws, int nthreads, lengths=None):
         """x: (T, N, In) view, y: (T, N, D*Hout) view, any strides that are
-        multiples of the itemsize and unit stride on the last axis."""
+        multiples of the itemsize and unit stride on the last axis.
+        lengths: None or int32 (N,) sorted descending, values in [0, T]."""
         cdef fl_io io
         cdef int rc
         cdef Py_ssize_t isz = x.itemsize
@@ -161,7 +162,7 @@ cdef class Stack:
         io.c0 = _ptr(c0)
         io.hn = cnp.PyArray_DATA(hn)
         io.cn = cnp.PyArray_DATA(cn)
-        io.lengths = NULL
+        io.lengths = <const int32_t *>_ptr(lengths)
         cdef void *wsp = cnp.PyArray_DATA(ws)
         with nogil:
             rc = fl_forward(self.cells, self.layers, self.dirs, &io, wsp, nthreads)

@@ -238,6 +238,11 @@ class LSTM:
         """A copy of the weights under torch.nn.LSTM's names."""
         return {k: v.copy() for k, v in self._params.items()}
 
+    def save(self, path):
+        """Write configuration and weights to ``path`` (fastlstm.load reads it)."""
+        from .io import save_model
+        save_model(self, path)
+
     def load_state_dict(self, state_dict, strict=True):
         """Set weights from a mapping in torch.nn.LSTM's names and shapes.
 
@@ -357,7 +362,7 @@ class LSTM:
         return model
 
     # ------------------------------------------------------------------ call
-    def __call__(self, x, hx=None, *, num_threads=None):
+    def __call__(self, x, hx=None, *, lengths=None, padding="zeros", num_threads=None):
         """Run the model: ``out, (h_n, c_n) = m(x, hx=None)``.
 
         x: (T, N, input_size), or (N, T, input_size) with batch_first, or
@@ -367,6 +372,16 @@ class LSTM:
         and Fortran-ordered inputs are read through their strides or copied).
         hx: None (zeros) or (h_0, c_0) shaped (D*num_layers, N, output_size)
         and (D*num_layers, N, hidden_size); unbatched input takes 2-D states.
+        lengths: None, or N integers in [0, T] (one int for unbatched input):
+        sequence n has lengths[n] valid steps (PyTorch PackedSequence and ONNX
+        sequence_lens semantics): steps past its end are not computed (no work
+        is spent on them), h_n and c_n hold the state after its last valid step
+        (the initial state for length 0), the reverse direction runs over the
+        valid prefix only, and the batch may be in any order.
+        padding: what `out` holds past a sequence's end: "zeros" (PyTorch,
+        ONNX Runtime) or "repeat" (Keras masking: the forward direction repeats
+        its last valid output, zeros before the first; the reverse direction
+        gives zeros, as Keras' Bidirectional does).
         Returns NumPy arrays of the model's dtype with torch.nn.LSTM's shapes:
         out (T, N, D*output_size) (batch_first: (N, T, ...)), h_n, c_n.
         """
@@ -405,20 +420,47 @@ class LSTM:
             if c0.shape != cshape:
                 raise ShapeError(f"hx[1] (c_0): expected shape {cshape}, got {c0.shape}")
         D = self.num_directions
+        lens = order = None
+        if lengths is not None:
+            lens = _check_lengths(lengths, N, T, unbatched)
+            if padding not in ("zeros", "repeat"):
+                raise ValueError(f"padding: expected 'zeros' or 'repeat', got {padding!r}")
+            order = np.argsort(-lens, kind="stable")
+            if np.array_equal(order, np.arange(N)):
+                order = None
+            else:
+                lens = np.ascontiguousarray(lens[order])
+                xt = np.ascontiguousarray(xt[:, order])
+                if h0 is not None:
+                    h0 = np.ascontiguousarray(h0[:, order]) if not unbatched else h0
+                    c0 = np.ascontiguousarray(c0[:, order]) if not unbatched else c0
+        alloc = np.empty if lens is None else np.zeros
         if unbatched:
-            out = np.empty((T, D * Hout), dt)
+            out = alloc((T, D * Hout), dt)
             yt = out[:, None, :]
         elif self.batch_first:
-            out = np.empty((N, T, D * Hout), dt)
+            out = alloc((N, T, D * Hout), dt)
             yt = out.transpose(1, 0, 2)
         else:
-            out = yt = np.empty((T, N, D * Hout), dt)
+            out = yt = alloc((T, N, D * Hout), dt)
         hn = np.empty((LD, N, Hout), dt)
         cn = np.empty((LD, N, H), dt)
         nt = num_threads if num_threads is not None else self.num_threads
         nt = 0 if nt is None else _positive_int(nt, "num_threads", 1)
         ws = np.empty(self._stack.workspace_bytes(T, N), np.uint8)
-        self._stack.forward(xt, yt, h0, c0, hn, cn, ws, nt)
+        if order is None:
+            self._stack.forward(xt, yt, h0, c0, hn, cn, ws, nt, lens)
+        else:  # run on the batch sorted by length, then put rows back
+            ys = np.zeros((T, N, D * Hout), dt)
+            hs, cs = np.empty_like(hn), np.empty_like(cn)
+            self._stack.forward(xt, ys, h0, c0, hs, cs, ws, nt, lens)
+            yt[:, order] = ys
+            hn[:, order] = hs
+            cn[:, order] = cs
+            lens = lens[np.argsort(order)]
+        if lens is not None and padding == "repeat":
+            for n in np.nonzero((lens > 0) & (lens < T))[0]:
+                yt[lens[n]:, n, :Hout] = yt[lens[n] - 1, n, :Hout]
         if unbatched:
             return out, (hn[:, 0, :], cn[:, 0, :])
         return out, (hn, cn)
@@ -437,6 +479,22 @@ class LSTM:
         return lstm_forward(self._params, x, hx, num_layers=self.num_layers,
                             bidirectional=self.bidirectional, batch_first=self.batch_first,
                             cell=cell, peepholes=peep or None)
+
+
+def _check_lengths(lengths, N, T, unbatched):
+    """lengths -> int32 (N,), or a clear error naming the argument."""
+    arr = _to_numpy(lengths, "lengths")
+    if arr.dtype.kind not in "iu":
+        raise DTypeError(f"lengths: expected integers, got dtype {arr.dtype}")
+    if unbatched and arr.ndim == 0:
+        arr = arr.reshape(1)
+    if arr.shape != (N,):
+        want = "one int (unbatched input)" if unbatched else f"shape ({N},), one per sequence"
+        raise ShapeError(f"lengths: expected {want}, got shape {arr.shape}")
+    if N and (arr.min() < 0 or arr.max() > T):
+        raise ShapeError(
+            f"lengths: values must be in [0, T={T}], got min {arr.min()} and max {arr.max()}")
+    return arr.astype(np.int32)
 
 
 def _nonneg_float(value, name):

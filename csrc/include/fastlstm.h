@@ -75,9 +75,12 @@ size_t fl_cell_packed_bytes(const fl_cell *cell);
  * y row (t, n) at y + t*y_st + n*y_sn and holds [forward | reverse].
  * h0, c0 (L*D, N, Hout) / (L*D, N, H) contiguous, or NULL for zeros.
  * hn, cn likewise, required.
- * lengths: NULL (every sequence has T steps) or N values in [0, T]; steps
- * past a sequence's end are not computed, y there is zero and hn/cn hold the
- * state at the last valid step (PyTorch PackedSequence semantics).        */
+ * lengths: NULL (every sequence has T steps) or N values in [0, T] sorted in
+ * descending order (the caller permutes its rows); steps past a sequence's
+ * end are not computed and y there is not written (the caller zeroes it);
+ * hn/cn hold the state at the last valid step; the reverse direction runs
+ * over each valid prefix only (PyTorch PackedSequence semantics).
+ * h0 may alias hn and c0 may alias cn (streaming).                        */
 typedef struct {
     int T, N;
     const void *x;

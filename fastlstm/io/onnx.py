@@ -56,9 +56,11 @@ Directions:
     its output reversed back, so Y is in time order as in ONNX.  There is no
     torch.nn.LSTM equivalent, so `.lstm` raises as above; `.parts` has it.
 
-sequence_lens needs the engine's `lengths=` argument (PackedSequence
-semantics, the same as onnxruntime's); where the installed fastlstm.LSTM
-lacks it, lengths that are not all T raise SequenceLensUnsupported.
+sequence_lens goes to the engine's `lengths=` argument (PackedSequence
+semantics, the same as onnxruntime's: Y is zero past each length, Y_h/Y_c
+are the state at each sequence's last valid step, and zero for a length of
+0, as onnxruntime gives); where the installed fastlstm.LSTM lacks
+`lengths=`, lengths that are not all T raise SequenceLensUnsupported.
 """
 from __future__ import annotations
 
@@ -658,17 +660,28 @@ _MODEL_TAGS = {(f << 3) | wt for f, wt in
 
 
 def sniff(head):
-    """True if `head` (the first bytes of a file, >= 3 of them) looks like an
-    ONNX ModelProto: field 1 (ir_version, a small varint) first, followed by
-    another ModelProto field tag.  What onnx and every exporter write."""
-    head = bytes(head[:16])
-    if len(head) < 3 or head[0] != 0x08 or not 1 <= head[1] < 0x80:
+    """True if `head` (the first bytes of a file) looks like an ONNX
+    ModelProto: field 1 (ir_version, a varint) first, as every protobuf
+    writer puts it, then only ModelProto fields with their wire types as far
+    as the bytes go."""
+    head = bytes(head[:4096])
+    if len(head) < 3 or head[0] != 0x08:
         return False
+    pos, n = 0, 0
     try:
-        key, _ = _varint(head, 2, len(head))
-    except FormatError:
-        return False
-    return key in _MODEL_TAGS
+        while pos < len(head):
+            key, pos = _varint(head, pos, len(head))
+            if key not in _MODEL_TAGS:
+                return False
+            if key & 7 == _VARINT:
+                _, pos = _varint(head, pos, len(head))
+            else:
+                length, pos = _varint(head, pos, len(head))
+                pos += length
+            n += 1
+    except FormatError:  # the head ends inside a field
+        pass
+    return n >= 2 or pos == len(head)
 
 
 def is_onnx(path):
@@ -920,14 +933,14 @@ def _direction_sd(W, R, B, P, d, H, suffix):
 
 
 def _new_lstm(what, In, H, *, num_layers=1, bias, batch_first, bidirectional, dtype, peepholes,
-              cell, clip, input_forget, state_dict):
+              cell, clip, input_forget, state_dict, num_threads=None):
     from ..model import LSTM
     acts, alpha, beta = cell
     try:
         m = LSTM(In, H, num_layers=num_layers, bias=bias, batch_first=batch_first,
                  bidirectional=bidirectional, dtype=dtype, peepholes=peepholes, activations=acts,
                  activation_alpha=alpha, activation_beta=beta, clip=clip,
-                 input_forget=input_forget)
+                 input_forget=input_forget, num_threads=num_threads)
         m.load_state_dict(state_dict, strict=True)
     except FormatError:
         raise
@@ -1024,9 +1037,9 @@ class OnnxLSTM:
         why = ("its direction is 'reverse'" if self.direction == "reverse" else
                "its two directions use different activations")
         raise FastLSTMError(
-            f"LSTM node {self.name!r} has no single torch.nn.LSTM-style model: {why}. "
-            f"Call the node itself (ONNX semantics) or use .parts "
-            f"(fastlstm.LSTM, reversed_in_time) pairs.")
+            f"LSTM node {self.name!r} has no torch.nn.LSTM equivalent: {why}. Load it with "
+            f"fastlstm.io.onnx.load_onnx(path, name) and call the node (ONNX semantics), or "
+            f"use its .parts, (fastlstm.LSTM, reversed_in_time) pairs.")
 
     def __repr__(self):
         return (f"OnnxLSTM(name={self.name!r}, input_size={self.input_size}, "
@@ -1096,6 +1109,11 @@ class OnnxLSTM:
         y = ys[0] if len(ys) == 1 else np.concatenate(ys, axis=2)   # (T, N, D, H)
         hn = hs[0] if len(hs) == 1 else np.concatenate(hs, axis=0)  # (D, N, H)
         cn = cs[0] if len(cs) == 1 else np.concatenate(cs, axis=0)
+        if lengths is not None and not lengths.all():
+            # onnxruntime gives zeros, not the initial state, for length 0
+            empty = lengths == 0
+            hn[:, empty] = 0
+            cn[:, empty] = 0
         if self.layout == 0:
             return (np.ascontiguousarray(y.transpose(0, 2, 1, 3)), np.ascontiguousarray(hn),
                     np.ascontiguousarray(cn))
@@ -1228,42 +1246,33 @@ def load_onnx(path, name=None):
     return OnnxLSTM(model, model.spec(name))
 
 
-def load_stack(path, name=None):
+def load_stack(path, name=None, *, batch_first=None, dtype=None, num_threads=None):
     """A fastlstm.LSTM (torch.nn.LSTM semantics) for a chain of LSTM nodes as
     torch.onnx.export writes a multi-layer nn.LSTM: node k's Y reshaped to
     [T, N, D*H] (Squeeze, or Transpose + Reshape) is node k+1's X, with the
     same direction and cell options.  `name`: any node of the chain (None:
     the model must hold exactly one chain).  A single node is a one-layer
-    stack.  batch_first is set when the first node's X is a Transpose
-    (perm 1, 0, 2) of a graph input, as torch exports batch_first LSTMs.
-    Reverse-only nodes and bidirectional nodes with different activations
-    per direction have no torch equivalent: use load_onnx for those."""
+    stack.  batch_first (None: detected) is set when the first node has
+    layout 1 or its X is a Transpose (perm 1, 0, 2) of a graph input, as
+    torch exports batch_first LSTMs.  dtype: None keeps the weights' (float64
+    if they are double, else float32).  Reverse-only nodes and bidirectional
+    nodes with different activations per direction have no torch
+    equivalent: use load_onnx for those (FastLSTMError here)."""
     model = _Model(path)
-    if not model.chains:
-        raise FormatError("the model has no LSTM node")
-    if name is None:
-        if len(model.chains) > 1:
-            raise FormatError(
-                f"the model has {len(model.chains)} separate LSTM stacks; pass name= one of "
-                f"{[c[0].name for c in model.chains]}")
-        chain = model.chains[0]
-    else:
-        spec = model.spec(name)
-        chain = next(c for c in model.chains if spec in c)
+    chain = _chain(model, name)
     first = chain[0]
     nodes = [OnnxLSTM(model, s) for s in chain]
     for n in nodes:
         n.lstm  # raises for reverse / split nodes
-    g = model.graph
-    xin = first.inputs["X"]
-    prod = g.producer.get(xin)
-    batch_first = first.layout == 1 or bool(
-        prod is not None and prod.op_type == "Transpose" and prod.inputs
-        and prod.inputs[0] in g.inputs and _const_ints(g, prod, 99, "perm") == [1, 0, 2])
-    if len(nodes) == 1 and nodes[0].lstm.batch_first == batch_first:
-        return nodes[0].lstm
+    if batch_first is None:
+        g = model.graph
+        prod = g.producer.get(first.inputs["X"])
+        batch_first = first.layout == 1 or bool(
+            prod is not None and prod.op_type == "Transpose" and prod.inputs
+            and prod.inputs[0] in g.inputs and _const_ints(g, prod, 99, "perm") == [1, 0, 2])
     m0 = nodes[0].lstm
-    dtype = np.float64 if any(n.dtype == np.float64 for n in nodes) else np.float32
+    if dtype is None:
+        dtype = np.float64 if all(n.dtype == np.float64 for n in nodes) else np.float32
     bias = any(n.lstm.bias for n in nodes)
     sd = {}
     for k, n in enumerate(nodes):
@@ -1272,10 +1281,91 @@ def load_stack(path, name=None):
         if bias and not n.lstm.bias:
             for d in ("", "_reverse")[:n.num_directions]:
                 for b in ("bias_ih_l", "bias_hh_l"):
-                    sd[f"{b}{k}{d}"] = np.zeros(4 * n.hidden_size, dtype)
+                    sd[f"{b}{k}{d}"] = np.zeros(4 * n.hidden_size)
     opts = m0.cell_options()
     return _new_lstm(f"LSTM stack {first.name!r}", m0.input_size, m0.hidden_size,
-                     num_layers=len(nodes), bias=bias, batch_first=batch_first,
+                     num_layers=len(nodes), bias=bias, batch_first=bool(batch_first),
                      bidirectional=m0.bidirectional, dtype=dtype, peepholes=opts["peepholes"],
                      cell=(opts["activations"], opts["activation_alpha"], opts["activation_beta"]),
-                     clip=opts["clip"] or None, input_forget=opts["input_forget"], state_dict=sd)
+                     clip=opts["clip"] or None, input_forget=opts["input_forget"], state_dict=sd,
+                     num_threads=num_threads)
+
+
+def _chain(model, name):
+    if not model.chains:
+        raise FormatError("the model has no LSTM node")
+    if name is None:
+        if len(model.chains) > 1:
+            raise FormatError(
+                f"the model has {len(model.chains)} separate LSTM stacks; pass name= one of "
+                f"{[c[0].name for c in model.chains]}")
+        return model.chains[0]
+    spec = model.spec(name)
+    return next(c for c in model.chains if spec in c)
+
+
+# --------------------------------------------------------------------------
+# fastlstm.load / fastlstm.list_stacks (the fastlstm.io format registry)
+# --------------------------------------------------------------------------
+def _variant(chain):
+    s = chain[0]
+    if s.direction == "reverse":
+        return "reverse direction only (no torch equivalent: fastlstm.io.onnx.load_onnx)"
+    if not s.same_cells:
+        return ("different activations per direction (no torch equivalent: "
+                "fastlstm.io.onnx.load_onnx)")
+    parts = []
+    if s.inputs["P"]:
+        parts.append("peepholes")
+    acts, alpha, beta = s.cells[0]
+    if acts != ("sigmoid", "tanh", "tanh"):
+        parts.append("activations=" + ",".join(acts))
+    if s.clip is not None:
+        parts.append(f"clip={s.clip:g}")
+    if s.input_forget:
+        parts.append("input_forget")
+    return ", ".join(parts) or "standard"
+
+
+def _registry_list(path):
+    model = _Model(path)
+    out = []
+    for chain in model.chains:
+        s = chain[0]
+        info = {"format": "onnx", "kind": "LSTM", "input_size": s.input_size,
+                "hidden_size": s.hidden_size, "proj_size": 0, "num_layers": len(chain),
+                "num_directions": s.num_directions, "bidirectional": s.num_directions == 2,
+                "bias": any(c.inputs["B"] for c in chain), "dtype": s.dtype,
+                "variant": _variant(chain), "nodes": [c.name for c in chain]}
+        if s.problem:
+            info["problem"] = s.problem
+        out.append((s.name, info))
+    return out
+
+
+def _registry_load(path, name=None, **kwargs):
+    unknown = sorted(set(kwargs) - {"batch_first", "dtype", "num_threads"})
+    if unknown:
+        raise TypeError(f"ONNX files carry their own cell options; unexpected keyword arguments "
+                        f"{unknown} (accepted: batch_first, dtype, num_threads)")
+    try:
+        return load_stack(path, name, **kwargs)
+    except FormatError:
+        raise
+    except FastLSTMError as exc:
+        raise FormatError(f"{path}: {exc}") from exc
+
+
+def _registry_sniff(probe):
+    return not getattr(probe, "is_dir", False) and sniff(getattr(probe, "head", b""))
+
+
+def _register():
+    try:
+        from . import register_format
+    except ImportError:  # no registry: this module still works on its own
+        return
+    register_format("onnx", _registry_sniff, _registry_list, _registry_load)
+
+
+_register()

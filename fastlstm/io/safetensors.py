@@ -332,7 +332,7 @@ def _prepare(tensors, metadata):
                             f"safetensors")
         if arr.dtype.kind == "b":
             arr = arr.view(np.uint8)
-        arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+        arr = np.asarray(arr, dtype=arr.dtype.newbyteorder("<"), order="C")
         entries.append((name, code, arr))
     if metadata is not None:
         if not hasattr(metadata, "items") or not all(

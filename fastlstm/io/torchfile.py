@@ -112,8 +112,8 @@ class _NumpyDType(_Frozen):
 
     def __setstate__(self, state):
         # numpy's dtype state: (version, byteorder, subarray, names, fields, ...)
-        if (not isinstance(state, tuple) or len(state) < 2 or state[1] not in "<>|="
-                or not isinstance(state[1], str) or len(state[1]) != 1
+        if (not isinstance(state, tuple) or len(state) < 5 or not isinstance(state[1], str)
+                or len(state[1]) != 1 or state[1] not in "<>|="
                 or any(x is not None for x in state[2:5])):
             raise FormatError("unsupported numpy dtype state in the pickle")
         object.__setattr__(self, "order", state[1])
@@ -507,7 +507,7 @@ class TorchFile:
         if zi.file_size < nbytes:
             raise FormatError(f"{self.where}: storage {storage.key!r} holds {zi.file_size} "
                               f"bytes, its tensors need {nbytes}")
-        raw = self._read_member(name)[:nbytes]
+        raw = memoryview(self._read_member(name))[:nbytes]
         if self.byteorder == "big" and np_code[0] == "<":
             np_code = ">" + np_code[1:]
         count = nbytes // itemsize

@@ -1,0 +1,669 @@
+"""ONNX LSTM loading (fastlstm.io.onnx) against onnxruntime and torch.
+
+Models are built with onnx.helper, run with onnxruntime (the oracle: the
+onnx reference op ignores activations, clip, input_forget, sequence_lens),
+and loaded with fastlstm's own protobuf reader.  Tolerances: sigmoid/tanh
+cells at the float32 table (1e-5 x max(1, |value|)); other activations at
+onnxruntime's own test tolerance (1e-5 abs + 1e-4 rel).
+"""
+import os
+
+import numpy as np
+import pytest
+
+import fastlstm
+from fastlstm.io import onnx as fo
+from tolerances import ORT_ATOL, ORT_RTOL, assert_close
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+ACTS = ["Sigmoid", "Tanh", "Relu", "HardSigmoid", "Affine", "LeakyRelu", "ThresholdedRelu",
+        "ScaledTanh", "Elu", "Softsign", "Softplus"]
+# explicit (alpha, beta) for the activations that read them
+ALPHA_BETA = {"Affine": (0.7, 0.1), "LeakyRelu": (0.2, None), "ThresholdedRelu": (0.1, None),
+              "ScaledTanh": (1.3, 0.8), "HardSigmoid": (0.3, 0.45), "Elu": (0.9, None)}
+USES = {"Affine": (1, 1), "LeakyRelu": (1, 0), "ThresholdedRelu": (1, 0), "ScaledTanh": (1, 1),
+        "HardSigmoid": (1, 1), "Elu": (1, 0)}
+
+
+def _tensor(name, arr, encoding):
+    arr = np.asarray(arr)
+    if encoding == "raw":
+        return numpy_helper.from_array(arr, name)
+    dt = helper.np_dtype_to_tensor_dtype(arr.dtype)
+    return helper.make_tensor(name, dt, arr.shape, arr.reshape(-1).tolist(), raw=False)
+
+
+def make_lstm(In, H, direction="forward", *, bias=True, peep=False, activations=None,
+              alpha=None, beta=None, clip=None, input_forget=None, layout=0, weights="init",
+              encoding="raw", dtype=np.float32, seed=0, scale=0.3, states=True, seq_lens=False,
+              hidden_attr=True, node_name="lstm", opset=14):
+    """(ModelProto, onnx weights dict) of one LSTM node with graph inputs X
+    [+ initial_h, initial_c] [+ sequence_lens]."""
+    rng = np.random.default_rng(seed)
+    D = 2 if direction == "bidirectional" else 1
+    w = {"W": rng.uniform(-scale, scale, (D, 4 * H, In)),
+         "R": rng.uniform(-scale, scale, (D, 4 * H, H))}
+    if bias:
+        w["B"] = rng.uniform(-scale, scale, (D, 8 * H))
+    if peep:
+        w["P"] = rng.uniform(-scale, scale, (D, 3 * H))
+    w = {k: v.astype(dtype) for k, v in w.items()}
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    xshape = ["T", "N", In] if layout == 0 else ["N", "T", In]
+    sshape = [D, "N", H] if layout == 0 else ["N", D, H]
+    inputs = [helper.make_tensor_value_info("X", elem, xshape)]
+    if seq_lens:
+        inputs.append(helper.make_tensor_value_info("seq", TensorProto.INT32, ["N"]))
+    if states:
+        inputs += [helper.make_tensor_value_info("h0", elem, sshape),
+                   helper.make_tensor_value_info("c0", elem, sshape)]
+    nodes, inits = [], []
+    names = {}
+    for k, v in w.items():
+        name = "w_" + k
+        names[k] = name
+        if weights in ("init", "init_input"):
+            inits.append(_tensor(name, v, encoding))
+            if weights == "init_input":
+                inputs.append(helper.make_tensor_value_info(name, elem, list(v.shape)))
+        elif weights in ("constant", "identity"):
+            cname = name if weights == "constant" else name + "_c"
+            nodes.append(helper.make_node("Constant", [], [cname],
+                                          value=_tensor(cname + "_t", v, encoding)))
+            if weights == "identity":
+                nodes.append(helper.make_node("Identity", [cname], [name]))
+        else:
+            raise ValueError(weights)
+    attrs = {"direction": direction}
+    if hidden_attr:
+        attrs["hidden_size"] = H
+    if activations is not None:
+        attrs["activations"] = activations
+    if alpha is not None:
+        attrs["activation_alpha"] = alpha
+    if beta is not None:
+        attrs["activation_beta"] = beta
+    if clip is not None:
+        attrs["clip"] = clip
+    if input_forget is not None:
+        attrs["input_forget"] = input_forget
+    if layout:
+        attrs["layout"] = layout
+    lstm_in = ["X", names["W"], names["R"], names.get("B", ""), "seq" if seq_lens else "",
+               "h0" if states else "", "c0" if states else "", names.get("P", "")]
+    while lstm_in[-1] == "":
+        lstm_in.pop()
+    nodes.append(helper.make_node("LSTM", lstm_in, ["Y", "Y_h", "Y_c"], name=node_name, **attrs))
+    outputs = [helper.make_tensor_value_info(n, elem, None) for n in ("Y", "Y_h", "Y_c")]
+    graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model, w
+
+
+def ort_run(model, feeds):
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def inputs(In, H, D, T=5, N=3, seed=1, dtype=np.float32, layout=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((T, N, In)).astype(dtype)
+    h0 = (0.5 * rng.standard_normal((D, N, H))).astype(dtype)
+    c0 = (0.5 * rng.standard_normal((D, N, H))).astype(dtype)
+    return x, h0, c0
+
+
+def check(got, want, tight, what=""):
+    names = ("Y", "Y_h", "Y_c")
+    for g, w_, n in zip(got, want, names):
+        assert g.shape == w_.shape, f"{what} {n}: shape {g.shape} != {w_.shape}"
+        if tight:
+            assert_close(g, w_, np.float32, f"{what} {n}")
+        else:
+            np.testing.assert_allclose(g, w_, rtol=ORT_RTOL, atol=ORT_ATOL, err_msg=f"{what} {n}")
+
+
+def compare(model, In, H, D, *, tight=True, T=5, N=3, seed=1, states=True, what=""):
+    x, h0, c0 = inputs(In, H, D, T, N, seed)
+    feeds = {"X": x, "h0": h0, "c0": c0} if states else {"X": x}
+    want = ort_run(model, feeds)
+    node = fo.load_onnx(model.SerializeToString())
+    got = node(x, h0, c0) if states else node(x)
+    check(got, want, tight, what)
+    return node, got
+
+
+def alpha_beta_lists(acts):
+    alpha, beta = [], []
+    for a in acts:
+        ua, ub = USES.get(a, (0, 0))
+        if ua:
+            alpha.append(ALPHA_BETA[a][0])
+        if ub:
+            beta.append(ALPHA_BETA[a][1])
+    return alpha or None, beta or None
+
+
+# ------------------------------------------------------------ directions, variants
+@pytest.mark.parametrize("direction", ["forward", "reverse", "bidirectional"])
+@pytest.mark.parametrize("peep", [False, True])
+def test_directions_and_peepholes(direction, peep):
+    D = 2 if direction == "bidirectional" else 1
+    model, _ = make_lstm(4, 6, direction, peep=peep, seed=3)
+    node, (Y, Yh, Yc) = compare(model, 4, 6, D, what=direction)
+    assert Y.shape == (5, D, 3, 6) and Yh.shape == (D, 3, 6)
+    assert node.direction == direction and node.num_directions == D
+    if direction == "reverse":
+        with pytest.raises(fastlstm.FastLSTMError, match="reverse"):
+            node.lstm
+        assert len(node.parts) == 1 and node.parts[0][1] is True
+    else:
+        m = node.lstm
+        assert isinstance(m, fastlstm.LSTM) and m.bidirectional == (D == 2)
+        assert m.peepholes == peep
+
+
+def test_lstm_attribute_is_torch_semantics():
+    model, _ = make_lstm(4, 6, "bidirectional", seed=5)
+    x, h0, c0 = inputs(4, 6, 2)
+    Y, Yh, Yc = ort_run(model, {"X": x, "h0": h0, "c0": c0})
+    m = fo.load_onnx(model.SerializeToString()).lstm
+    out, (h, c) = m(x, (h0, c0))
+    # torch layout: out (T, N, D*H) = Y (T, D, N, H) with D moved next to H
+    assert_close(out, Y.transpose(0, 2, 1, 3).reshape(5, 3, 12), np.float32)
+    assert_close(h, Yh, np.float32)
+    ref_out, (ref_h, _) = m.reference(x, (h0, c0))
+    assert_close(out, ref_out, np.float32)
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse", "bidirectional"])
+def test_no_bias_no_states(direction):
+    D = 2 if direction == "bidirectional" else 1
+    model, _ = make_lstm(3, 5, direction, bias=False, states=False, seed=4)
+    node, _ = compare(model, 3, 5, D, states=False)
+    assert all(not m.bias for m, _ in node.parts)
+
+
+@pytest.mark.parametrize("direction", ["forward", "bidirectional"])
+def test_clip(direction):
+    D = 2 if direction == "bidirectional" else 1
+    model, _ = make_lstm(4, 6, direction, clip=0.4, scale=1.0, seed=6)
+    node, _ = compare(model, 4, 6, D)
+    assert node.parts[0][0].clip == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse", "bidirectional"])
+def test_input_forget_with_peepholes_and_clip(direction):
+    D = 2 if direction == "bidirectional" else 1
+    model, _ = make_lstm(4, 6, direction, input_forget=1, seed=7)
+    compare(model, 4, 6, D)
+    model, _ = make_lstm(4, 6, direction, input_forget=1, peep=True, clip=0.8, seed=8)
+    compare(model, 4, 6, D)
+
+
+# ------------------------------------------------------------ activations
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("where", ["f", "gh", "split"])
+def test_activations(act, where):
+    if where == "f":
+        acts, direction = [act, "Tanh", "Tanh"], "forward"
+    elif where == "gh":
+        acts, direction = ["Sigmoid", act, act], "forward"
+    else:  # bidirectional, different activations per direction
+        acts, direction = [act, "Tanh", "Tanh", "Sigmoid", act, act], "bidirectional"
+    D = 2 if direction == "bidirectional" else 1
+    alpha, beta = alpha_beta_lists(acts)
+    model, _ = make_lstm(4, 5, direction, activations=acts, alpha=alpha, beta=beta, peep=True,
+                         seed=11, scale=0.25)
+    tight = act in ("Sigmoid", "Tanh")
+    node, _ = compare(model, 4, 5, D, T=4, tight=tight, what=f"{act} {where}")
+    if where == "split" and act != "Sigmoid":
+        assert len(node.parts) == 2
+        with pytest.raises(fastlstm.FastLSTMError, match="different activations"):
+            node.lstm
+
+
+@pytest.mark.parametrize("acts", [["ThresholdedRelu", "LeakyRelu", "Elu"],
+                                  ["HardSigmoid", "ScaledTanh", "Affine"],
+                                  ["HardSigmoid", "Softplus", "Softsign"]])
+def test_activation_defaults_and_partial_lists(acts):
+    # no alpha/beta: onnxruntime's defaults (0.0 where it has none)
+    model, _ = make_lstm(3, 4, "forward", activations=acts, seed=12)
+    compare(model, 3, 4, 1, T=4, tight=False, what=f"defaults {acts}")
+    # one alpha only: consumed by the first activation that reads alpha
+    model, _ = make_lstm(3, 4, "bidirectional", activations=acts + acts[::-1], alpha=[0.25],
+                         seed=13)
+    compare(model, 3, 4, 2, T=4, tight=False, what=f"partial {acts}")
+
+
+def test_activation_names_are_case_insensitive():
+    model, _ = make_lstm(3, 4, activations=["sigmoid", "TANH", "tanh"], seed=14)
+    compare(model, 3, 4, 1)
+
+
+# ------------------------------------------------------------ layout, dtypes, encodings
+@pytest.mark.parametrize("direction", ["forward", "reverse", "bidirectional"])
+def test_layout_1(direction):
+    # onnxruntime refuses layout=1, so its oracle is the layout-0 twin.
+    D = 2 if direction == "bidirectional" else 1
+    m1, _ = make_lstm(4, 6, direction, layout=1, peep=True, seed=15)
+    m0, _ = make_lstm(4, 6, direction, layout=0, peep=True, seed=15)
+    x, h0, c0 = inputs(4, 6, D, seed=2)
+    want = ort_run(m0, {"X": x, "h0": h0, "c0": c0})
+    node = fo.load_onnx(m1.SerializeToString())
+    got = node(x.transpose(1, 0, 2), h0.transpose(1, 0, 2), c0.transpose(1, 0, 2))
+    want = (want[0].transpose(2, 0, 1, 3), want[1].transpose(1, 0, 2), want[2].transpose(1, 0, 2))
+    check(got, want, True, "layout 1")
+    if direction != "reverse":
+        assert node.lstm.batch_first
+
+
+def test_float64_weights():
+    model, _ = make_lstm(4, 6, "bidirectional", dtype=np.float64, seed=16)
+    x, h0, c0 = inputs(4, 6, 2, dtype=np.float64)
+    node = fo.load_onnx(model.SerializeToString())
+    assert node.dtype == np.float64 and node.lstm.dtype == np.float64
+    got = node(x, h0, c0)
+    try:
+        want = ort_run(model, {"X": x, "h0": h0, "c0": c0})
+    except Exception:  # onnxruntime builds without a double LSTM kernel
+        want = None
+    ref_out, (rh, rc) = node.lstm.reference(x, (h0, c0))
+    assert_close(got[0].transpose(0, 2, 1, 3).reshape(ref_out.shape), ref_out, np.float64)
+    if want is not None:
+        check(got, want, True, "float64")
+
+
+@pytest.mark.parametrize("weights", ["init", "init_input", "constant", "identity"])
+@pytest.mark.parametrize("encoding", ["raw", "typed"])
+def test_weight_sources_and_encodings(weights, encoding):
+    model, _ = make_lstm(3, 4, "bidirectional", peep=True, weights=weights, encoding=encoding,
+                         seed=17)
+    compare(model, 3, 4, 2)
+
+
+def test_float16_and_bfloat16_initializers():
+    model32, w = make_lstm(3, 4, "forward", seed=18)
+    x, h0, c0 = inputs(3, 4, 1)
+    for elem, raw in ((TensorProto.FLOAT16, True), (TensorProto.FLOAT16, False),
+                      (TensorProto.BFLOAT16, False)):
+        m = onnx.ModelProto()
+        m.CopyFrom(model32)
+        del m.graph.initializer[:]
+        widened = {}
+        for k, v in w.items():
+            if elem == TensorProto.FLOAT16:
+                v16 = v.astype(np.float16)
+                widened[k] = v16.astype(np.float32)
+                t = (numpy_helper.from_array(v16, "w_" + k) if raw else
+                     helper.make_tensor("w_" + k, elem, v.shape, v16.reshape(-1).tolist()))
+            else:  # bfloat16: the top 16 bits of the float32
+                v16 = (v.view(np.uint32) >> 16 << 16).view(np.float32)
+                widened[k] = v16
+                t = helper.make_tensor("w_" + k, elem, v.shape, v16.reshape(-1).tolist())
+            m.graph.initializer.append(t)
+        node = fo.load_onnx(m.SerializeToString())
+        assert node.dtype == np.float32
+        assert fo.list_stacks(m.SerializeToString())[0]["dtype"] in ("float16", "bfloat16")
+        # the loaded weights are exactly the widened 16-bit values, in our gate order
+        W16, sd = widened["W"][0], node.lstm.state_dict()
+        np.testing.assert_array_equal(sd["weight_ih_l0"][:4], W16[:4])       # i
+        np.testing.assert_array_equal(sd["weight_ih_l0"][4:8], W16[8:12])    # f
+        np.testing.assert_array_equal(sd["weight_ih_l0"][8:12], W16[12:16])  # g = c
+        np.testing.assert_array_equal(sd["weight_ih_l0"][12:16], W16[4:8])   # o
+        # and run like the float32 model holding the same values
+        m32, _ = make_lstm(3, 4, "forward", seed=18)
+        del m32.graph.initializer[:]
+        m32.graph.initializer.extend(numpy_helper.from_array(v, "w_" + k)
+                                     for k, v in widened.items())
+        check(node(x, h0, c0), ort_run(m32, {"X": x, "h0": h0, "c0": c0}), True)
+
+
+# ------------------------------------------------------------ graphs
+def test_hidden_size_inferred_from_R():
+    model, _ = make_lstm(3, 4, "bidirectional", hidden_attr=False, seed=19)
+    with_attr, _ = make_lstm(3, 4, "bidirectional", seed=19)
+    x, h0, c0 = inputs(3, 4, 2)
+    want = ort_run(with_attr, {"X": x, "h0": h0, "c0": c0})
+    node = fo.load_onnx(model.SerializeToString())
+    assert node.hidden_size == 4
+    check(node(x, h0, c0), want, True)
+
+
+def test_lstm_among_other_ops(tmp_path):
+    rng = np.random.default_rng(20)
+    In, H = 4, 5
+    W = rng.uniform(-0.3, 0.3, (1, 4 * H, In)).astype(np.float32)
+    R = rng.uniform(-0.3, 0.3, (1, 4 * H, H)).astype(np.float32)
+    B = rng.uniform(-0.3, 0.3, (1, 8 * H)).astype(np.float32)
+    nodes = [
+        helper.make_node("Constant", [], ["two"], value=numpy_helper.from_array(
+            np.array(2.0, np.float32), "two_t")),
+        helper.make_node("Mul", ["inp", "two"], ["x"]),
+        helper.make_node("Tanh", ["x"], ["xt"]),
+        helper.make_node("LSTM", ["xt", "W", "R", "B"], ["y", "yh", "yc"], hidden_size=H,
+                         direction="reverse", name="the_lstm"),
+        helper.make_node("Squeeze", ["y", "axes"], ["ys"]),
+        helper.make_node("Relu", ["ys"], ["out"]),
+    ]
+    inits = [numpy_helper.from_array(a, n) for a, n in
+             ((W, "W"), (R, "R"), (B, "B"), (np.array([1], np.int64), "axes"))]
+    f = TensorProto.FLOAT
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("inp", f, ["T", "N", In])],
+        [helper.make_tensor_value_info(n, f, None) for n in ("out", "xt", "y", "yh", "yc")],
+        initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    model.ir_version = 8
+    path = tmp_path / "mixed.onnx"
+    onnx.save(model, str(path))
+    inp = rng.standard_normal((6, 2, In)).astype(np.float32)
+    out, xt, y, yh, yc = ort_run(model, {"inp": inp})
+    (info,) = fo.list_stacks(path)
+    assert info["name"] == "the_lstm" and info["direction"] == "reverse"
+    assert info["input_size"] == In and info["hidden_size"] == H and info["loadable"]
+    node = fo.load_onnx(path, "the_lstm")
+    check(node(xt), (y, yh, yc), True)
+
+
+def test_runtime_weight_is_a_format_error():
+    model, _ = make_lstm(3, 4, seed=21)
+    # R becomes a graph input without initializer
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    r = [t for t in m.graph.initializer if t.name == "w_R"][0]
+    m.graph.initializer.remove(r)
+    m.graph.input.append(helper.make_tensor_value_info("w_R", TensorProto.FLOAT, [1, 16, 4]))
+    with pytest.raises(fastlstm.FormatError, match="w_R"):
+        fo.load_onnx(m.SerializeToString())
+    (info,) = fo.list_stacks(m.SerializeToString())
+    assert not info["loadable"] and "w_R" in info["problem"]
+    # W computed at run time from a graph input
+    m2 = onnx.ModelProto()
+    m2.CopyFrom(model)
+    for n in m2.graph.node:
+        if n.op_type == "LSTM":
+            n.input[1] = "w_W_run"
+    m2.graph.node.insert(0, helper.make_node("Neg", ["w_W"], ["w_W_run"], name="negate"))
+    with pytest.raises(fastlstm.FormatError, match="w_W_run.*Neg node 'negate'"):
+        fo.load_onnx(m2.SerializeToString())
+
+
+def test_several_nodes_need_a_name():
+    model, _ = make_lstm(3, 4, seed=22)
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    lstm = [n for n in m.graph.node if n.op_type == "LSTM"][0]
+    second = helper.make_node("LSTM", list(lstm.input), ["Y2", "", ""], hidden_size=4,
+                              name="second")
+    m.graph.node.append(second)
+    names = [s["name"] for s in fo.list_stacks(m.SerializeToString())]
+    assert names == ["lstm", "second"]
+    with pytest.raises(fastlstm.FormatError, match="second"):
+        fo.load_onnx(m.SerializeToString())
+    assert fo.load_onnx(m.SerializeToString(), "second").name == "second"
+    with pytest.raises(fastlstm.FormatError, match="nope"):
+        fo.load_onnx(m.SerializeToString(), "nope")
+
+
+def test_constant_initial_state_is_the_default():
+    model, _ = make_lstm(3, 4, states=False, seed=23)
+    rng = np.random.default_rng(0)
+    h0 = rng.standard_normal((1, 2, 4)).astype(np.float32)
+    c0 = rng.standard_normal((1, 2, 4)).astype(np.float32)
+    model.graph.initializer.extend([numpy_helper.from_array(h0, "h0c"),
+                                    numpy_helper.from_array(c0, "c0c")])
+    lstm = [n for n in model.graph.node if n.op_type == "LSTM"][0]
+    while len(lstm.input) < 7:
+        lstm.input.append("")
+    lstm.input[5], lstm.input[6] = "h0c", "c0c"
+    x = rng.standard_normal((3, 2, 3)).astype(np.float32)
+    want = ort_run(model, {"X": x})
+    check(fo.load_onnx(model.SerializeToString())(x), want, True)
+
+
+def test_external_data(tmp_path):
+    model, _ = make_lstm(3, 4, "bidirectional", peep=True, seed=24)
+    x, h0, c0 = inputs(3, 4, 2)
+    want = ort_run(model, {"X": x, "h0": h0, "c0": c0})
+    path = tmp_path / "ext.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="weights.bin", size_threshold=0)
+    assert os.path.getsize(tmp_path / "weights.bin") > 0
+    assert all(t.data_location == TensorProto.EXTERNAL
+               for t in onnx.load(str(path), load_external_data=False).graph.initializer)
+    check(fo.load_onnx(path)(x, h0, c0), want, True)
+    # as bytes there is no directory to look in
+    with pytest.raises(fastlstm.FormatError, match="external"):
+        fo.load_onnx(path.read_bytes())
+    # a location outside the model's directory, or past the end of the file
+    for loc, offset in (("../weights.bin", "0"), ("/etc/passwd", "0"), ("weights.bin", "999999")):
+        m = onnx.load(str(path), load_external_data=False)
+        for t in m.graph.initializer:
+            for e in t.external_data:
+                if e.key == "location":
+                    e.value = loc
+                if e.key == "offset":
+                    e.value = offset
+        bad = tmp_path / "bad.onnx"
+        bad.write_bytes(m.SerializeToString())
+        with pytest.raises(fastlstm.FormatError):
+            fo.load_onnx(bad)
+
+
+# ------------------------------------------------------------ sequence_lens
+@pytest.mark.parametrize("direction", ["forward", "reverse", "bidirectional", "split"])
+@pytest.mark.parametrize("layout", [0, 1])
+def test_sequence_lens(direction, layout):
+    acts = None
+    if direction == "split":  # two directions with different activations: two models
+        direction, acts = "bidirectional", ["Sigmoid", "Tanh", "Tanh", "Sigmoid", "Tanh", "Relu"]
+    D = 2 if direction == "bidirectional" else 1
+    kw = dict(seq_lens=True, peep=True, activations=acts, seed=25)
+    model, _ = make_lstm(3, 4, direction, **kw)
+    node = fo.load_onnx(make_lstm(3, 4, direction, layout=layout, **kw)[0].SerializeToString())
+    x, h0, c0 = inputs(3, 4, D, T=6, N=5)
+
+    def run(lens):
+        if layout == 0:
+            return node(x, h0, c0, sequence_lens=lens)
+        Y, Yh, Yc = node(x.transpose(1, 0, 2), h0.transpose(1, 0, 2), c0.transpose(1, 0, 2),
+                         sequence_lens=lens)
+        return Y.transpose(1, 2, 0, 3), Yh.transpose(1, 0, 2), Yc.transpose(1, 0, 2)
+    full = np.full(5, 6, np.int32)
+    want = ort_run(model, {"X": x, "seq": full, "h0": h0, "c0": c0})
+    check(run(full), want, acts is None, "full lengths")
+    lens = np.array([6, 3, 1, 0, 5], np.int32)
+    if not fo._supports_lengths():
+        with pytest.raises(fo.SequenceLensUnsupported):
+            run(lens)
+        pytest.skip("fastlstm.LSTM has no lengths= yet")
+    want = ort_run(model, {"X": x, "seq": lens, "h0": h0, "c0": c0})
+    check(run(lens), want, acts is None, "lengths")
+
+
+# ------------------------------------------------------------ torch.onnx.export
+def _torch_export(tmp_path, mod, x, hx=None):
+    torch = pytest.importorskip("torch")
+    import warnings
+    path = tmp_path / "torch.onnx"
+    args = (torch.from_numpy(x),) if hx is None else (
+        torch.from_numpy(x), tuple(torch.from_numpy(a) for a in hx))
+    names = ["x"] if hx is None else ["x", "h0", "c0"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(mod, args, str(path), dynamo=False, input_names=names,
+                          output_names=["y", "hn", "cn"])
+    return path
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_torch_export_two_layer_bidirectional(tmp_path, batch_first):
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    mod = torch.nn.LSTM(5, 7, num_layers=2, bidirectional=True, batch_first=batch_first).eval()
+    rng = np.random.default_rng(26)
+    x = rng.standard_normal((3, 6, 5) if batch_first else (6, 3, 5)).astype(np.float32)
+    hx = tuple(rng.standard_normal((4, 3, 7)).astype(np.float32) for _ in range(2))
+    path = _torch_export(tmp_path, mod, x, hx)
+    with torch.no_grad():
+        t_out, (t_h, t_c) = mod(torch.from_numpy(x), tuple(torch.from_numpy(a) for a in hx))
+    infos = fo.list_stacks(path)
+    assert len(infos) == 2
+    assert [i["layer"] for i in infos] == [0, 1] and infos[1]["stack"] == infos[0]["name"]
+    assert infos[0]["input_size"] == 5 and infos[1]["input_size"] == 14
+    # the merged stack has torch.nn.LSTM's semantics
+    m = fo.load_stack(path)
+    assert (m.num_layers, m.bidirectional, m.batch_first) == (2, True, batch_first)
+    out, (h, c) = m(x, hx)
+    assert_close(out, t_out.numpy(), np.float32, "out")
+    assert_close(h, t_h.numpy(), np.float32, "h_n")
+    assert_close(c, t_c.numpy(), np.float32, "c_n")
+    for k in mod.state_dict():
+        np.testing.assert_array_equal(m.state_dict()[k], mod.state_dict()[k].numpy())
+    # each node on its own, with ONNX's semantics, against onnxruntime
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    y, hn, cn = sess.run(None, {"x": x, "h0": hx[0], "c0": hx[1]})
+    assert_close(y, out, np.float32)
+    xt = x.transpose(1, 0, 2) if batch_first else x
+    node0 = fo.load_onnx(path, infos[0]["name"])
+    Y0, Yh0, Yc0 = node0(xt, hx[0][:2], hx[1][:2])
+    node1 = fo.load_onnx(path, infos[1]["name"])
+    Y1, Yh1, Yc1 = node1(Y0.transpose(0, 2, 1, 3).reshape(6, 3, 14), hx[0][2:], hx[1][2:])
+    assert_close(np.concatenate([Yh0, Yh1]), hn, np.float32)
+    assert_close(np.concatenate([Yc0, Yc1]), cn, np.float32)
+    assert_close(Y1.transpose(0, 2, 1, 3).reshape(6, 3, 14),
+                 y.transpose(1, 0, 2) if batch_first else y, np.float32)
+
+
+def test_torch_export_single_layer_without_states(tmp_path):
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(1)
+    mod = torch.nn.LSTM(4, 6).eval()
+    x = np.random.default_rng(27).standard_normal((5, 2, 4)).astype(np.float32)
+    path = _torch_export(tmp_path, mod, x)
+    m = fo.load_stack(path)
+    with torch.no_grad():
+        t_out, (t_h, t_c) = mod(torch.from_numpy(x))
+    out, (h, c) = m(x)
+    assert_close(out, t_out.numpy(), np.float32)
+    assert_close(c, t_c.numpy(), np.float32)
+
+
+# ------------------------------------------------------------ sniffing, registry
+def test_sniff():
+    model, _ = make_lstm(3, 4)
+    data = model.SerializeToString()
+    assert fo.sniff(data[:16])
+    assert not fo.sniff(b"PK\x03\x04" + bytes(12))              # zip (torch.save)
+    assert not fo.sniff((264).to_bytes(8, "little") + b'{"a":1}')  # safetensors
+    assert not fo.sniff(b"\x89HDF\r\n\x1a\n")
+    assert not fo.sniff(b"")
+    assert fo.sniff(data[:3] + b"\xff" * 5) is False
+
+
+def test_fastlstm_load_and_list_stacks(tmp_path):
+    torch = pytest.importorskip("torch")
+    io = pytest.importorskip("fastlstm.io")
+    if not hasattr(io, "register_format") or "onnx" not in io.formats():
+        pytest.skip("fastlstm.io has no format registry with onnx")
+    torch.manual_seed(2)
+    mod = torch.nn.LSTM(5, 7, num_layers=2, bidirectional=True, batch_first=True).eval()
+    x = np.random.default_rng(28).standard_normal((3, 4, 5)).astype(np.float32)
+    path = _torch_export(tmp_path, mod, x)
+    assert io.detect_format(path) == "onnx"
+    ((name, info),) = fastlstm.list_stacks(path)
+    assert (info["format"], info["num_layers"], info["bidirectional"]) == ("onnx", 2, True)
+    assert (info["input_size"], info["hidden_size"], info["variant"]) == (5, 7, "standard")
+    m = fastlstm.load(path)
+    assert (m.num_layers, m.batch_first) == (2, True)
+    assert fastlstm.load(path, name, dtype=np.float64, batch_first=False).dtype == np.float64
+    with torch.no_grad():
+        t_out = mod(torch.from_numpy(x))[0].numpy()
+    assert_close(m(x)[0], t_out, np.float32)
+    # a reverse-only node has no torch.nn.LSTM equivalent
+    model, _ = make_lstm(3, 4, "reverse")
+    rpath = tmp_path / "rev.onnx"
+    onnx.save(model, str(rpath))
+    ((_, rinfo),) = fastlstm.list_stacks(rpath)
+    assert "reverse" in rinfo["variant"]
+    with pytest.raises(fastlstm.FormatError, match="load_onnx"):
+        fastlstm.load(rpath)
+    with pytest.raises(TypeError, match="activations"):
+        fastlstm.load(path, activations=("relu", "tanh", "tanh"))
+
+
+# ------------------------------------------------------------ malformed input
+def _must_fail_cleanly(data):
+    """Loading either works (then the node runs) or raises FormatError only."""
+    try:
+        fo.list_stacks(data)
+    except fastlstm.FormatError:
+        pass
+    try:
+        node = fo.load_onnx(data)
+    except fastlstm.FormatError:
+        return False
+    x = np.zeros((2, 1, node.input_size), np.float32)
+    node(x if node.layout == 0 else x.transpose(1, 0, 2))
+    return True
+
+
+def test_truncated_files_raise_format_error():
+    model, _ = make_lstm(3, 4, "bidirectional", peep=True, seed=29)
+    data = model.SerializeToString()
+    assert _must_fail_cleanly(data)
+    loaded = [_must_fail_cleanly(data[:cut]) for cut in range(len(data))]
+    # a cut at a field boundary after the graph (opset_import) still loads
+    assert sum(loaded) < 0.05 * len(data)
+    graph_end = data.index(b"\x42", len(data) - 8)   # opset_import comes last
+    assert not any(loaded[:graph_end])
+
+
+def test_fuzzed_files_raise_only_format_error():
+    rng = np.random.default_rng(1234)
+    seeds = []
+    for enc, weights in (("raw", "init"), ("typed", "constant"), ("typed", "identity")):
+        m, _ = make_lstm(3, 4, "bidirectional", peep=True, activations=["HardSigmoid", "Tanh",
+                         "Elu"] * 2, alpha=[0.3, 0.9], clip=2.0, encoding=enc, weights=weights)
+        seeds.append(bytearray(m.SerializeToString()))
+    ok = 0
+    for k in range(1500):
+        data = bytearray(seeds[k % len(seeds)])
+        for _ in range(int(rng.integers(1, 5))):
+            op = rng.integers(0, 4)
+            pos = int(rng.integers(0, len(data)))
+            if op == 0:
+                data[pos] = int(rng.integers(0, 256))
+            elif op == 1:
+                data[pos] ^= 1 << int(rng.integers(0, 8))
+            elif op == 2:
+                del data[pos:pos + int(rng.integers(1, 8))]
+            else:
+                data[pos:pos] = bytes(rng.integers(0, 256, int(rng.integers(1, 8)), np.uint8))
+        ok += _must_fail_cleanly(bytes(data))
+    assert 0 < ok < 1500   # mutations in weight data still load
+    for k in range(200):
+        _must_fail_cleanly(bytes(rng.integers(0, 256, int(rng.integers(0, 200)), np.uint8)))
+
+
+def test_hostile_sizes_do_not_allocate():
+    # a tensor claiming 2**40 floats with 4 bytes of data
+    t = helper.make_tensor("w_W", TensorProto.FLOAT, [1, 4, 1], [0.0, 0.0, 0.0, 0.0])
+    model, _ = make_lstm(1, 1, seed=30)
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for init in m.graph.initializer:
+        if init.name == "w_W":
+            init.CopyFrom(t)
+            del init.dims[:]
+            init.dims.extend([1, 4 * 2 ** 20, 2 ** 20])
+    with pytest.raises(fastlstm.FormatError, match="w_W"):
+        fo.load_onnx(m.SerializeToString())
+    # a length prefix far beyond the end of the file
+    with pytest.raises(fastlstm.FormatError):
+        fo.load_onnx(b"\x08\x08\x3a\xff\xff\xff\xff\x0f" + bytes(8))
