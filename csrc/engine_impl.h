@@ -307,7 +307,7 @@ static int FN(forward_)(fl_cell *const *cells, int L, int D, const fl_io *io, vo
     }
 
     /* Threads: split hidden blocks when each thread gets enough work per
-     * step to pay for a barrier (~1 us); otherwise split the batch rows,
+     * step (~2 us) to pay for a barrier (~0.3-1 us); otherwise split the batch rows,
      * balancing the number of (row, step) pairs. */
     int nt = nthreads;
     int maxcpu = fl_num_cpus();
@@ -316,7 +316,7 @@ static int FN(forward_)(fl_cell *const *cells, int L, int D, const fl_io *io, vo
     double flops_step = 2.0 * N * 4.0 * c->H * (c->in + c->Hout);
     cx.split_batch = 0;
     if (nt > 1) {
-        if (flops_step / nt < 4.0e4 || c->nb < nt) {
+        if (flops_step / nt < 2.0e5 || c->nb < nt) {
             if (N >= nt) cx.split_batch = 1;
             else nt = 1;
         } else if (N >= 16 * nt && flops_step < 4.0e6) {

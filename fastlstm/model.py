@@ -467,6 +467,13 @@ class LSTM:
 
     forward = __call__
 
+    def stream(self, batch=1, *, num_threads=None):
+        """A stateful runner for real-time use: ``s = m.stream(batch=1)``;
+        ``y_t = s.step(x_t)`` for one step, ``s(chunk)`` for several, ``s.reset()``,
+        ``s.state``.  Unidirectional models only.  See fastlstm.stream.Stream."""
+        from .stream import Stream
+        return Stream(self, batch, num_threads=num_threads)
+
     def reference(self, x, hx=None):
         """The float64 NumPy reference (fastlstm.reference) run on this model's
         weights and configuration: the oracle the C engine is tested against."""

@@ -501,24 +501,27 @@ def _torch_export(tmp_path, mod, x, hx=None):
     return path
 
 
+@pytest.mark.parametrize("bidirectional", [True, False])
 @pytest.mark.parametrize("batch_first", [False, True])
-def test_torch_export_two_layer_bidirectional(tmp_path, batch_first):
+def test_torch_export_two_layers(tmp_path, batch_first, bidirectional):
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
-    mod = torch.nn.LSTM(5, 7, num_layers=2, bidirectional=True, batch_first=batch_first).eval()
+    D, T, N, H = (2 if bidirectional else 1), 6, 3, 7
+    mod = torch.nn.LSTM(5, H, num_layers=2, bidirectional=bidirectional,
+                        batch_first=batch_first).eval()
     rng = np.random.default_rng(26)
-    x = rng.standard_normal((3, 6, 5) if batch_first else (6, 3, 5)).astype(np.float32)
-    hx = tuple(rng.standard_normal((4, 3, 7)).astype(np.float32) for _ in range(2))
+    x = rng.standard_normal((N, T, 5) if batch_first else (T, N, 5)).astype(np.float32)
+    hx = tuple(rng.standard_normal((2 * D, N, H)).astype(np.float32) for _ in range(2))
     path = _torch_export(tmp_path, mod, x, hx)
     with torch.no_grad():
         t_out, (t_h, t_c) = mod(torch.from_numpy(x), tuple(torch.from_numpy(a) for a in hx))
     infos = fo.list_stacks(path)
     assert len(infos) == 2
     assert [i["layer"] for i in infos] == [0, 1] and infos[1]["stack"] == infos[0]["name"]
-    assert infos[0]["input_size"] == 5 and infos[1]["input_size"] == 14
+    assert infos[0]["input_size"] == 5 and infos[1]["input_size"] == D * H
     # the merged stack has torch.nn.LSTM's semantics
     m = fo.load_stack(path)
-    assert (m.num_layers, m.bidirectional, m.batch_first) == (2, True, batch_first)
+    assert (m.num_layers, m.bidirectional, m.batch_first) == (2, bidirectional, batch_first)
     out, (h, c) = m(x, hx)
     assert_close(out, t_out.numpy(), np.float32, "out")
     assert_close(h, t_h.numpy(), np.float32, "h_n")
@@ -531,12 +534,12 @@ def test_torch_export_two_layer_bidirectional(tmp_path, batch_first):
     assert_close(y, out, np.float32)
     xt = x.transpose(1, 0, 2) if batch_first else x
     node0 = fo.load_onnx(path, infos[0]["name"])
-    Y0, Yh0, Yc0 = node0(xt, hx[0][:2], hx[1][:2])
+    Y0, Yh0, Yc0 = node0(xt, hx[0][:D], hx[1][:D])
     node1 = fo.load_onnx(path, infos[1]["name"])
-    Y1, Yh1, Yc1 = node1(Y0.transpose(0, 2, 1, 3).reshape(6, 3, 14), hx[0][2:], hx[1][2:])
+    Y1, Yh1, Yc1 = node1(Y0.transpose(0, 2, 1, 3).reshape(T, N, D * H), hx[0][D:], hx[1][D:])
     assert_close(np.concatenate([Yh0, Yh1]), hn, np.float32)
     assert_close(np.concatenate([Yc0, Yc1]), cn, np.float32)
-    assert_close(Y1.transpose(0, 2, 1, 3).reshape(6, 3, 14),
+    assert_close(Y1.transpose(0, 2, 1, 3).reshape(T, N, D * H),
                  y.transpose(1, 0, 2) if batch_first else y, np.float32)
 
 

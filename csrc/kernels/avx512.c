@@ -144,8 +144,9 @@ AI void gemm_r(const int R, int K, const float *A, ptrdiff_t lda, const float *p
             acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm512_setzero_ps();
         }
     }
-    if (R == 1) dot1(K, A, panel, acc[0]);
-    else KLOOP(R)
+    /* No split k chains here: a row's sum must not depend on how rows are
+     * tiled (streaming in chunks must equal one-shot bitwise). */
+    KLOOP(R)
     if (ncols == FL_PW) {
         _Pragma("GCC unroll 6") for (int r = 0; r < R; r++)
         {

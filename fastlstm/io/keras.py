@@ -1207,9 +1207,10 @@ def _describe(src, stack, index):
             "activation": dirs[0][1].get("activation", "tanh"),
             "recurrent_activation": dirs[0][1].get("recurrent_activation", "sigmoid"),
         })
-    return {"name": _stack_name(stack), "format": "keras", "index": index,
-            "keras_version": src.keras_version, "num_layers": len(stack),
-            "input_size": layers[0]["input_size"], "layers": layers,
+    return {"name": _stack_name(stack), "format": "keras", "kind": "KerasStack",
+            "index": index, "keras_version": src.keras_version, "num_layers": len(stack),
+            "input_size": layers[0]["input_size"], "hidden_size": layers[0]["units"],
+            "bidirectional": layers[0]["bidirectional"], "layers": layers,
             "external_inputs": stack[0].extra_inputs,
             "masked": any(s.masked for s in stack)}
 
@@ -1313,14 +1314,42 @@ def from_keras(obj, name=None, *, dtype=np.float32, num_threads=None):
     return load_keras(obj, name, dtype=dtype, num_threads=num_threads)
 
 
-# Hooks for fastlstm.io's format registry.
+# ------------------------------------------------ fastlstm.io format registry
 def sniff(head, path=None):
-    """True if a file whose first bytes are `head` looks like a Keras file."""
+    """True if a file whose first bytes are `head` looks like a Keras file:
+    an HDF5 file, or (given `path`) a zip holding config.json and
+    model.weights.h5."""
     head = bytes(head)
-    if head[:4] == b"PK\x03\x04" and path is not None:
-        return is_keras_archive(path)
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        return path is not None and is_keras_archive(path)
     return is_hdf5(head)
 
 
-load = load_keras
-list_stacks = list_keras_stacks
+def _probe_sniff(probe):
+    if probe.is_dir:
+        return False
+    if probe.is_zip:
+        names = probe.zip_names()
+        return names is not None and "config.json" in names and "model.weights.h5" in names
+    return is_hdf5(probe.head)
+
+
+def list_stacks(path, **kwargs):
+    """``[(name, info), ...]`` for fastlstm.list_stacks (info as in list_keras_stacks)."""
+    return [(d["name"], d) for d in list_keras_stacks(path, **kwargs)]
+
+
+def load(path, name=None, **kwargs):
+    """fastlstm.load for Keras files: a KerasStack (see load_keras)."""
+    return load_keras(path, name, **kwargs)
+
+
+def _register():
+    try:
+        from . import register_format
+    except ImportError:  # fastlstm.io without a registry: use load_keras directly
+        return
+    register_format("keras", _probe_sniff, list_stacks, load)
+
+
+_register()

@@ -56,6 +56,14 @@ Directions:
     its output reversed back, so Y is in time order as in ONNX.  There is no
     torch.nn.LSTM equivalent, so `.lstm` raises as above; `.parts` has it.
 
+fastlstm.load(path) / fastlstm.list_stacks(path): this module registers the
+format "onnx" with fastlstm.io (recognised by content, see sniff).  There a
+stack is a torch-export chain of LSTM nodes (or one node), listed as
+(name of its first node, info) and loaded with load_stack; nodes with no
+torch.nn.LSTM equivalent are listed but raise FormatError pointing here.
+Every function here also takes the model as bytes instead of a path
+(external data then cannot be found).
+
 sequence_lens goes to the engine's `lengths=` argument (PackedSequence
 semantics, the same as onnxruntime's: Y is zero past each length, Y_h/Y_c
 are the state at each sequence's last valid step, and zero for a length of
@@ -64,6 +72,7 @@ are the state at each sequence's last valid step, and zero for a length of
 """
 from __future__ import annotations
 
+import array
 import inspect
 import math
 import os
@@ -72,7 +81,7 @@ import struct
 
 import numpy as np
 
-from ..errors import FastLSTMError, FormatError, ShapeError, DTypeError
+from ..errors import DTypeError, FastLSTMError, FormatError, ShapeError
 
 __all__ = [
     "list_stacks", "load_onnx", "load_stack", "OnnxLSTM", "SequenceLensUnsupported",
@@ -164,13 +173,11 @@ def _str(buf, span, what):
         raise FormatError(f"{what}: not valid UTF-8") from exc
 
 
-def _packed_varints(buf, s, e):
-    """All varints in buf[s:e] as a uint64 array (vectorised)."""
-    a = np.frombuffer(buf, np.uint8, e - s, s)
-    if a.size == 0:
-        return np.zeros(0, np.uint64)
-    if a[-1] >= 0x80:
-        raise FormatError("truncated packed varint")
+_CHUNK = 1 << 18  # bytes of packed varints decoded at a time (bounds temporaries)
+
+
+def _decode_varints(a):
+    """Varints filling the uint8 array `a` exactly -> uint64 array."""
     ends = np.flatnonzero(a < 0x80)
     starts = np.empty_like(ends)
     starts[0] = 0
@@ -182,43 +189,81 @@ def _packed_varints(buf, s, e):
     return np.add.reduceat(parts, starts)
 
 
+def _packed_spans(buf, s, e):
+    """Split the packed varints in buf[s:e] into (uint8 array, count) chunks
+    of at most ~_CHUNK bytes, each ending on a varint's last byte."""
+    a = np.frombuffer(buf, np.uint8, e - s, s)
+    if a.size and a[-1] >= 0x80:
+        raise FormatError("truncated packed varint")
+    p = 0
+    while p < a.size:
+        q = min(p + _CHUNK, a.size)
+        if q < a.size:
+            term = np.flatnonzero(a[q - 10:q] < 0x80)
+            if term.size == 0:
+                raise FormatError("varint longer than 10 bytes in a packed field")
+            q = q - 10 + int(term[-1]) + 1
+        yield a[p:q]
+        p = q
+
+
 class _Repeated:
-    """Chunks of one repeated scalar field, packed or not."""
-    __slots__ = ("packed", "singles")
+    """One repeated scalar field, packed or not.  Unpacked elements are kept
+    as compact arrays (8 bytes per varint, their raw bytes for fixed-size
+    ones), never as Python objects, so memory stays within a small multiple
+    of the file's size."""
+    __slots__ = ("packed", "ints", "raw")
 
     def __init__(self):
-        self.packed = []      # (s, e) spans
-        self.singles = []     # ints (varint) or bytes (fixed)
+        self.packed = []              # (s, e) spans
+        self.ints = array.array("Q")  # unpacked varints
+        self.raw = bytearray()        # unpacked fixed32/fixed64 bytes
 
     def add(self, wt, v, scalar_wt):
         if wt == _LEN:
             self.packed.append(v)
         elif wt == scalar_wt:
-            self.singles.append(v)
+            if wt == _VARINT:
+                self.ints.append(v)
+            else:
+                self.raw += v
         else:
             raise FormatError(f"repeated field has wire type {wt}, expected {scalar_wt} or 2")
 
     def __bool__(self):
-        return bool(self.packed or self.singles)
+        return bool(self.packed or self.ints or self.raw)
 
-    def count_bytes(self):
-        return sum(e - s for s, e in self.packed) + len(self.singles)
+    def count_varints(self, buf):
+        n = len(self.ints)
+        for s, e in self.packed:
+            n += int(np.count_nonzero(np.frombuffer(buf, np.uint8, e - s, s) < 0x80))
+        return n
 
-    def varints(self, buf):
-        arrs = [_packed_varints(buf, s, e) for s, e in self.packed]
-        if self.singles:
-            arrs.append(np.array(self.singles, np.uint64))
-        return np.concatenate(arrs) if arrs else np.zeros(0, np.uint64)
+    def varints(self, buf, dtype=np.uint64, convert=None):
+        """All values, converted chunk by chunk with `convert` (uint64 array
+        -> array of `dtype`; default: astype)."""
+        convert = convert or (lambda v: v.astype(dtype))
+        out = np.empty(self.count_varints(buf), dtype)
+        k = 0
+        for s, e in self.packed:
+            for a in _packed_spans(buf, s, e):
+                v = _decode_varints(a)
+                out[k:k + v.size] = convert(v)
+                k += v.size
+        if self.ints:
+            out[k:] = convert(np.frombuffer(self.ints, np.uint64))
+        return out
 
     def fixed(self, buf, dtype):
         dt = np.dtype(dtype)
         chunks = []
         for s, e in self.packed:
             if (e - s) % dt.itemsize:
-                raise FormatError(f"packed field of {e - s} bytes is not a multiple of {dt.itemsize}")
+                raise FormatError(
+                    f"packed field of {e - s} bytes is not a multiple of {dt.itemsize}")
             chunks.append(np.frombuffer(buf, dt, (e - s) // dt.itemsize, s))
-        if self.singles:
-            chunks.append(np.frombuffer(b"".join(self.singles), dt))
+        if self.raw:
+            chunks.append(np.frombuffer(bytes(self.raw), dt))
         return np.concatenate(chunks) if chunks else np.zeros(0, dt)
 
 
@@ -285,9 +330,9 @@ class _Tensor:
                 self.location = _signed(v)
         if self.name:
             self.what = f"{what} {self.name!r}"
-        dv = dims.varints(buf).astype(np.int64)  # two's complement: negative stays negative
-        if dv.size > _MAX_DIMS:
-            raise FormatError(f"{self.what}: {dv.size} dimensions (at most {_MAX_DIMS})")
+        if dims.count_varints(buf) > _MAX_DIMS:
+            raise FormatError(f"{what}: more than {_MAX_DIMS} dimensions")
+        dv = dims.varints(buf, np.int64)  # two's complement: negative stays negative
         if (dv < 0).any():
             raise FormatError(f"{self.what}: negative dimension in {dv.tolist()}")
         self.dims = tuple(int(d) for d in dv)
@@ -325,22 +370,19 @@ class _Tensor:
                 if f != field and other:
                     raise FormatError(f"{self.what}: data in field {f}, expected field {field} "
                                       f"for its data type")
-            # Cheap upper bound first: every element takes at least one byte.
-            if rep.count_bytes() < n and field in (5, 7, 11):
-                raise FormatError(f"{self.what}: holds fewer values than dims {list(self.dims)}")
+            if field in (5, 7, 11) and rep.count_varints(self.buf) != n:
+                raise FormatError(f"{self.what}: holds {rep.count_varints(self.buf)} values, "
+                                  f"dims {list(self.dims)} need {n}")
             if field == 4:
                 flat = rep.fixed(self.buf, "<f4")
             elif field == 10:
                 flat = rep.fixed(self.buf, "<f8")
-            else:
-                v = rep.varints(self.buf)
-                if field == 11:
-                    flat = v.astype(dt)
-                elif field == 7:
-                    flat = v.astype(np.int64)
-                else:  # int32_data: two's complement, then narrow to the stored type
-                    flat = v.astype(np.int64).astype(np.int32).astype(
-                        np.uint16 if self.data_type in (10, 16) else dt).view(dt)
+            elif field == 5:  # int32_data: two's complement, then narrow to the stored type
+                narrow = np.uint16 if self.data_type in (10, 16) else dt
+                flat = rep.varints(self.buf, dt, lambda v: v.astype(np.int64).astype(
+                    np.int32).astype(narrow).view(dt))
+            else:  # int64_data, uint64_data (two's complement wrap for int64)
+                flat = rep.varints(self.buf, dt)
             if flat.size != n:
                 raise FormatError(f"{self.what}: holds {flat.size} values, dims "
                                   f"{list(self.dims)} need {n}")
@@ -460,7 +502,7 @@ class _Attr:
         if kind == _A_FLOATS:
             return [float(x) for x in self.floats.fixed(buf, "<f4")]
         if kind == _A_INTS:
-            return [int(x) for x in self.ints.varints(buf).astype(np.int64)]
+            return [int(x) for x in self.ints.varints(buf, np.int64)]
         if kind == _A_STRINGS:
             return [_str(buf, sp, f"{what} attribute {self.name!r}") for sp in self.strings]
         if kind == _A_TENSOR:
@@ -798,6 +840,9 @@ class _Spec:
         try:
             W = graph.constant(self.inputs["W"], f"{what}: weight W", tensor=True)
             R = graph.constant(self.inputs["R"], f"{what}: weight R", tensor=True)
+            for role in ("B", "P"):
+                if self.inputs[role]:
+                    graph.constant(self.inputs[role], f"{what}: weight {role}", tensor=True)
             if len(R.dims) == 3:
                 self.hidden_size = self.hidden_attr or R.dims[2]
             if len(W.dims) == 3:
@@ -999,6 +1044,7 @@ class OnnxLSTM:
 
     def __init__(self, model, spec):
         W, R, B, P, H, In, dtype = _node_weights(model, spec)
+        self._spec = spec
         self.name = spec.name
         self.direction = spec.direction
         self.layout = spec.layout
@@ -1034,12 +1080,7 @@ class OnnxLSTM:
     def lstm(self):
         if len(self.parts) == 1 and not self.parts[0][1]:
             return self.parts[0][0]
-        why = ("its direction is 'reverse'" if self.direction == "reverse" else
-               "its two directions use different activations")
-        raise FastLSTMError(
-            f"LSTM node {self.name!r} has no torch.nn.LSTM equivalent: {why}. Load it with "
-            f"fastlstm.io.onnx.load_onnx(path, name) and call the node (ONNX semantics), or "
-            f"use its .parts, (fastlstm.LSTM, reversed_in_time) pairs.")
+        raise FastLSTMError(_no_torch_equivalent(self._spec))
 
     def __repr__(self):
         return (f"OnnxLSTM(name={self.name!r}, input_size={self.input_size}, "
@@ -1258,37 +1299,46 @@ def load_stack(path, name=None, *, batch_first=None, dtype=None, num_threads=Non
     if they are double, else float32).  Reverse-only nodes and bidirectional
     nodes with different activations per direction have no torch
     equivalent: use load_onnx for those (FastLSTMError here)."""
+    if dtype is not None and np.dtype(dtype) not in (np.float32, np.float64):
+        raise DTypeError(f"dtype: expected float32 or float64, got {np.dtype(dtype)}")
     model = _Model(path)
     chain = _chain(model, name)
     first = chain[0]
-    nodes = [OnnxLSTM(model, s) for s in chain]
-    for n in nodes:
-        n.lstm  # raises for reverse / split nodes
+    for s in chain:
+        if s.direction == "reverse" or not s.same_cells:
+            raise FastLSTMError(_no_torch_equivalent(s))
     if batch_first is None:
         g = model.graph
         prod = g.producer.get(first.inputs["X"])
         batch_first = first.layout == 1 or bool(
             prod is not None and prod.op_type == "Transpose" and prod.inputs
             and prod.inputs[0] in g.inputs and _const_ints(g, prod, 99, "perm") == [1, 0, 2])
-    m0 = nodes[0].lstm
+    sd, dtypes, has_bias = {}, set(), any(s.inputs["B"] for s in chain)
+    In = H = None
+    for k, s in enumerate(chain):
+        W, R, B, P, Hk, Ink, dt = _node_weights(model, s)
+        if k == 0:
+            In, H = Ink, Hk
+        dtypes.add(np.dtype(dt))
+        if has_bias and B is None:
+            B = np.zeros((s.num_directions, 8 * Hk), np.float32)
+        for d in range(s.num_directions):
+            sd.update(_direction_sd(W, R, B, P, d, Hk, f"{k}" + ("_reverse" if d else "")))
     if dtype is None:
-        dtype = np.float64 if all(n.dtype == np.float64 for n in nodes) else np.float32
-    bias = any(n.lstm.bias for n in nodes)
-    sd = {}
-    for k, n in enumerate(nodes):
-        for key, v in n.lstm.state_dict().items():
-            sd[key.replace("_l0", f"_l{k}")] = v
-        if bias and not n.lstm.bias:
-            for d in ("", "_reverse")[:n.num_directions]:
-                for b in ("bias_ih_l", "bias_hh_l"):
-                    sd[f"{b}{k}{d}"] = np.zeros(4 * n.hidden_size)
-    opts = m0.cell_options()
-    return _new_lstm(f"LSTM stack {first.name!r}", m0.input_size, m0.hidden_size,
-                     num_layers=len(nodes), bias=bias, batch_first=bool(batch_first),
-                     bidirectional=m0.bidirectional, dtype=dtype, peepholes=opts["peepholes"],
-                     cell=(opts["activations"], opts["activation_alpha"], opts["activation_beta"]),
-                     clip=opts["clip"] or None, input_forget=opts["input_forget"], state_dict=sd,
+        dtype = np.float64 if dtypes == {np.dtype(np.float64)} else np.float32
+    return _new_lstm(f"LSTM stack {first.name!r}", In, H, num_layers=len(chain), bias=has_bias,
+                     batch_first=bool(batch_first), bidirectional=first.num_directions == 2,
+                     dtype=dtype, peepholes=bool(first.inputs["P"]), cell=first.cells[0],
+                     clip=first.clip, input_forget=first.input_forget, state_dict=sd,
                      num_threads=num_threads)
+
+
+def _no_torch_equivalent(spec):
+    why = ("its direction is 'reverse'" if spec.direction == "reverse" else
+           "its two directions use different activations")
+    return (f"LSTM node {spec.name!r} has no torch.nn.LSTM equivalent: {why}. Load it with "
+            f"fastlstm.io.onnx.load_onnx(path, name) and call the node (ONNX semantics), or "
+            f"use its .parts, (fastlstm.LSTM, reversed_in_time) pairs.")
 
 
 def _chain(model, name):

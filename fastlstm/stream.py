@@ -1,0 +1,128 @@
+"""Streaming: feed a sequence step by step or chunk by chunk.
+
+A Stream holds h and c for every layer and a preallocated workspace, so a
+step costs one small validation and one call into C.  The engine reads the
+initial state from, and writes the final state to, the same arrays.
+Feeding a sequence in chunks of any sizes gives exactly (bitwise, for the
+same thread count) the outputs of one call on the whole sequence.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import ShapeError
+from .model import _as_real, _positive_int
+
+__all__ = ["Stream"]
+
+
+class Stream:
+    """Stateful runner of a unidirectional model; see ``LSTM.stream``."""
+
+    def __init__(self, model, batch=1, num_threads=None):
+        if model.bidirectional:
+            raise ValueError(
+                "stream: a bidirectional model needs the whole sequence (its reverse direction "
+                "starts at the end); run it with model(x) instead")
+        self.model = model
+        self.batch = _positive_int(batch, "batch", 1)
+        nt = num_threads if num_threads is not None else model.num_threads
+        self.num_threads = 0 if nt is None else _positive_int(nt, "num_threads", 1)
+        L, N, dt = model.num_layers, self.batch, model.dtype
+        self._h = np.zeros((L, N, model.output_size), dt)
+        self._c = np.zeros((L, N, model.hidden_size), dt)
+        self._ws = {}
+        self._y1 = np.empty((1, N, model.output_size), dt)
+        self._ws1 = self._workspace(1)
+
+    def _workspace(self, T):
+        ws = self._ws.get(T)
+        if ws is None:
+            if len(self._ws) > 8:
+                self._ws.clear()
+            ws = self._ws[T] = np.empty(self.model._stack.workspace_bytes(T, self.batch), np.uint8)
+        return ws
+
+    # ----------------------------------------------------------------- state
+    @property
+    def state(self):
+        """Copies of (h, c): shapes (num_layers, batch, output_size) and
+        (num_layers, batch, hidden_size)."""
+        return self._h.copy(), self._c.copy()
+
+    @state.setter
+    def state(self, hc):
+        if not isinstance(hc, (tuple, list)) or len(hc) != 2:
+            raise ShapeError("state: expected a tuple (h, c)")
+        h = _as_real(hc[0], "state[0] (h)", self.model.dtype)
+        c = _as_real(hc[1], "state[1] (c)", self.model.dtype)
+        if h.shape != self._h.shape:
+            raise ShapeError(f"state[0] (h): expected shape {self._h.shape}, got {h.shape}")
+        if c.shape != self._c.shape:
+            raise ShapeError(f"state[1] (c): expected shape {self._c.shape}, got {c.shape}")
+        self._h[...] = h
+        self._c[...] = c
+
+    def reset(self, rows=None):
+        """Zero the state of every batch row, or of the given rows (ints or a
+        boolean mask of length batch)."""
+        if rows is None:
+            self._h.fill(0)
+            self._c.fill(0)
+            return
+        idx = np.asarray(rows)
+        if idx.dtype == bool:
+            if idx.shape != (self.batch,):
+                raise ShapeError(f"rows: a boolean mask must have shape ({self.batch},)")
+        elif idx.dtype.kind not in "iu" or idx.ndim > 1:
+            raise ShapeError("rows: expected row indices (ints) or a boolean mask")
+        elif idx.size and (idx.min() < -self.batch or idx.max() >= self.batch):
+            raise ShapeError(f"rows: indices must be in [0, {self.batch})")
+        self._h[:, idx] = 0
+        self._c[:, idx] = 0
+
+    # ------------------------------------------------------------------ run
+    def step(self, x_t):
+        """One time step: x_t (batch, input_size) -> y_t (batch, output_size),
+        a new array.  A batch-1 stream also takes x_t of shape (input_size,)
+        and then returns (output_size,)."""
+        m = self.model
+        if type(x_t) is not np.ndarray or x_t.dtype != m.dtype:
+            x_t = _as_real(x_t, "x_t", m.dtype)
+        squeeze = x_t.ndim == 1 and self.batch == 1
+        if squeeze:
+            x_t = x_t[None]
+        if x_t.shape != (self.batch, m.input_size):
+            raise ShapeError(
+                f"x_t: expected shape ({self.batch}, {m.input_size}), got {x_t.shape}")
+        if x_t.strides[1] != m.dtype.itemsize or x_t.strides[0] % m.dtype.itemsize:
+            x_t = np.ascontiguousarray(x_t)
+        y = self._y1
+        m._stack.forward(x_t[None], y, self._h, self._c, self._h, self._c, self._ws1,
+                         self.num_threads)
+        return y[0, 0].copy() if squeeze else y[0].copy()
+
+    def __call__(self, chunk):
+        """A chunk of steps: (T, batch, input_size) ((batch, T, input_size)
+        if the model is batch_first) -> outputs of the same layout."""
+        m = self.model
+        x = _as_real(chunk, "chunk", m.dtype)
+        if x.ndim != 3:
+            raise ShapeError(f"chunk: expected a 3-D array, got shape {x.shape}")
+        xt = x.transpose(1, 0, 2) if m.batch_first else x
+        if xt.shape[1:] != (self.batch, m.input_size):
+            want = ("(batch, T, input_size)" if m.batch_first else "(T, batch, input_size)")
+            raise ShapeError(
+                f"chunk: expected {want} with batch={self.batch} and "
+                f"input_size={m.input_size}, got shape {x.shape}")
+        if xt.strides[2] != m.dtype.itemsize or any(s % m.dtype.itemsize for s in xt.strides[:2]):
+            xt = np.ascontiguousarray(xt)
+        T = xt.shape[0]
+        if m.batch_first:
+            out = np.empty((self.batch, T, m.output_size), m.dtype)
+            yt = out.transpose(1, 0, 2)
+        else:
+            out = yt = np.empty((T, self.batch, m.output_size), m.dtype)
+        m._stack.forward(xt, yt, self._h, self._c, self._h, self._c, self._workspace(T),
+                         self.num_threads)
+        return out
