@@ -13,6 +13,7 @@ import pytest
 
 import fastlstm
 from fastlstm.io import onnx as fo
+from io_fuzzing import SEED, Fuzzer, flip_bytes, iters, truncate
 from tolerances import ORT_ATOL, ORT_RTOL, assert_close
 
 onnx = pytest.importorskip("onnx")
@@ -410,6 +411,26 @@ def test_several_nodes_need_a_name():
         fo.load_onnx(m.SerializeToString(), "nope")
 
 
+@pytest.mark.parametrize("attr, value, match", [
+    ("bogus", 3, "unknown attribute 'bogus'"),
+    ("direction", "sideways", "direction 'sideways'"),
+    ("activations", ["Sigmoid", "Tanh"], "2 names, expected 3"),
+    ("activations", ["Sigmoid", "Tanh", "Gelu"], "unknown activation 'Gelu'"),
+    ("layout", 2, "layout 2"),
+    ("clip", -1.0, "clip -1"),
+    ("hidden_size", 5, "W has shape .1, 16, 3., expected .1, 20"),
+])
+def test_bad_attributes_are_format_errors(attr, value, match):
+    model, _ = make_lstm(3, 4, seed=31)
+    node = [n for n in model.graph.node if n.op_type == "LSTM"][0]
+    for a in list(node.attribute):
+        if a.name == attr:
+            node.attribute.remove(a)
+    node.attribute.append(helper.make_attribute(attr, value))
+    with pytest.raises(fastlstm.FormatError, match=match):
+        fo.load_onnx(model.SerializeToString())
+
+
 def test_constant_initial_state_is_the_default():
     model, _ = make_lstm(3, 4, states=False, seed=23)
     rng = np.random.default_rng(0)
@@ -601,26 +622,30 @@ def test_fastlstm_load_and_list_stacks(tmp_path):
 
 
 # ------------------------------------------------------------ malformed input
-def _must_fail_cleanly(data):
-    """Loading either works (then the node runs) or raises FormatError only."""
+def _load_and_run(data):
+    """Load (list_stacks, load_onnx) and, if that works, run the node once."""
     try:
         fo.list_stacks(data)
     except fastlstm.FormatError:
         pass
-    try:
-        node = fo.load_onnx(data)
-    except fastlstm.FormatError:
-        return False
+    node = fo.load_onnx(data)
     x = np.zeros((2, 1, node.input_size), np.float32)
     node(x if node.layout == 0 else x.transpose(1, 0, 2))
-    return True
+
+
+def _loads(data):
+    try:
+        _load_and_run(data)
+        return True
+    except fastlstm.FormatError:
+        return False
 
 
 def test_truncated_files_raise_format_error():
     model, _ = make_lstm(3, 4, "bidirectional", peep=True, seed=29)
     data = model.SerializeToString()
-    assert _must_fail_cleanly(data)
-    loaded = [_must_fail_cleanly(data[:cut]) for cut in range(len(data))]
+    assert _loads(data)
+    loaded = [_loads(data[:cut]) for cut in range(len(data))]
     # a cut at a field boundary after the graph (opset_import) still loads
     assert sum(loaded) < 0.05 * len(data)
     graph_end = data.index(b"\x42", len(data) - 8)   # opset_import comes last
@@ -628,30 +653,70 @@ def test_truncated_files_raise_format_error():
 
 
 def test_fuzzed_files_raise_only_format_error():
-    rng = np.random.default_rng(1234)
+    rng = np.random.default_rng(1234 + SEED)
     seeds = []
     for enc, weights in (("raw", "init"), ("typed", "constant"), ("typed", "identity")):
         m, _ = make_lstm(3, 4, "bidirectional", peep=True, activations=["HardSigmoid", "Tanh",
                          "Elu"] * 2, alpha=[0.3, 0.9], clip=2.0, encoding=enc, weights=weights)
-        seeds.append(bytearray(m.SerializeToString()))
-    ok = 0
-    for k in range(1500):
-        data = bytearray(seeds[k % len(seeds)])
-        for _ in range(int(rng.integers(1, 5))):
-            op = rng.integers(0, 4)
-            pos = int(rng.integers(0, len(data)))
-            if op == 0:
-                data[pos] = int(rng.integers(0, 256))
-            elif op == 1:
-                data[pos] ^= 1 << int(rng.integers(0, 8))
-            elif op == 2:
-                del data[pos:pos + int(rng.integers(1, 8))]
-            else:
-                data[pos:pos] = bytes(rng.integers(0, 256, int(rng.integers(1, 8)), np.uint8))
-        ok += _must_fail_cleanly(bytes(data))
-    assert 0 < ok < 1500   # mutations in weight data still load
-    for k in range(200):
-        _must_fail_cleanly(bytes(rng.integers(0, 256, int(rng.integers(0, 200)), np.uint8)))
+        seeds.append(m.SerializeToString())
+    n = iters(1000)
+    with Fuzzer() as fz:
+        for k in range(n):
+            base = seeds[k % len(seeds)]
+            kind = k % 3
+            if kind == 0:
+                data = flip_bytes(rng, base)
+            elif kind == 1:
+                data = truncate(rng, base)
+            else:  # insert or delete a few bytes (shifts every later field)
+                data = bytearray(base)
+                pos = int(rng.integers(0, len(data)))
+                if rng.integers(0, 2):
+                    del data[pos:pos + int(rng.integers(1, 8))]
+                else:
+                    data[pos:pos] = bytes(rng.integers(0, 256, int(rng.integers(1, 8)),
+                                                       np.uint8))
+                data = bytes(data)
+            fz.attempt(lambda: _load_and_run(data), len(data), f"mutation {k}")
+        for k in range(200):
+            data = bytes(rng.integers(0, 256, int(rng.integers(0, 200)), np.uint8))
+            fz.attempt(lambda: _load_and_run(data), len(data), f"random bytes {k}")
+    assert fz.outcomes["ok"] > 0 and fz.outcomes["FormatError"] > n // 2
+
+
+def _pb(field, payload):
+    """One length-delimited protobuf field."""
+    n, out = len(payload), bytearray([(field << 3) | 2])
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out) + payload
+
+
+def test_memory_stays_bounded_by_file_size():
+    # many tiny nodes, initializers and graph inputs: the graph's index keeps
+    # no Python object per entry, so memory is a small multiple of the file
+    import tracemalloc
+    k = 2000
+    parts = []
+    for i in range(k):
+        parts.append(_pb(1, _pb(1, b"i%d" % i) + _pb(2, b"o%d" % i) + _pb(4, b"Relu")))
+        parts.append(_pb(5, b"\x10\x01" + _pb(8, b"t%d" % i)))   # empty float tensor
+        parts.append(_pb(11, _pb(1, b"g%d" % i)))
+    parts.append(_pb(1, _pb(1, b"X") + _pb(1, b"o5") + _pb(1, b"t7") + _pb(4, b"LSTM")))
+    data = b"\x08\x08" + _pb(7, b"".join(parts))
+    with pytest.raises(fastlstm.FormatError, match="'o5' is computed at run time by Relu"):
+        fo.load_onnx(data)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        (info,) = fo.list_stacks(data)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert not info["loadable"]
+    assert peak < 8 * len(data) + 65536, f"{peak} bytes for a {len(data)}-byte file"
 
 
 def test_hostile_sizes_do_not_allocate():

@@ -320,11 +320,12 @@ class _Tensor:
                     if f2 in (1, 2):
                         _want(f2, wt2, _LEN, what + " external_data")
                         if f2 == 1:
-                            key = _str(buf, v2, what + " external_data key")
+                            key = bytes(buf[v2[0]:v2[1]])
                         else:
-                            value = _str(buf, v2, what + " external_data value")
-                if key is not None:
-                    self.external[key] = value or ""
+                            value = v2
+                if key in (b"location", b"offset", b"length"):  # others: not used
+                    self.external[key.decode()] = \
+                        "" if value is None else _str(buf, value, what + " external_data")
             elif f == 14:
                 _want(f, wt, _VARINT, what)
                 self.location = _signed(v)
@@ -412,7 +413,7 @@ def _read_external(t, base_dir, nbytes):
         v = t.external.get(key)
         if v is None:
             return default
-        if not v.isdigit() or len(v) > 20:
+        if not (v.isascii() and v.isdigit()) or len(v) > 20:
             raise FormatError(f"{t.what}: external data {key} {v!r} is not a non-negative integer")
         return int(v)
 
@@ -440,6 +441,7 @@ def _read_external(t, base_dir, nbytes):
 
 # AttributeProto.type values
 _A_FLOAT, _A_INT, _A_STRING, _A_TENSOR, _A_FLOATS, _A_INTS, _A_STRINGS = 1, 2, 3, 4, 6, 7, 8
+_MAX_LIST = 4096  # longest list attribute turned into Python objects
 
 
 class _Attr:
@@ -449,7 +451,7 @@ class _Attr:
         self.name = ""
         self.type = 0
         self.f = self.i = self.s = self.t = None
-        floats, ints, self.strings = _Repeated(), _Repeated(), []
+        floats, ints, self.strings = _Repeated(), _Repeated(), array.array("q")
         self.other = False  # a graph, sparse tensor or type proto (not used here)
         for f, wt, v in _fields(buf, s, e):
             if f == 1:
@@ -476,7 +478,7 @@ class _Attr:
                 ints.add(wt, v, _VARINT)
             elif f == 9:
                 _want(f, wt, _LEN, what)
-                self.strings.append(v)
+                self.strings.extend(v)
             elif f in (6, 10, 11, 14, 15, 22, 23):
                 self.other = True
         self.floats = floats
@@ -499,21 +501,40 @@ class _Attr:
             if self.s is None:
                 raise FormatError(f"{what}: attribute {self.name!r} has no string value")
             return _str(buf, self.s, f"{what} attribute {self.name!r}")
-        if kind == _A_FLOATS:
-            return [float(x) for x in self.floats.fixed(buf, "<f4")]
-        if kind == _A_INTS:
-            return [int(x) for x in self.ints.varints(buf, np.int64)]
-        if kind == _A_STRINGS:
-            return [_str(buf, sp, f"{what} attribute {self.name!r}") for sp in self.strings]
+        if kind in (_A_FLOATS, _A_INTS, _A_STRINGS):
+            arr = self.array(buf, kind, what)
+            if len(arr) > _MAX_LIST:
+                raise FormatError(f"{what}: attribute {self.name!r} has {len(arr)} values, "
+                                  f"more than the {_MAX_LIST} this loader reads")
+            if kind == _A_STRINGS:
+                return [_str(buf, arr[k:k + 2], f"{what} attribute {self.name!r}")
+                        for k in range(0, len(arr), 2)]
+            return arr.tolist()
         if kind == _A_TENSOR:
             if self.t is None:
                 raise FormatError(f"{what}: attribute {self.name!r} has no tensor value")
             return _Tensor(buf, *self.t, f"{what} attribute {self.name!r}")
         raise AssertionError(kind)
 
+    def array(self, buf, kind, what):
+        """A list attribute as a NumPy array (float32 / int64), or the flat
+        (start, end) spans of its strings."""
+        if self.type not in (0, kind):
+            raise FormatError(f"{what}: attribute {self.name!r} has type {self.type}, "
+                              f"expected {kind}")
+        if kind == _A_FLOATS:
+            return self.floats.fixed(buf, "<f4")
+        if kind == _A_INTS:
+            return self.ints.varints(buf, np.int64)
+        if kind == _A_STRINGS:
+            return self.strings
+        raise AssertionError(kind)
+
+
 
 class _Node:
-    __slots__ = ("index", "name", "op_type", "domain", "inputs", "outputs", "attrs", "label")
+    __slots__ = ("index", "name", "op_type", "domain", "inputs", "outputs", "attrs", "label",
+                 "unknown_attr")
 
     def __init__(self, buf, s, e, index):
         self.index = index
@@ -538,59 +559,169 @@ class _Node:
         self.label = f"{self.op_type or '?'} node " + (
             repr(self.name) if self.name else f"#{index}")
         self.attrs = {}
-        # Attributes are parsed only for the ops this loader interprets.
-        if self.op_type in _INTERPRETED and self.domain in ("", "ai.onnx"):
-            for sp in attr_spans:
-                a = _Attr(buf, *sp, self.label)
-                if a.name in self.attrs:
-                    raise FormatError(f"{self.label}: attribute {a.name!r} given twice")
-                self.attrs[a.name] = a
+        self.unknown_attr = None
+        # Attributes are parsed only for the ops this loader interprets, and
+        # only those it reads (others are named, the first one kept).
+        wanted = _INTERPRETED.get(self.op_type) if self.domain in ("", "ai.onnx") else None
+        if wanted is None:
+            return
+        for sp in attr_spans:
+            nsp = _name_field(buf, sp, 1, self.label + " attribute")
+            key = bytes(buf[nsp[0]:nsp[1]]) if nsp else b""
+            if key not in wanted:
+                if self.unknown_attr is None:
+                    self.unknown_attr = _str(buf, nsp or (0, 0), self.label + " attribute")
+                continue
+            a = _Attr(buf, *sp, self.label)
+            if a.name in self.attrs:
+                raise FormatError(f"{self.label}: attribute {a.name!r} given twice")
+            self.attrs[a.name] = a
 
 
-_INTERPRETED = {"LSTM", "Constant", "Identity", "Squeeze", "Transpose", "Reshape"}
+_LSTM_ATTRS = {"direction", "hidden_size", "activations", "activation_alpha", "activation_beta",
+               "clip", "input_forget", "layout", "output_sequence"}
+# op type -> the attributes read
+_INTERPRETED = {
+    "LSTM": {a.encode() for a in _LSTM_ATTRS},
+    "Constant": {b"value", b"value_float", b"value_floats", b"value_int", b"value_ints",
+                 b"value_string", b"value_strings", b"sparse_value"},
+    "Identity": set(), "Squeeze": {b"axes"}, "Transpose": {b"perm"},
+    "Reshape": {b"allowzero"},
+}
+
+
+class _Index:
+    """name -> ints, kept as hashes in flat arrays (a few bytes per entry,
+    no Python object per name); callers verify candidates, so a hash
+    collision costs a re-check, never a wrong answer."""
+
+    def __init__(self):
+        self._rows = array.array("q")  # hash, a, b per entry
+        self._keys = None
+
+    def add(self, key, a, b=0):
+        self._rows.extend((hash(key), a, b))
+
+    def _ready(self):
+        if self._keys is None:
+            rows = np.frombuffer(self._rows, np.int64).reshape(-1, 3) if self._rows else \
+                np.zeros((0, 3), np.int64)
+            order = np.argsort(rows[:, 0], kind="stable")
+            self._keys = rows[order, 0]
+            self._vals = rows[order, 1:]
+            self._rows = None
+
+    def get(self, key):
+        """Candidate (a, b) pairs for `key`, in insertion order."""
+        self._ready()
+        h = hash(key)
+        lo = int(np.searchsorted(self._keys, h, "left"))
+        hi = int(np.searchsorted(self._keys, h, "right"))
+        return [tuple(int(x) for x in self._vals[k]) for k in range(lo, hi)]
+
+
+def _name_field(buf, span, field, what):
+    """(s, e) of the string field `field` of the message at span, or None."""
+    found = None
+    for f, wt, v in _fields(buf, *span):
+        if f == field:
+            _want(f, wt, _LEN, what)
+            found = v
+    return found
 
 
 class _Graph:
+    """A GraphProto, indexed without materialising its nodes: only the LSTM
+    nodes and the nodes a lookup reaches become _Node objects."""
+
     def __init__(self, buf, s, e):
         self.buf = buf
-        self.nodes = []
-        self.initializers = {}
-        self.sparse = set()
-        self.inputs = []
-        self.outputs = []
-        node_spans = []
+        self._node_spans = array.array("q")
+        self._inits = _Index()     # name -> initializer span
+        self._inputs = _Index()    # name -> (name span)
+        self._sparse = _Index()
+        self._producers = _Index()  # output name -> node index
+        self._consumers = _Index()  # input name -> node index
+        self._nodes = {}
+        self._tensors = {}
         for f, wt, v in _fields(buf, s, e):
-            if f in (1, 5, 11, 12, 15):
+            if f in (1, 5, 11, 15):
                 _want(f, wt, _LEN, "graph")
             if f == 1:
-                node_spans.append(v)
+                self._node_spans.extend(v)
             elif f == 5:
-                t = _Tensor(buf, *v, "initializer")
-                self.initializers[t.name] = t
-            elif f in (11, 12):
-                name = ""
-                for f2, wt2, v2 in _fields(buf, *v):
-                    if f2 == 1:
-                        _want(f2, wt2, _LEN, "graph input/output")
-                        name = _str(buf, v2, "graph input/output name")
-                (self.inputs if f == 11 else self.outputs).append(name)
+                sp = _name_field(buf, v, 8, "initializer")
+                self._inits.add(bytes(buf[sp[0]:sp[1]]) if sp else b"", *v)
+            elif f == 11:
+                sp = _name_field(buf, v, 1, "graph input")
+                if sp:
+                    self._inputs.add(bytes(buf[sp[0]:sp[1]]), *sp)
             elif f == 15:
                 for f2, wt2, v2 in _fields(buf, *v):
                     if f2 == 1 and wt2 == _LEN:
-                        for f3, wt3, v3 in _fields(buf, *v2):
-                            if f3 == 8 and wt3 == _LEN:
-                                self.sparse.add(_str(buf, v3, "sparse initializer name"))
-        self.producer = {}
-        self.consumers = {}
-        for k, sp in enumerate(node_spans):
-            node = _Node(buf, *sp, k)
-            self.nodes.append(node)
-            for out in node.outputs:
-                if out:
-                    self.producer[out] = node
-            for inp in node.inputs:
-                if inp:
-                    self.consumers.setdefault(inp, []).append(node)
+                        sp = _name_field(buf, v2, 8, "sparse initializer")
+                        if sp:
+                            self._sparse.add(bytes(buf[sp[0]:sp[1]]), *sp)
+        self.lstm_indices = []
+        for k in range(len(self._node_spans) // 2):
+            op = dom = b""
+            what = f"node #{k}"
+            for f, wt, v in _fields(buf, self._node_spans[2 * k], self._node_spans[2 * k + 1]):
+                if f in (1, 2, 3, 4, 5, 7):
+                    _want(f, wt, _LEN, what)
+                if f == 1 and v[1] > v[0]:
+                    self._consumers.add(bytes(buf[v[0]:v[1]]), k)
+                elif f == 2 and v[1] > v[0]:
+                    self._producers.add(bytes(buf[v[0]:v[1]]), k)
+                elif f == 4:
+                    op = bytes(buf[v[0]:v[1]])
+                elif f == 7:
+                    dom = bytes(buf[v[0]:v[1]])
+            if op == b"LSTM" and dom in (b"", b"ai.onnx"):
+                self.lstm_indices.append(k)
+
+    def node(self, k):
+        if k not in self._nodes:
+            self._nodes[k] = _Node(self.buf, self._node_spans[2 * k],
+                                   self._node_spans[2 * k + 1], k)
+        return self._nodes[k]
+
+    def producer(self, name):
+        """The node whose output is `name` (the last one, if several), or None."""
+        found = None
+        for k, _ in self._producers.get(name.encode()):
+            node = self.node(k)
+            if name in node.outputs:
+                found = node
+        return found
+
+    def consumers(self, name):
+        nodes = []
+        for k, _ in self._consumers.get(name.encode()):
+            node = self.node(k)
+            if name in node.inputs and node not in nodes:
+                nodes.append(node)
+        return nodes
+
+    def initializer(self, name):
+        """The _Tensor of initializer `name` (the last one, if several), or None."""
+        if name not in self._tensors:
+            t = None
+            for a, b in self._inits.get(name.encode()):
+                cand = _Tensor(self.buf, a, b, "initializer")
+                if cand.name == name:
+                    t = cand
+            if t is None:
+                return None
+            self._tensors[name] = t
+        return self._tensors[name]
+
+    def _named(self, index, name):
+        key = name.encode()
+        return any(bytes(self.buf[a:b]) == key for a, b in index.get(key))
+
+    def is_graph_input(self, name):
+        return self._named(self._inputs, name)
 
     def constant(self, name, what, base_dir=None, *, tensor=False):
         """The constant value named `name` (an initializer, a Constant node's
@@ -599,10 +730,10 @@ class _Graph:
         seen = set()
         cur = name
         while True:
-            if cur in self.initializers:
-                t = self.initializers[cur]
+            t = self.initializer(cur)
+            if t is not None:
                 return t if tensor else t.array(base_dir)
-            node = self.producer.get(cur)
+            node = self.producer(cur)
             if node is not None and node.domain in ("", "ai.onnx"):
                 if node.op_type == "Identity" and node.inputs and node.index not in seen:
                     seen.add(node.index)
@@ -611,9 +742,9 @@ class _Graph:
                 if node.op_type == "Constant":
                     return _constant_value(self.buf, node, base_dir, tensor)
             break
-        if cur in self.sparse:
+        if self._named(self._sparse, cur):
             raise FormatError(f"{what} {name!r} is a sparse initializer, which is not supported")
-        if cur in self.inputs:
+        if self.is_graph_input(cur):
             raise FormatError(f"{what} {name!r} is a graph input without an initializer (a "
                               f"run-time value); fastlstm needs it to be a constant")
         if node is not None:
@@ -652,20 +783,19 @@ def _constant_value(buf, node, base_dir, tensor):
     elif key == "value_float":
         t = _ScalarTensor(np.array(attr.get(buf, _A_FLOAT, node.label), np.float32))
     elif key == "value_floats":
-        t = _ScalarTensor(np.array(attr.get(buf, _A_FLOATS, node.label), np.float32))
+        t = _ScalarTensor(attr.array(buf, _A_FLOATS, node.label).astype(np.float32))
     elif key == "value_int":
         t = _ScalarTensor(np.array(attr.get(buf, _A_INT, node.label), np.int64))
     elif key == "value_ints":
-        t = _ScalarTensor(np.array(attr.get(buf, _A_INTS, node.label), np.int64))
+        t = _ScalarTensor(attr.array(buf, _A_INTS, node.label))
     else:
         raise FormatError(f"{node.label}: Constant attribute {key!r} is not supported")
     return t if tensor else t.array(base_dir)
 
 
 def _parse_model(buf):
-    """(ir_version, {domain: opset version}, _Graph) of a ModelProto."""
-    ir_version = None
-    opsets = {}
+    """(ir_version, default-domain opset version, _Graph) of a ModelProto."""
+    ir_version = opset = None
     graph_span = None
     for f, wt, v in _fields(buf, 0, len(buf)):
         if f == 1:
@@ -678,21 +808,22 @@ def _parse_model(buf):
             graph_span = v
         elif f == 8:
             _want(f, wt, _LEN, "model")
-            domain, version = "", 0
+            domain, version = b"", 0
             for f2, wt2, v2 in _fields(buf, *v):
                 if f2 == 1:
                     _want(f2, wt2, _LEN, "opset_import")
-                    domain = _str(buf, v2, "opset_import domain")
+                    domain = bytes(buf[v2[0]:v2[1]])
                 elif f2 == 2:
                     _want(f2, wt2, _VARINT, "opset_import")
                     version = _signed(v2)
-            opsets[domain] = version
+            if domain in (b"", b"ai.onnx"):
+                opset = version
         elif f in _MODEL_FIELDS:
             _want(f, wt, _MODEL_FIELDS[f], "model")
         # other fields: skipped, as protobuf readers do (their framing was checked)
     if graph_span is None:
         raise FormatError("model: no graph (is this an ONNX ModelProto?)")
-    return ir_version, opsets, _Graph(buf, *graph_span)
+    return ir_version, opset, _Graph(buf, *graph_span)
 
 
 # ModelProto fields and their wire types (besides 1, 7, 8 read above).
@@ -746,8 +877,6 @@ _ACT_USES = {"affine": (1, 1), "relu": (0, 0), "leakyrelu": (1, 0), "thresholded
 _ACT_DEFAULTS = {"leakyrelu": (0.01, 0.0), "hardsigmoid": (0.2, 0.5), "elu": (1.0, 0.0)}
 _DIRECTIONS = {"forward": 1, "reverse": 1, "bidirectional": 2}
 _INPUT_ROLES = ("X", "W", "R", "B", "sequence_lens", "initial_h", "initial_c", "P")
-_LSTM_ATTRS = {"direction", "hidden_size", "activations", "activation_alpha", "activation_beta",
-               "clip", "input_forget", "layout", "output_sequence"}
 
 
 def _f32(x):
@@ -797,9 +926,8 @@ class _Spec:
         what = f"LSTM node {name!r}"
         self.what = what
         a = node.attrs
-        for k in a:
-            if k not in _LSTM_ATTRS:
-                raise FormatError(f"{what}: unknown attribute {k!r}")
+        if node.unknown_attr is not None:
+            raise FormatError(f"{what}: unknown attribute {node.unknown_attr!r}")
         self.direction = a["direction"].get(buf, _A_STRING, what) if "direction" in a else "forward"
         if self.direction not in _DIRECTIONS:
             raise FormatError(f"{what}: direction {self.direction!r} is not forward, reverse or "
@@ -900,13 +1028,12 @@ class _Model:
     def __init__(self, source):
         self.buf, self.base_dir = _read(source)
         try:
-            self.ir_version, self.opsets, self.graph = _parse_model(self.buf)
+            self.ir_version, self.opset, self.graph = _parse_model(self.buf)
         except RecursionError as exc:  # not expected (no recursion), belt and braces
             raise FormatError("model nesting too deep") from exc
         self.specs = []
         used = set()
-        lstm_nodes = [n for n in self.graph.nodes
-                      if n.op_type == "LSTM" and n.domain in ("", "ai.onnx")]
+        lstm_nodes = [self.graph.node(k) for k in self.graph.lstm_indices]
         for k, node in enumerate(lstm_nodes):
             name = node.name or f"LSTM_{k}"
             while name in used:
@@ -1189,7 +1316,7 @@ def _const_ints(graph, node, k, attr):
 
 def _only(graph, name, op):
     """The nodes of type `op` consuming `name` as their first input."""
-    return [n for n in graph.consumers.get(name, ())
+    return [n for n in graph.consumers(name)
             if n.op_type == op and n.domain in ("", "ai.onnx") and n.inputs[0] == name]
 
 
@@ -1216,7 +1343,7 @@ def _next_in_chain(graph, spec, by_node):
                         continue
                     mids.append(rs.outputs[0] if rs.outputs else "")
     for mid in mids:
-        for n in graph.consumers.get(mid, ()):
+        for n in graph.consumers(mid) if mid else ():
             nxt = by_node.get(n.index)
             if nxt is not None and nxt.inputs["X"] == mid:
                 return nxt
@@ -1309,10 +1436,11 @@ def load_stack(path, name=None, *, batch_first=None, dtype=None, num_threads=Non
             raise FastLSTMError(_no_torch_equivalent(s))
     if batch_first is None:
         g = model.graph
-        prod = g.producer.get(first.inputs["X"])
+        prod = g.producer(first.inputs["X"])
         batch_first = first.layout == 1 or bool(
             prod is not None and prod.op_type == "Transpose" and prod.inputs
-            and prod.inputs[0] in g.inputs and _const_ints(g, prod, 99, "perm") == [1, 0, 2])
+            and g.is_graph_input(prod.inputs[0])
+            and _const_ints(g, prod, 99, "perm") == [1, 0, 2])
     sd, dtypes, has_bias = {}, set(), any(s.inputs["B"] for s in chain)
     In = H = None
     for k, s in enumerate(chain):
