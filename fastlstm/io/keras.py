@@ -557,9 +557,7 @@ class _LiveWeights:
 
     def get(self, spec):
         obj = self.model
-        for name in spec.legacy_path:
-            if getattr(obj, "name", None) == name and obj is self.model and len(spec.legacy_path) == 1:
-                break
+        for name in spec.legacy_path:  # (layer,) or (nested model, ..., layer)
             try:
                 obj = obj.get_layer(name)
             except Exception as exc:  # noqa: BLE001
@@ -814,9 +812,13 @@ class KerasStack:
         self.keras_version = keras_version
         self.source = source
         for prev, nxt in zip(self.layers, self.layers[1:]):
-            if prev.output_size != nxt.input_size and prev.merge_mode is not None:
+            size = prev.output_size
+            if prev.class_name == "Bidirectional" and prev.merge_mode is None:
+                size = prev.units[min(nxt.input_index, 1)]
+            if size != nxt.input_size:
                 raise FormatError(f"layer {nxt.name!r} takes {nxt.input_size} features but "
-                                  f"{prev.name!r} gives {prev.output_size}")
+                                  f"{prev.name!r} gives {size} (for a weights-only file, "
+                                  "pass config=)")
         if any(layer.masked for layer in self.layers):
             warnings.warn("the Keras model masks the input of this LSTM stack; fastlstm does "
                           "not apply masks (every step counts as valid)", stacklevel=3)
