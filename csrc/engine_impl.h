@@ -69,9 +69,10 @@ static void FN(input_gemm_)(const fl_cell *cell, const REAL *A, ptrdiff_t a_so, 
 }
 
 /* One step for hidden block j and rows [n0, n1): gates = G + h_{t-1} W_hh^T,
- * then the epilogue.  With several row tiles, K is cut in chunks of FL_KC
- * (panel slice in L1 across tiles; partial sums accumulate in G in place)
- * and only the last chunk runs the fused LSTM kernel. */
+ * then the epilogue.  K is cut in chunks of FL_KC (the panel slice stays in
+ * L1 across row tiles; partial sums accumulate in G in place) and only the
+ * last chunk runs the fused LSTM kernel.  The chunking does not depend on
+ * the rows, so every thread split gives bitwise the same sums. */
 static inline void FN(step_block_)(const KERNELS_T *kr, int K, const REAL *A, ptrdiff_t lda,
                                    const REAL *panel, REAL *Gj, ptrdiff_t ldg,
                                    REAL *c, ptrdiff_t ldc, REAL *h, ptrdiff_t ldh,
@@ -79,7 +80,7 @@ static inline void FN(step_block_)(const KERNELS_T *kr, int K, const REAL *A, pt
 {
     const int rmax = kr->rmax;
     int klast = 0;
-    if (A && n1 - n0 > rmax && K > FL_KC) {
+    if (A && K > FL_KC) { /* also with one tile: sums must not depend on the tiling */
         klast = (K - 1) / FL_KC * FL_KC;
         for (int k0 = 0; k0 < klast; k0 += FL_KC)
             for (int n = n0; n < n1; n += rmax) {
@@ -187,7 +188,11 @@ static void FN(thread_)(void *arg, int tid, int nt)
                     REAL *Gt = cx->G + (ptrdiff_t)(t - tlo) * N * ldg;
                     REAL *hdst = P ? cx->hraw : ydir + (ptrdiff_t)t * yst;
                     ptrdiff_t ldh = P ? H : ysn;
-                    for (int j = j0; j < j1; j++) {
+                    /* Zig-zag over the blocks: odd steps walk them backwards, so
+                     * the panels read last (still in L2) are read first; when
+                     * W_hh is larger than L2 about an L2's worth of it hits. */
+                    for (int jj = j0; jj < j1; jj++) {
+                        int j = (s & 1) ? j0 + j1 - 1 - jj : jj;
                         const REAL *panel = whh + (size_t)j * Hout * FL_PW;
                         int nvalid = FN(imin_)(FL_BW, H - j * FL_BW);
                         epi.peep = cell->peep ? (const REAL *)cell->peep + (size_t)j * 3 * FL_BW : NULL;

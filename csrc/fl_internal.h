@@ -22,7 +22,10 @@
 #define FL_PW 64            /* columns per panel (4 gates x FL_BW) */
 #define FL_ALIGN 64
 #define FL_MAX_THREADS 64
-#define FL_KC 128           /* K chunk: a 32 KB panel slice stays in L1 */
+#ifndef FL_KC
+#define FL_KC 128
+#endif
+//           /* K chunk: a 32 KB panel slice stays in L1 */
 
 /* What the epilogue of the recurrent kernel needs besides the GEMM. */
 typedef struct {

@@ -4,8 +4,7 @@
  * are; it only runs when dispatch (engine.c) saw the CPU and OS support it.
  *
  * Register blocking: a block of 16 hidden units is 64 columns = 4 zmm per
- * batch row.  R rows (R <= 6) keep 4R accumulators in registers; a single row
- * splits k into even/odd chains (8 accumulators) to hide FMA latency.
+ * batch row.  R rows (R <= 6) keep 4R accumulators in registers.
  */
 #include "../fl_internal.h"
 #include "../fl_math.h"
@@ -93,38 +92,6 @@ AI __m512 v_tanh(__m512 x)
         }                                                                        \
     }
 
-/* One row, two k chains. */
-AI void dot1(int K, const float *A, const float *panel, __m512 acc[4])
-{
-    __m512 e0 = _mm512_setzero_ps(), e1 = e0, e2 = e0, e3 = e0;
-    __m512 a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3];
-    int k = 0;
-    for (; k + 1 < K; k += 2) {
-        const float *w = panel + (size_t)k * FL_PW;
-        __m512 b = _mm512_set1_ps(A[k]), bb = _mm512_set1_ps(A[k + 1]);
-        a0 = _mm512_fmadd_ps(b, _mm512_load_ps(w), a0);
-        a1 = _mm512_fmadd_ps(b, _mm512_load_ps(w + 16), a1);
-        a2 = _mm512_fmadd_ps(b, _mm512_load_ps(w + 32), a2);
-        a3 = _mm512_fmadd_ps(b, _mm512_load_ps(w + 48), a3);
-        e0 = _mm512_fmadd_ps(bb, _mm512_load_ps(w + 64), e0);
-        e1 = _mm512_fmadd_ps(bb, _mm512_load_ps(w + 80), e1);
-        e2 = _mm512_fmadd_ps(bb, _mm512_load_ps(w + 96), e2);
-        e3 = _mm512_fmadd_ps(bb, _mm512_load_ps(w + 112), e3);
-    }
-    if (k < K) {
-        const float *w = panel + (size_t)k * FL_PW;
-        __m512 b = _mm512_set1_ps(A[k]);
-        a0 = _mm512_fmadd_ps(b, _mm512_load_ps(w), a0);
-        a1 = _mm512_fmadd_ps(b, _mm512_load_ps(w + 16), a1);
-        a2 = _mm512_fmadd_ps(b, _mm512_load_ps(w + 32), a2);
-        a3 = _mm512_fmadd_ps(b, _mm512_load_ps(w + 48), a3);
-    }
-    acc[0] = _mm512_add_ps(a0, e0);
-    acc[1] = _mm512_add_ps(a1, e1);
-    acc[2] = _mm512_add_ps(a2, e2);
-    acc[3] = _mm512_add_ps(a3, e3);
-}
-
 AI void gemm_r(const int R, int K, const float *A, ptrdiff_t lda, const float *panel,
                const float *init, ptrdiff_t ldi, float *out, ptrdiff_t ldo, int ncols)
 {
@@ -182,10 +149,10 @@ AI void lstm_r(const int R, int K, const float *A, ptrdiff_t lda, const float *p
         acc[r][2] = _mm512_loadu_ps(g + 32);
         acc[r][3] = _mm512_loadu_ps(g + 48);
     }
-    if (A) {
-        if (R == 1) dot1(K, A, panel, acc[0]);
-        else KLOOP(R)
-    }
+    /* One k chain for every R: a row's sums do not depend on how many rows
+     * share the tile, so results are bitwise the same for every thread
+     * count and batch split.  (At R = 1 four chains already outrun L2.) */
+    if (A) KLOOP(R)
     if (!epi->is_default) {
         float pre[RMAX * FL_PW] __attribute__((aligned(64)));
         for (int r = 0; r < R; r++)
