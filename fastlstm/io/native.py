@@ -102,13 +102,32 @@ def read_config(metadata, where):
         if not ok:
             raise FormatError(f"{where}: fastlstm configuration {key!r} = {str(v)[:40]} has "
                               f"the wrong type")
-        out[key] = float(v) if typ is float else v
+        try:
+            if typ is float:
+                v = float(v)
+            elif key in ("activation_alpha", "activation_beta"):
+                v = [float(x) for x in v]
+        except OverflowError as exc:
+            raise FormatError(f"{where}: configuration {key!r} out of range") from exc
+        out[key] = v
     if out["dtype"] not in _DTYPE_CODES:
         raise FormatError(f"{where}: configuration dtype {out['dtype']!r} is not float32 or "
                           f"float64")
     for key in ("input_size", "hidden_size", "num_layers", "proj_size"):
         if out[key] < (1 if key in ("hidden_size", "num_layers") else 0):
             raise FormatError(f"{where}: configuration {key} = {out[key]} out of range")
+    from ..model import ACTIVATIONS
+    if not 0.0 <= out["dropout"] <= 1.0:
+        raise FormatError(f"{where}: configuration dropout {out['dropout']} not in [0, 1]")
+    for key in ("clip", "cell_clip"):
+        if not 0.0 <= out[key] < math.inf:
+            raise FormatError(f"{where}: configuration {key} {out[key]} is not finite and >= 0")
+    for a in out["activations"]:
+        if a not in ACTIVATIONS:
+            raise FormatError(f"{where}: configuration names unknown activation {a!r}")
+    for key in ("activation_alpha", "activation_beta"):
+        if not all(math.isfinite(v) for v in out[key]):
+            raise FormatError(f"{where}: configuration {key} holds a non-finite value")
     if out["proj_size"] >= out["hidden_size"]:
         raise FormatError(f"{where}: configuration proj_size {out['proj_size']} >= hidden_size")
     return out
@@ -189,9 +208,10 @@ def list_stacks(path):
     return [("", info)]
 
 
-def load_model(path, name=None, *, batch_first=None, num_threads=None):
-    """Load a model written by ``LSTM.save``.  ``batch_first`` and
-    ``num_threads`` override the stored values when given."""
+def load_model(path, name=None, *, batch_first=None, dtype=None, num_threads=None):
+    """Load a model written by ``LSTM.save``.  ``batch_first``, ``dtype``
+    and ``num_threads`` override the stored values when given (the weights
+    round-trip bitwise unless ``dtype`` changes them)."""
     from ..model import LSTM
 
     with st.SafetensorsFile(path) as f:
@@ -212,13 +232,12 @@ def load_model(path, name=None, *, batch_first=None, num_threads=None):
                      bias=cfg["bias"],
                      batch_first=cfg["batch_first"] if batch_first is None else batch_first,
                      dropout=cfg["dropout"], bidirectional=cfg["bidirectional"],
-                     proj_size=cfg["proj_size"], dtype=np.dtype(cfg["dtype"]),
+                     proj_size=cfg["proj_size"],
+                     dtype=np.dtype(cfg["dtype"]) if dtype is None else dtype,
                      num_threads=num_threads, **opts)
         model.load_state_dict(arrays, strict=True)
     except (ValueError, TypeError, WeightsError) as exc:
+        if dtype is not None or num_threads is not None:
+            raise  # may be the caller's argument, not the file
         raise FormatError(f"{where}: invalid fastlstm configuration ({exc})") from exc
     return model
-
-
-def numel(shape):
-    return math.prod(shape)

@@ -215,7 +215,8 @@ def check_sizes(info, where):
     sizes = (info["input_size"], info["hidden_size"], info["proj_size"])
     h = info["hidden_size"]
     if max(sizes) >= 2 ** 24 or 4 * h * max(info["input_size"], h) >= 2 ** 40:
-        raise FormatError(f"{where}: LSTM sizes too large: input, hidden, proj = {sizes}")
+        raise FormatError(f"{where}: LSTM sizes too large: input, hidden, proj = "
+                          f"{str(sizes)[:120]}")
 
 
 def build_model(stack, get, where, nbytes=None, budget=None, *, batch_first=False, dtype=None,

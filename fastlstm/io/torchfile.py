@@ -366,6 +366,9 @@ def _prescan(data, where):
             if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and not (
                     _is_int(arg) and 0 <= arg <= limit):
                 raise FormatError(f"{where}: pickle memo index {arg} out of range")
+            if op.name == "FRAME" and not (_is_int(arg) and 0 <= arg <= len(data) - _pos):
+                raise FormatError(f"{where}: corrupt pickle in data.pkl (frame of {arg} bytes "
+                                  f"at {_pos} runs past the end)")
             if op.name in ("NEXT_BUFFER", "READONLY_BUFFER"):
                 raise FormatError(f"{where}: pickle uses out-of-band buffers")
     except FormatError:
