@@ -1,0 +1,352 @@
+"""A PyTorch drop-in: ``torch.nn.LSTM``'s interface, fastlstm's engine underneath.
+
+    import fastlstm.torch
+
+    model.eval().requires_grad_(False)
+    fastlstm.torch.convert(model)        # every nn.LSTM inside swapped, in place
+    out = model(tokens, lengths)         # tensors and PackedSequences as before
+
+    lstm = fastlstm.torch.LSTM.from_lstm(torch_lstm.eval().requires_grad_(False))
+    lstm = fastlstm.torch.LSTM(8, 16, num_layers=2)   # nn.LSTM's constructor
+
+``fastlstm.torch.LSTM`` is a subclass of ``torch.nn.LSTM`` whose ``forward``
+runs fastlstm: same arguments (tensor or ``PackedSequence`` input,
+``hx=(h_0, c_0)``, ``batch_first``, unbatched 2-D input), same outputs (a
+``PackedSequence`` in gives a ``PackedSequence`` out with the same
+``batch_sizes``, ``sorted_indices`` and ``unsorted_indices``; ``hx`` is
+permuted by ``sorted_indices`` and ``h_n``/``c_n`` come back in the caller's
+order, as torch does).
+
+Inference only.  fastlstm computes no gradients, so:
+
+* ``forward`` has ``torch.no_grad`` semantics: its outputs never require grad.
+* Where autograd would need a gradient through the LSTM, it refuses
+  (``UnsupportedError``) rather than cut the graph silently:
+  ``convert``/``from_lstm`` refuse a module in training mode, and parameters
+  that require grad while grad mode is on (call ``model.requires_grad_(False)``
+  first, or convert under ``torch.no_grad()``/``torch.inference_mode()``);
+  ``forward`` refuses a module in training mode, and inputs (``input``,
+  ``h_0``, ``c_0``) that require grad while grad mode is on (call it under
+  ``torch.no_grad()``/``torch.inference_mode()``, or freeze what feeds it).
+  ``detach=True`` (constructor, ``from_lstm``, ``convert``) turns the two
+  gradient refusals off: gradients then stop at this module, silently.
+* CPU only, float32 or float64 weights (``fastlstm.DTypeError`` otherwise);
+  other real input dtypes are converted to the weights' dtype (torch raises).
+
+Weights: the module's parameters keep nn.LSTM's names (its ``state_dict`` is
+unchanged by ``convert``) and share storage with the original ``nn.LSTM``'s
+parameters, with ``requires_grad=False``.  fastlstm works on its own copy,
+packed into the kernel's layout; before each call the parameters' version
+counters, storage pointers, dtype and device are compared with the packed
+copy's, so ``load_state_dict``, in-place updates and ``.double()`` repack
+automatically.  Writes through ``.data``, and to inference tensors, bypass
+version counters: call ``refresh()`` after those.  ``.fastlstm`` is the underlying ``fastlstm.LSTM``
+(NumPy API, ``stream()``).
+
+Zero-copy: CPU tensors of the weights' dtype are read through ``.numpy()``
+(any strides) and the outputs are ``torch.from_numpy`` views of fastlstm's
+arrays.  Packed inputs are scattered into a padded (T, N, In) array and the
+output gathered back, which copies.
+
+Not supported: TorchScript (``torch.jit.script``), ``torch.compile``
+(graph-breaks around the call), ONNX export of a converted model (export the
+original), GPUs.
+"""
+from __future__ import annotations
+
+try:
+    import torch
+    from torch import nn
+    from torch.nn.utils.rnn import PackedSequence
+except ImportError as _exc:  # pragma: no cover - tested in a subprocess
+    raise ImportError(
+        "fastlstm.torch needs PyTorch, which could not be imported "
+        f"({type(_exc).__name__}: {_exc}); install torch to use it (the rest of "
+        "fastlstm does not need it)") from _exc
+
+import warnings
+
+import numpy as np
+
+from .errors import DTypeError, FastLSTMError, ShapeError
+from .model import LSTM as _NumpyLSTM
+
+__all__ = ["LSTM", "convert", "UnsupportedError"]
+
+_NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+class UnsupportedError(FastLSTMError, ValueError):
+    """The torch module or call needs what fastlstm does not do: training,
+    gradients, a device other than the CPU, a customised nn.LSTM."""
+
+
+# ------------------------------------------------------------------- checks
+def _check_lstm(lstm, where, detach):
+    """Refuse, with a message naming ``where``, an nn.LSTM fastlstm cannot run."""
+    if not isinstance(lstm, nn.LSTM):
+        raise TypeError(f"{where}: expected a torch.nn.LSTM, got {type(lstm).__name__}")
+    if type(lstm).forward is not nn.LSTM.forward:
+        raise UnsupportedError(
+            f"{where}: {type(lstm).__name__} subclasses nn.LSTM and overrides forward; "
+            "fastlstm would not run that code")
+    try:
+        from torch.nn.utils import parametrize
+        parametrized = parametrize.is_parametrized(lstm)
+    except ImportError:  # pragma: no cover
+        parametrized = False
+    hooks = [n for n in ("_forward_pre_hooks", "_forward_hooks", "_backward_hooks",
+                         "_backward_pre_hooks") if getattr(lstm, n, None)]
+    if parametrized or hooks:
+        what = "parametrizations" if parametrized else "hooks (" + ", ".join(hooks) + ")"
+        raise UnsupportedError(
+            f"{where}: the nn.LSTM has {what} (weight_norm, pruning, ...); fastlstm would "
+            "not run them.  Remove them (e.g. torch.nn.utils.remove_weight_norm) first")
+    if lstm.training:
+        raise UnsupportedError(
+            f"{where}: the nn.LSTM is in training mode; fastlstm is inference-only "
+            "(call model.eval() first)")
+    params = [getattr(lstm, n) for n in lstm._flat_weights_names]
+    _check_weights(params, where)
+    if not detach and torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        raise UnsupportedError(
+            f"{where}: parameters require grad and autograd is on; fastlstm computes no "
+            "gradients.  Call model.requires_grad_(False) first, convert under "
+            "torch.no_grad() / torch.inference_mode(), or pass detach=True to let "
+            "gradients stop at the LSTM")
+
+
+def _check_weights(params, where):
+    devices = sorted({str(p.device) for p in params})
+    if devices != ["cpu"]:
+        raise UnsupportedError(
+            f"{where}: weights are on {', '.join(devices)}; fastlstm runs on the CPU only "
+            "(move the model with .cpu() first)")
+    dtypes = sorted({str(p.dtype) for p in params})
+    if len(dtypes) != 1 or params[0].dtype not in _NP_DTYPE:
+        raise DTypeError(
+            f"{where}: weights have dtype {', '.join(dtypes)}; fastlstm runs float32 or "
+            "float64 (convert with .float() or .double() first)")
+
+
+def _array(t, name, grad_check):
+    """A CPU tensor -> a NumPy view of it (no copy)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise UnsupportedError(f"{name}: tensor is on {t.device}; fastlstm runs on the CPU only")
+    if grad_check and t.requires_grad:
+        raise UnsupportedError(
+            f"{name}: requires grad and autograd is on; fastlstm computes no gradients.  "
+            "Call the model under torch.no_grad() / torch.inference_mode(), freeze what "
+            "feeds the LSTM (requires_grad_(False)), or build the LSTM with detach=True")
+    t = t.detach()
+    if t.dtype == torch.bfloat16 or t.is_complex() or t.dtype == torch.bool:
+        if t.dtype == torch.bfloat16:
+            t = t.float()
+        else:
+            raise DTypeError(f"{name}: expected a real tensor, got dtype {t.dtype}")
+    return t.numpy()
+
+
+def _version(p):
+    """Autograd's version counter (bumped by in-place writes); inference
+    tensors have none, and only a write inside inference mode can change them
+    (call refresh() after one)."""
+    try:
+        return p._version
+    except RuntimeError:
+        return -1
+
+
+# ------------------------------------------------------------------- module
+class LSTM(nn.LSTM):
+    """``torch.nn.LSTM`` running fastlstm (inference only; see the module doc).
+
+    ``LSTM(input_size, hidden_size, ..., *, num_threads=None, detach=False)``
+    takes nn.LSTM's constructor arguments (weights initialised by torch, with
+    ``requires_grad=False``; the module starts in eval mode);
+    ``LSTM.from_lstm(module)`` wraps an existing eval-mode ``nn.LSTM`` (its
+    parameters are shared, not copied).  ``num_threads``: fastlstm threads per
+    call (None: fastlstm's default, see ``fastlstm.set_num_threads``; torch's
+    own thread setting does not apply).
+    """
+
+    def __init__(self, *args, num_threads=None, detach=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        for p in self._flat_weights:
+            p.requires_grad_(False)
+        self._fastlstm_init(num_threads, detach)
+        self.eval()
+
+    def _fastlstm_init(self, num_threads, detach):
+        self.num_threads = num_threads
+        self.detach = bool(detach)
+        self._fl = None
+        self._fl_key = None
+
+    @classmethod
+    def from_lstm(cls, lstm, *, num_threads=None, detach=False):
+        """Wrap an eval-mode ``torch.nn.LSTM``: the new module's parameters
+        share storage with ``lstm``'s (``requires_grad=False``); fastlstm
+        packs its own copy."""
+        _check_lstm(lstm, "lstm", detach)
+        self = cls.__new__(cls)
+        with warnings.catch_warnings():  # nn.LSTM's dropout warning was given already
+            warnings.simplefilter("ignore")
+            nn.LSTM.__init__(
+                self, lstm.input_size, lstm.hidden_size, num_layers=lstm.num_layers,
+                bias=lstm.bias, batch_first=lstm.batch_first, dropout=lstm.dropout,
+                bidirectional=lstm.bidirectional, proj_size=getattr(lstm, "proj_size", 0),
+                device="meta", dtype=getattr(lstm, lstm._flat_weights_names[0]).dtype)
+        for name in self._flat_weights_names:
+            setattr(self, name, nn.Parameter(getattr(lstm, name).detach(), requires_grad=False))
+        self._init_flat_weights()
+        self._fastlstm_init(num_threads, detach)
+        self.train(False)
+        self._sync()
+        return self
+
+    def _get_name(self):
+        return "fastlstm.torch.LSTM"
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())  # RNNBase drops its weakrefs there
+        state["_fl"] = None  # the packed engine state is rebuilt on first use
+        state["_fl_key"] = None
+        return state
+
+    # ---------------------------------------------------------- the engine
+    @property
+    def fastlstm(self):
+        """The underlying ``fastlstm.LSTM`` (NumPy API), packed from the
+        current parameters."""
+        return self._sync()
+
+    def refresh(self):
+        """Repack the weights from the parameters (needed only after writes
+        through ``.data``, which autograd's version counters do not see)."""
+        self._fl_key = None
+        return self._sync()
+
+    def _sync(self):
+        params = [self._parameters[n] for n in self._flat_weights_names]
+        key = tuple((p.data_ptr(), _version(p), p.dtype, p.device) for p in params)
+        if key != self._fl_key or self._fl is None:
+            _check_weights(params, "fastlstm.torch.LSTM weights")
+            sd = {n: p.detach().numpy() for n, p in zip(self._flat_weights_names, params)}
+            self._fl = _NumpyLSTM.from_state_dict(
+                sd, batch_first=self.batch_first, dtype=_NP_DTYPE[params[0].dtype],
+                num_threads=self.num_threads)
+            self._fl_key = key
+        elif self._fl.batch_first != self.batch_first:
+            self._fl.batch_first = self.batch_first
+        return self._fl
+
+    # -------------------------------------------------------------- forward
+    def forward(self, input, hx=None):  # noqa: A002 - nn.LSTM's argument name
+        if self.training:
+            raise UnsupportedError(
+                "fastlstm.torch.LSTM: the module is in training mode (model.train() was "
+                "called?); fastlstm is inference-only: call .eval()")
+        grad_check = torch.is_grad_enabled() and not self.detach
+        packed = isinstance(input, PackedSequence)
+        data = input.data if packed else input
+        x = _array(data, "input.data" if packed else "input", grad_check)
+        if hx is not None:
+            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                raise ShapeError("hx: expected a tuple (h_0, c_0) or None")
+            h0 = _array(hx[0], "hx[0] (h_0)", grad_check)
+            c0 = _array(hx[1], "hx[1] (c_0)", grad_check)
+        fl = self._sync()
+        nt = self.num_threads
+        if packed:
+            return self._forward_packed(fl, input, x, None if hx is None else (h0, c0), nt)
+        if x.ndim not in (2, 3):
+            raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {x.ndim}D instead")
+        if hx is not None:
+            want = x.ndim
+            if h0.ndim != want or c0.ndim != want:
+                kind = "batched 3-D" if want == 3 else "unbatched 2-D"
+                raise RuntimeError(
+                    f"For {kind} input, hx and cx should also be {want}-D but got "
+                    f"({h0.ndim}-D, {c0.ndim}-D) tensors")
+        out, (hn, cn) = fl(x, None if hx is None else (h0, c0), num_threads=nt)
+        return torch.from_numpy(out), (torch.from_numpy(hn), torch.from_numpy(cn))
+
+    def _forward_packed(self, fl, input, x, hx, nt):
+        batch_sizes = input.batch_sizes
+        sorted_indices, unsorted_indices = input.sorted_indices, input.unsorted_indices
+        bs = batch_sizes.numpy()
+        T = len(bs)
+        N = int(bs[0]) if T else 0
+        # valid[t, j]: sorted sequence j has step t.  Packed data is
+        # time-major over the valid entries, so boolean indexing in C order
+        # scatters and gathers it.
+        valid = np.arange(N)[None, :] < bs[:, None]
+        if x.ndim != 2 or x.shape[0] != int(bs.sum()) or x.shape[1] != self.input_size:
+            raise ShapeError(
+                f"input.data: expected shape ({int(bs.sum())}, {self.input_size}) for "
+                f"batch_sizes summing to {int(bs.sum())}, got {tuple(x.shape)}")
+        xp = np.zeros((T, N, self.input_size), fl.dtype)
+        xp[valid] = x
+        lens = valid.sum(axis=0)
+        if hx is not None:
+            h0, c0 = hx
+            if h0.ndim != 3 or c0.ndim != 3:
+                raise RuntimeError(
+                    "For batched 3-D input, hx and cx should also be 3-D but got "
+                    f"({h0.ndim}-D, {c0.ndim}-D) tensors")
+            if sorted_indices is not None:
+                si = sorted_indices.numpy()
+                h0, c0 = h0[:, si], c0[:, si]
+            hx = (h0, c0)
+        xin = xp.transpose(1, 0, 2) if fl.batch_first else xp
+        out, (hn, cn) = fl(xin, hx, lengths=lens, num_threads=nt)
+        yt = out.transpose(1, 0, 2) if fl.batch_first else out
+        y = yt[valid]
+        if unsorted_indices is not None:
+            ui = unsorted_indices.numpy()
+            hn, cn = hn[:, ui], cn[:, ui]
+        return (PackedSequence(torch.from_numpy(y), batch_sizes, sorted_indices,
+                               unsorted_indices),
+                (torch.from_numpy(hn), torch.from_numpy(cn)))
+
+
+# ------------------------------------------------------------------ convert
+def convert(model, *, num_threads=None, detach=False):
+    """Swap every ``torch.nn.LSTM`` inside ``model`` for a
+    ``fastlstm.torch.LSTM`` in place, under the same attribute names, and
+    return ``model``.  ``model`` itself may be an ``nn.LSTM``: the new module
+    is returned (it cannot be swapped in place).  An LSTM reachable under
+    several names becomes one module; already converted ones are kept.
+
+    Checks every LSTM before swapping any (so a refusal leaves ``model``
+    untouched) and refuses, naming the module: a model or LSTM in training
+    mode, parameters requiring grad while grad mode is on (unless
+    ``detach=True``), weights not on the CPU or not float32/float64, nn.LSTM
+    subclasses that override forward, LSTMs with hooks or parametrizations.
+    """
+    if isinstance(model, LSTM):
+        return model
+    if isinstance(model, nn.LSTM):
+        return LSTM.from_lstm(model, num_threads=num_threads, detach=detach)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if model.training:
+        raise UnsupportedError(
+            "model: is in training mode; fastlstm is inference-only (call model.eval() "
+            "before convert)")
+    slots = []
+    for parent_name, parent in model.named_modules():
+        for name, child in parent._modules.items():
+            if isinstance(child, nn.LSTM) and not isinstance(child, LSTM):
+                where = f"model.{parent_name + '.' if parent_name else ''}{name}"
+                _check_lstm(child, where, detach)
+                slots.append((parent, name, child))
+    done = {}
+    for parent, name, child in slots:
+        if id(child) not in done:
+            done[id(child)] = LSTM.from_lstm(child, num_threads=num_threads, detach=detach)
+        setattr(parent, name, done[id(child)])
+    return model

@@ -1,0 +1,222 @@
+"""Streaming (LSTM.stream): chunked and step-by-step runs are bitwise equal to
+one call on the whole sequence (same thread count); reset, state, errors."""
+import numpy as np
+import pytest
+
+import fastlstm
+from fastlstm import ShapeError
+
+THREADS = (1, 2)
+
+
+def _random_chunks(rng, T):
+    """Chunk sizes summing to T: a random mix, with chunks of 1 among them."""
+    sizes = []
+    while sum(sizes) < T:
+        k = 1 if rng.random() < 0.3 else int(rng.integers(1, T + 1))
+        sizes.append(min(k, T - sum(sizes)))
+    return sizes
+
+
+def _feed(stream, x, sizes, batch_first):
+    """Feed x in chunks of the given sizes; concatenate the outputs."""
+    outs, t = [], 0
+    axis = 1 if batch_first else 0
+    for k in sizes:
+        chunk = x[:, t:t + k] if batch_first else x[t:t + k]
+        outs.append(stream(chunk))
+        t += k
+    return np.concatenate(outs, axis=axis)
+
+
+CONFIGS = [  # (input, hidden, layers, proj, batch, batch_first)
+    (5, 8, 1, 0, 1, False),
+    (6, 17, 2, 0, 3, False),
+    (4, 20, 3, 7, 4, True),
+    (7, 33, 2, 5, 2, True),
+    (3, 64, 1, 0, 5, False),
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "I{}_H{}_L{}_P{}_N{}_bf{}".format(*c))
+def test_chunked_equals_one_shot_bitwise(cfg, isa):
+    In, H, L, P, N, bf = cfg
+    rng = np.random.default_rng(H)
+    m = fastlstm.LSTM(In, H, num_layers=L, proj_size=P, batch_first=bf, seed=H)
+    T = 23
+    x = rng.standard_normal((N, T, In) if bf else (T, N, In)).astype(np.float32)
+    for nt in THREADS:
+        want, (wh, wc) = m(x, num_threads=nt)
+        chunkings = [[T], [1] * T] + [_random_chunks(rng, T) for _ in range(4)]
+        for sizes in chunkings:
+            s = m.stream(N, num_threads=nt)
+            got = _feed(s, x, sizes, bf)
+            assert np.array_equal(got, want), f"threads={nt} chunks={sizes}"
+            h, c = s.state
+            assert np.array_equal(h, wh) and np.array_equal(c, wc), f"state, chunks={sizes}"
+
+
+@pytest.mark.parametrize("cfg", CONFIGS[:4], ids=lambda c: "I{}_H{}_L{}_P{}_N{}_bf{}".format(*c))
+def test_step_equals_one_shot_bitwise(cfg):
+    In, H, L, P, N, bf = cfg
+    rng = np.random.default_rng(1 + H)
+    m = fastlstm.LSTM(In, H, num_layers=L, proj_size=P, batch_first=bf, seed=H)
+    T = 12
+    x = rng.standard_normal((T, N, In)).astype(np.float32)  # time-major for step()
+    xin = x.transpose(1, 0, 2) if bf else x
+    for nt in THREADS:
+        want, (wh, wc) = m(xin, num_threads=nt)
+        want_tm = want.transpose(1, 0, 2) if bf else want
+        s = m.stream(N, num_threads=nt)
+        ys = [s.step(x[t]) for t in range(T)]
+        assert all(y.shape == (N, P or H) for y in ys)
+        assert np.array_equal(np.stack(ys), want_tm)
+        h, c = s.state
+        assert np.array_equal(h, wh) and np.array_equal(c, wc)
+        # steps and chunks mixed
+        s.reset()
+        got = [s.step(x[0]), s(x[1:5].transpose(1, 0, 2) if bf else x[1:5]), s.step(x[5])]
+        got[1] = got[1].transpose(1, 0, 2) if bf else got[1]
+        assert np.array_equal(np.concatenate([got[0][None], got[1], got[2][None]]), want_tm[:6])
+
+
+def test_step_batch1_takes_1d():
+    rng = np.random.default_rng(2)
+    m = fastlstm.LSTM(4, 9, seed=2)
+    x = rng.standard_normal((6, 4)).astype(np.float32)
+    want, _ = m(x, num_threads=1)  # unbatched
+    s = m.stream(num_threads=1)
+    ys = [s.step(x[t]) for t in range(6)]
+    assert ys[0].shape == (9,)
+    assert np.array_equal(np.stack(ys), want)
+    # outputs are fresh arrays, not views of a reused buffer
+    assert not np.shares_memory(ys[0], ys[1])
+
+
+def test_step_converts_dtype_and_layout():
+    rng = np.random.default_rng(3)
+    m = fastlstm.LSTM(5, 8, seed=3)
+    x = rng.standard_normal((4, 2, 5))
+    want, _ = m(x.astype(np.float32), num_threads=1)
+    s = m.stream(2, num_threads=1)
+    for t in range(4):
+        xt = np.asfortranarray(x[t])  # float64, Fortran order
+        assert np.array_equal(s.step(xt), want[t])
+
+
+def test_float64_stream():
+    rng = np.random.default_rng(4)
+    m = fastlstm.LSTM(3, 6, num_layers=2, dtype=np.float64, seed=4)
+    x = rng.standard_normal((9, 2, 3))
+    want, _ = m(x, num_threads=1)
+    s = m.stream(2, num_threads=1)
+    got = np.concatenate([s(x[:4]), s(x[4:5]), s(x[5:])])
+    assert got.dtype == np.float64 and np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("nt", THREADS)
+def test_reset_all_and_some_rows(nt):
+    rng = np.random.default_rng(5)
+    N, T = 4, 10
+    m = fastlstm.LSTM(3, 12, num_layers=2, proj_size=5, seed=5)
+    x = rng.standard_normal((2 * T, N, 3)).astype(np.float32)
+    s = m.stream(N, num_threads=nt)
+    s(x[:T])
+    # reset of all rows: the stream continues as if starting fresh
+    s.reset()
+    assert not s.state[0].any() and not s.state[1].any()
+    fresh, (fh, fc) = m(x[T:], num_threads=nt)
+    assert np.array_equal(s(x[T:]), fresh)
+
+    # reset of some rows (indices, then a boolean mask)
+    whole, (wh, wc) = m(x, num_threads=nt)
+    _, (h_half, c_half) = m(x[:T], num_threads=nt)
+    for rows in ([1, 3], np.array([False, True, False, True])):
+        s = m.stream(N, num_threads=nt)
+        first = s(x[:T])
+        assert np.array_equal(first, whole[:T])
+        s.reset(rows)
+        h, c = s.state
+        assert not h[:, [1, 3]].any() and not c[:, [1, 3]].any()
+        assert np.array_equal(h[:, [0, 2]], h_half[:, [0, 2]])
+        assert np.array_equal(c[:, [0, 2]], c_half[:, [0, 2]])
+        second = s(x[T:])
+        # rows not reset are unaffected: they continue the whole sequence
+        assert np.array_equal(second[:, [0, 2]], whole[T:, [0, 2]])
+        # rows reset start fresh on the second half; compare against a fresh
+        # run of the same batch (same N, so the same kernels and summation order)
+        assert np.array_equal(second[:, [1, 3]], fresh[:, [1, 3]])
+        h, c = s.state
+        assert np.array_equal(h[:, [0, 2]], wh[:, [0, 2]])
+        assert np.array_equal(h[:, [1, 3]], fh[:, [1, 3]])
+        assert np.array_equal(c[:, [1, 3]], fc[:, [1, 3]])
+
+
+def test_reset_rows_refuses_bad_rows():
+    s = fastlstm.LSTM(2, 3).stream(3)
+    with pytest.raises(ShapeError, match="rows"):
+        s.reset([3])
+    with pytest.raises(ShapeError, match="rows"):
+        s.reset(np.array([True, False]))
+    with pytest.raises(ShapeError, match="rows"):
+        s.reset([0.5])
+
+
+def test_state_roundtrip_and_resume():
+    rng = np.random.default_rng(6)
+    N, T = 3, 14
+    m = fastlstm.LSTM(4, 10, num_layers=2, proj_size=3, seed=6)
+    x = rng.standard_normal((T, N, 4)).astype(np.float32)
+    whole, _ = m(x, num_threads=1)
+    s = m.stream(N, num_threads=1)
+    s(x[:6])
+    h, c = s.state
+    assert h.shape == (2, N, 3) and c.shape == (2, N, 10)
+    # state is a copy: mutating it does not touch the stream
+    h_saved, c_saved = h.copy(), c.copy()
+    h += 1.0
+    assert np.array_equal(s.state[0], h_saved)
+    # roundtrip into another stream: it continues exactly
+    s2 = m.stream(N, num_threads=1)
+    s2.state = (h_saved, c_saved)
+    assert np.array_equal(s2.state[0], h_saved) and np.array_equal(s2.state[1], c_saved)
+    assert np.array_equal(s2(x[6:]), whole[6:])
+    # state given as the hx of a one-shot call agrees too
+    o, _ = m(x[6:], (h_saved, c_saved), num_threads=1)
+    assert np.array_equal(o, whole[6:])
+    # wrong shapes are refused, naming the part
+    with pytest.raises(ShapeError, match=r"state\[0\] \(h\)"):
+        s2.state = (np.zeros((2, N, 10)), c_saved)
+    with pytest.raises(ShapeError, match=r"state\[1\] \(c\)"):
+        s2.state = (h_saved, np.zeros((1, N, 10)))
+    with pytest.raises(ShapeError, match="state"):
+        s2.state = h_saved
+
+
+def test_bidirectional_refused():
+    m = fastlstm.LSTM(3, 4, bidirectional=True)
+    with pytest.raises(ValueError, match="bidirectional") as e:
+        m.stream()
+    assert "whole sequence" in str(e.value)
+
+
+@pytest.mark.parametrize("shape", [(3,), (2, 4), (1, 2, 3), (3, 2), ()])
+def test_bad_step_shapes_name_x_t(shape):
+    s = fastlstm.LSTM(3, 5).stream(2)
+    with pytest.raises(ShapeError, match="x_t"):
+        s.step(np.zeros(shape, np.float32))
+
+
+def test_bad_step_shape_batch1():
+    s = fastlstm.LSTM(3, 5).stream(1)
+    for shape in [(4,), (2, 3), (1, 1, 3)]:
+        with pytest.raises(ShapeError, match="x_t"):
+            s.step(np.zeros(shape, np.float32))
+
+
+def test_bad_chunk_shapes():
+    s = fastlstm.LSTM(3, 5).stream(2)
+    with pytest.raises(ShapeError, match="chunk"):
+        s(np.zeros((4, 3, 3), np.float32))
+    with pytest.raises(ShapeError, match="chunk"):
+        s(np.zeros((4, 3), np.float32))
