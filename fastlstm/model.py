@@ -220,19 +220,29 @@ class LSTM:
         return (tuple(ACTIVATIONS[a][0] for a in self.activations), self.activation_alpha,
                 self.activation_beta, self.clip, self.cell_clip, self.input_forget)
 
-    def _pack(self, layer, d):
+    def _pack(self, layer, d, stack=None, params=None):
         s = f"l{layer}" + ("_reverse" if d else "")
-        p = self._params
+        p = self._params if params is None else params
         c = np.ascontiguousarray
         bias = None
         if self.bias:
             bias = c((p["bias_ih_" + s].astype(np.float64) + p["bias_hh_" + s]).astype(self.dtype))
         in_size = p["weight_ih_" + s].shape[1]
-        self._stack.set_cell(layer * self.num_directions + d, in_size, c(p["weight_ih_" + s]),
-                             c(p["weight_hh_" + s]), bias,
-                             c(p["weight_hr_" + s]) if self.proj_size else None,
-                             c(p["peephole_" + s]) if self.peepholes else None,
-                             self._engine_opts())
+        stack = self._stack if stack is None else stack
+        stack.set_cell(layer * self.num_directions + d, in_size, c(p["weight_ih_" + s]),
+                       c(p["weight_hh_" + s]), bias,
+                       c(p["weight_hr_" + s]) if self.proj_size else None,
+                       c(p["peephole_" + s]) if self.peepholes else None,
+                       self._engine_opts())
+
+    def _new_stack(self, params):
+        """A new engine Stack with every cell packed from ``params``."""
+        stack = _engine.Stack(self.num_layers, self.num_directions, _DTYPES[self.dtype],
+                              self.input_size, self.hidden_size, self.proj_size)
+        for layer in range(self.num_layers):
+            for d in range(self.num_directions):
+                self._pack(layer, d, stack, params)
+        return stack
 
     def state_dict(self):
         """A copy of the weights under torch.nn.LSTM's names."""
@@ -266,10 +276,13 @@ class LSTM:
                     f"state_dict[{k!r}]: expected shape {shapes[k]}, got {arr.shape}")
             new[k] = np.array(arr, dtype=self.dtype, order="C", copy=True)
         with self._lock:
-            self._params.update(new)
-            touched = {_cell_of(k) for k in new}
-            for layer, d in sorted(touched):
-                self._pack(layer, d)
+            # Copy on write: pack a new Stack and swap it in.  A call running on
+            # the old one in another thread (GIL released) keeps it alive and
+            # never sees a freed or half-packed cell.
+            params = dict(self._params)
+            params.update(new)
+            self._stack = self._new_stack(params)
+            self._params = params
 
     def set_weights(self, layer, direction=0, *, w_ih=None, w_hh=None, b_ih=None, b_hh=None,
                     w_hr=None, peephole=None):
@@ -303,6 +316,27 @@ class LSTM:
     def packed_nbytes(self):
         """Bytes of the packed (kernel layout) weights."""
         return self._stack.packed_bytes()
+
+    # -------------------------------------------------------------- pickling
+    def __getstate__(self):
+        """Pickle the configuration and the canonical weights (state_dict
+        arrays) only: never the packed layout nor the engine's Stack, which
+        __setstate__ rebuilds.  The pickle is about the weights' size."""
+        with self._lock:
+            state = {k: v for k, v in self.__dict__.items() if k not in ("_stack", "_lock")}
+            state["_params"] = dict(self._params)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        shapes = self._param_shapes()
+        params = self._params
+        if set(params) != set(shapes) or any(
+                np.shape(params[k]) != shapes[k] or np.asarray(params[k]).dtype != self.dtype
+                for k in shapes):
+            raise WeightsError(f"pickle: weights do not match the configuration of {self!r}")
+        self._stack = self._new_stack(params)
 
     # ---------------------------------------------------------- constructors
     @classmethod
@@ -447,13 +481,14 @@ class LSTM:
         cn = np.empty((LD, N, H), dt)
         nt = num_threads if num_threads is not None else self.num_threads
         nt = 0 if nt is None else _positive_int(nt, "num_threads", 1)
-        ws = np.empty(self._stack.workspace_bytes(T, N), np.uint8)
+        stack = self._stack  # one snapshot per call (load_state_dict swaps it)
+        ws = np.empty(stack.workspace_bytes(T, N), np.uint8)
         if order is None:
-            self._stack.forward(xt, yt, h0, c0, hn, cn, ws, nt, lens)
+            stack.forward(xt, yt, h0, c0, hn, cn, ws, nt, lens)
         else:  # run on the batch sorted by length, then put rows back
             ys = np.zeros((T, N, D * Hout), dt)
             hs, cs = np.empty_like(hn), np.empty_like(cn)
-            self._stack.forward(xt, ys, h0, c0, hs, cs, ws, nt, lens)
+            stack.forward(xt, ys, h0, c0, hs, cs, ws, nt, lens)
             yt[:, order] = ys
             hn[:, order] = hs
             cn[:, order] = cs

@@ -1,0 +1,181 @@
+"""Pickling (configuration + canonical weights only) and sharing a model
+between threads, including weight updates while other threads call it."""
+import copy
+import pickle
+import threading
+
+import numpy as np
+import pytest
+
+import fastlstm
+from fastlstm import WeightsError
+
+CONFIGS = [
+    dict(input_size=8, hidden_size=32),
+    dict(input_size=5, hidden_size=17, num_layers=2, bidirectional=True, batch_first=True),
+    dict(input_size=6, hidden_size=12, proj_size=5, bias=False, dtype=np.float64),
+    dict(input_size=4, hidden_size=9, peepholes=True, activations=("hardsigmoid", "tanh", "elu"),
+         activation_alpha=(0.3, None, 0.7), clip=3.0, cell_clip=2.5, input_forget=True,
+         num_threads=1, dropout=0.25),
+]
+
+
+def _weights_nbytes(m):
+    return sum(v.nbytes for v in m.state_dict().values())
+
+
+def _outputs(m, x, **kw):
+    out, (h, c) = m(x, **kw)
+    return out, h, c
+
+
+def _x(m, rng, T=7, N=5):
+    shape = (N, T, m.input_size) if m.batch_first else (T, N, m.input_size)
+    return rng.standard_normal(shape)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=range(len(CONFIGS)))
+@pytest.mark.parametrize("protocol", [2, pickle.DEFAULT_PROTOCOL, pickle.HIGHEST_PROTOCOL])
+def test_round_trip_is_bitwise(cfg, protocol):
+    rng = np.random.default_rng(0)
+    m = fastlstm.LSTM(**cfg, seed=3)
+    if m.peepholes:
+        m.load_state_dict({k: rng.standard_normal(v.shape) * 0.1
+                           for k, v in m.state_dict().items() if k.startswith("peephole_")},
+                          strict=False)
+    m2 = pickle.loads(pickle.dumps(m, protocol=protocol))
+    assert type(m2) is fastlstm.LSTM and repr(m2) == repr(m)
+    for attr in ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout",
+                 "bidirectional", "proj_size", "dtype", "num_threads"):
+        assert getattr(m2, attr) == getattr(m, attr), attr
+    assert m2.cell_options() == m.cell_options()
+    sd, sd2 = m.state_dict(), m2.state_dict()
+    assert sd.keys() == sd2.keys()
+    for k in sd:
+        assert sd2[k].dtype == sd[k].dtype and np.array_equal(sd2[k], sd[k]), k
+    assert m2.packed_nbytes == m.packed_nbytes
+    x = _x(m, rng)
+    lengths = [7, 0, 3, 7, 1]
+    for kw in ({}, {"lengths": lengths}, {"lengths": lengths, "padding": "repeat"}):
+        for a, b in zip(_outputs(m, x, **kw), _outputs(m2, x, **kw)):
+            assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=range(len(CONFIGS)))
+def test_pickle_holds_weights_not_packed_layout(cfg):
+    m = fastlstm.LSTM(**cfg, seed=1)
+    payload = pickle.dumps(m, protocol=pickle.HIGHEST_PROTOCOL)
+    w = _weights_nbytes(m)
+    assert w <= len(payload) <= w + 4096, (len(payload), w, m.packed_nbytes)
+    assert b"Stack" not in payload and b"_engine" not in payload and b"_lock" not in payload
+
+
+def test_pickle_size_of_a_large_model():
+    m = fastlstm.LSTM(256, 512, num_layers=2, bidirectional=True, seed=0)
+    w = _weights_nbytes(m)
+    n = len(pickle.dumps(m, protocol=pickle.HIGHEST_PROTOCOL))
+    assert w <= n <= w * 1.001 + 4096  # the packed copy would double it
+    assert m.packed_nbytes >= 0.9 * w
+
+
+def test_copies_are_independent():
+    rng = np.random.default_rng(0)
+    m = fastlstm.LSTM(4, 8, seed=0)
+    x = rng.standard_normal((6, 3, 4))
+    before = _outputs(m, x)
+    for dup in (copy.copy(m), copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        dup.set_weights(0, w_hh=np.zeros((32, 8)))
+        assert not np.array_equal(_outputs(dup, x)[0], before[0])
+        for a, b in zip(_outputs(m, x), before):
+            assert np.array_equal(a, b)
+        assert not np.array_equal(m.get_weights(0)["w_hh"], 0)
+
+
+def test_unpickling_mismatched_state_is_refused():
+    m = fastlstm.LSTM(4, 8, seed=0)
+    state = m.__getstate__()
+    state["_params"] = dict(state["_params"])
+    state["_params"]["weight_hh_l0"] = np.zeros((32, 7), np.float32)
+    m2 = fastlstm.LSTM.__new__(fastlstm.LSTM)
+    with pytest.raises(WeightsError, match="pickle"):
+        m2.__setstate__(state)
+    state = m.__getstate__()
+    del state["_params"]["bias_ih_l0"]
+    with pytest.raises(WeightsError):
+        fastlstm.LSTM.__new__(fastlstm.LSTM).__setstate__(state)
+
+
+def test_concurrent_calls_share_one_model():
+    """Calls don't mutate the model: threads calling one model at once get
+    exactly what serial calls give."""
+    rng = np.random.default_rng(1)
+    m = fastlstm.LSTM(8, 48, num_layers=2, bidirectional=True, seed=2)
+    xs = [rng.standard_normal((int(rng.integers(1, 30)), int(rng.integers(1, 40)), 8))
+          .astype(np.float32) for _ in range(12)]
+    lens = [rng.integers(0, x.shape[0] + 1, x.shape[1]) for x in xs]
+    want = [_outputs(m, x, lengths=ln) for x, ln in zip(xs, lens)]
+    errors = []
+
+    def worker(k):
+        try:
+            for r in range(15):
+                i = (k + r) % len(xs)
+                got = _outputs(m, xs[i], lengths=lens[i], num_threads=1 + (r % 2))
+                if not all(np.array_equal(a, b) for a, b in zip(got, want[i])):
+                    errors.append((k, r, i))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+def test_weight_updates_while_other_threads_call():
+    """load_state_dict swaps the packed weights under the lock: a call that
+    runs meanwhile sees either the old or the new weights, whole."""
+    rng = np.random.default_rng(2)
+    m = fastlstm.LSTM(8, 96, num_layers=2, seed=0)
+    sd_a = m.state_dict()
+    sd_b = fastlstm.LSTM(8, 96, num_layers=2, seed=1).state_dict()
+    x = rng.standard_normal((40, 8, 8)).astype(np.float32)
+    want_a = _outputs(m, x)
+    m.load_state_dict(sd_b)
+    want_b = _outputs(m, x)
+    stop = threading.Event()
+    errors, seen = [], set()
+
+    def writer():
+        k = 0
+        while not stop.is_set():
+            m.load_state_dict(sd_a if k % 2 else sd_b)
+            m.set_weights(1, b_ih=(sd_a if k % 2 else sd_b)["bias_ih_l1"])
+            k += 1
+
+    def reader():
+        try:
+            for _ in range(60):
+                got = _outputs(m, x, num_threads=1)
+                if all(np.array_equal(a, b) for a, b in zip(got, want_a)):
+                    seen.add("a")
+                elif all(np.array_equal(a, b) for a, b in zip(got, want_b)):
+                    seen.add("b")
+                else:
+                    errors.append("mixed weights")
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    w = threading.Thread(target=writer)
+    readers = [threading.Thread(target=reader) for _ in range(2)]
+    w.start()
+    for t in readers:
+        t.start()
+    for t in readers:
+        t.join()
+    stop.set()
+    w.join()
+    assert not errors
+    assert seen  # at least one consistent result; usually both
