@@ -25,6 +25,7 @@ SOURCES = [
     "csrc/kernels/portable.c",
     "csrc/kernels/avx2.c",
     "csrc/kernels/avx512.c",
+    "csrc/generate.c",
 ]
 
 debug = os.environ.get("FASTLSTM_DEBUG") == "1"

@@ -84,3 +84,6 @@ def _init_from_env():
 
 _init_from_env()
 from .io import list_stacks, load  # noqa: E402
+from .network import Network  # noqa: E402  (whole networks: input stage, LSTM, head, generate)
+
+__all__.append("Network")

@@ -168,3 +168,173 @@ cdef class Stack:
             rc = fl_forward(self.cells, self.layers, self.dirs, &io, wsp, nthreads)
         if rc != 0:
             raise RuntimeError(f"fastlstm: internal error {rc} in fl_forward")
+
+
+# ======================================================================
+# Output heads and generation (csrc/generate.c, csrc/include/fastlstm_generate.h)
+# Used by fastlstm/network.py, which validates every argument first.
+# ======================================================================
+from libc.stdint cimport uint32_t, uint64_t
+
+cdef extern from "fastlstm_generate.h" nogil:
+    ctypedef struct fl_head:
+        pass
+    ctypedef struct fl_gen_stage:
+        fl_cell **cells
+        int layers
+        void *h
+        void *c
+    ctypedef struct fl_gen_net:
+        int dtype
+        const void *embedding
+        int vocab_in, in_features
+        int nstages
+        const fl_gen_stage *stages
+        const fl_head *head
+    ctypedef struct fl_gen_io:
+        int N, T
+        const int32_t *prompt
+        const int32_t *lengths
+        int steps
+        int32_t *tokens
+        double temperature
+        int top_k
+        const uint64_t *seeds
+        const uint64_t *streams
+    fl_head *fl_head_create(int dtype, int in_features, int out_features, const void *w,
+                            const void *b)
+    void fl_head_free(fl_head *head)
+    size_t fl_head_packed_bytes(const fl_head *head)
+    int fl_head_apply(const fl_head *head, int N, const void *x, Py_ssize_t ldx, void *y,
+                      Py_ssize_t ldy, int nthreads)
+    size_t fl_generate_workspace_bytes(const fl_gen_net *net, int T, int N)
+    int fl_generate(const fl_gen_net *net, const fl_gen_io *io, void *workspace, int nthreads)
+    void fl_philox4x32_10(const uint32_t *ctr, const uint32_t *key, uint32_t *out)
+    double fl_gen_uniform(uint64_t seed, uint64_t stream, uint64_t step)
+
+
+cdef class Head:
+    """Packed dense head: y = x W^T + b, W (out_features, in_features)."""
+    cdef fl_head *head
+    cdef readonly int dtype_code, in_features, out_features
+
+    def __cinit__(self, int dtype_code, cnp.ndarray w, b):
+        """w: C-contiguous (out, in) of the dtype; b: (out,) or None."""
+        self.dtype_code = dtype_code
+        self.out_features = <int>w.shape[0]
+        self.in_features = <int>w.shape[1]
+        self.head = fl_head_create(dtype_code, self.in_features, self.out_features,
+                                   cnp.PyArray_DATA(w), _ptr(b))
+        if self.head == NULL:
+            raise MemoryError("fastlstm: could not allocate the packed head")
+
+    def __dealloc__(self):
+        fl_head_free(self.head)
+
+    def packed_bytes(self):
+        return fl_head_packed_bytes(self.head)
+
+    def apply(self, cnp.ndarray x, cnp.ndarray y, int nthreads):
+        """x (N, in) and y (N, out): unit stride on the last axis."""
+        cdef int rc
+        cdef Py_ssize_t isz = x.itemsize
+        cdef int N = <int>x.shape[0]
+        cdef Py_ssize_t ldx = x.strides[0] // isz if N > 1 else self.in_features
+        cdef Py_ssize_t ldy = y.strides[0] // isz if N > 1 else self.out_features
+        cdef const void *xp = cnp.PyArray_DATA(x)
+        cdef void *yp = cnp.PyArray_DATA(y)
+        with nogil:
+            rc = fl_head_apply(self.head, N, xp, ldx, yp, ldy, nthreads)
+        if rc != 0:
+            raise RuntimeError(f"fastlstm: internal error {rc} in fl_head_apply")
+
+
+cdef int _gen_fill(fl_gen_net *net, fl_gen_stage *st, list stacks, list hs, list cs, Head head,
+                   embedding, int vocab_in, int in_features) except -1:
+    cdef int s
+    cdef Stack stack
+    for s in range(len(stacks)):
+        stack = <Stack>stacks[s]
+        if stack.dirs != 1:
+            raise ValueError("generation needs unidirectional stacks")
+        st[s].cells = stack.cells
+        st[s].layers = stack.layers
+        st[s].h = NULL if hs is None else cnp.PyArray_DATA(<cnp.ndarray>hs[s])
+        st[s].c = NULL if cs is None else cnp.PyArray_DATA(<cnp.ndarray>cs[s])
+    net.dtype = head.dtype_code
+    net.embedding = _ptr(embedding)
+    net.vocab_in = vocab_in
+    net.in_features = in_features
+    net.nstages = len(stacks)
+    net.stages = st
+    net.head = head.head
+    return 0
+
+
+def generate_workspace_bytes(list stacks, Head head, embedding, int vocab_in,
+                             int in_features, int T, int N):
+    cdef fl_gen_net net
+    cdef fl_gen_stage *st = <fl_gen_stage *>calloc(len(stacks), sizeof(fl_gen_stage))
+    if st == NULL:
+        raise MemoryError()
+    try:
+        _gen_fill(&net, st, stacks, None, None, head, embedding, vocab_in, in_features)
+        return fl_generate_workspace_bytes(&net, T, N)
+    finally:
+        free(st)
+
+
+def generate(list stacks, list hs, list cs, Head head, embedding, int vocab_in,
+             int in_features, cnp.ndarray prompt, lengths, int steps, cnp.ndarray tokens,
+             double temperature, int top_k, seeds, streams, cnp.ndarray ws, int nthreads):
+    """The whole autoregressive loop in C with the GIL released.
+    prompt int32 (N, T) C-contiguous; lengths None or int32 (N,) sorted
+    descending; tokens int32 (N, steps); hs/cs per stage (layers, N, Hout) /
+    (layers, N, H) C-contiguous, updated in place; seeds/streams uint64 (N,)."""
+    cdef fl_gen_net net
+    cdef fl_gen_io io
+    cdef int rc = 0
+    cdef void *wsp
+    cdef fl_gen_stage *st = <fl_gen_stage *>calloc(len(stacks), sizeof(fl_gen_stage))
+    if st == NULL:
+        raise MemoryError()
+    try:
+        _gen_fill(&net, st, stacks, hs, cs, head, embedding, vocab_in, in_features)
+        io.N = <int>prompt.shape[0]
+        io.T = <int>prompt.shape[1]
+        io.prompt = <const int32_t *>cnp.PyArray_DATA(prompt)
+        io.lengths = <const int32_t *>_ptr(lengths)
+        io.steps = steps
+        io.tokens = <int32_t *>cnp.PyArray_DATA(tokens)
+        io.temperature = temperature
+        io.top_k = top_k
+        io.seeds = <const uint64_t *>_ptr(seeds)
+        io.streams = <const uint64_t *>_ptr(streams)
+        wsp = cnp.PyArray_DATA(ws)
+        with nogil:
+            rc = fl_generate(&net, &io, wsp, nthreads)
+    finally:
+        free(st)
+    if rc == -3:
+        raise ValueError("prompt: token out of range")
+    if rc != 0:
+        raise RuntimeError(f"fastlstm: internal error {rc} in fl_generate")
+
+
+def philox4x32_10(ctr, key):
+    """One Philox4x32-10 block: ctr 4 and key 2 uint32 -> 4 uint32 (for tests)."""
+    cdef uint32_t c[4]
+    cdef uint32_t k[2]
+    cdef uint32_t o[4]
+    cdef int i
+    for i in range(4):
+        c[i] = ctr[i]
+    for i in range(2):
+        k[i] = key[i]
+    fl_philox4x32_10(c, k, o)
+    return (o[0], o[1], o[2], o[3])
+
+
+def gen_uniform(uint64_t seed, uint64_t stream, uint64_t step):
+    """The uniform in [0, 1) the sampler draws for (seed, stream, step)."""
+    return fl_gen_uniform(seed, stream, step)
