@@ -213,18 +213,79 @@ void fl_cell_free(fl_cell *cell)
     fl_aligned_free(cell->bias);
     fl_aligned_free(cell->whr);
     fl_aligned_free(cell->peep);
+    fl_aligned_free(cell->whhq);
+    fl_aligned_free(cell->whh_scale);
     free(cell);
 }
 
+int fl_cell_set_whh_reduced(fl_cell *cell, int wtype, const void *w, const float *scale)
+{
+    if (!cell || cell->dtype != FL_F32 || wtype < FL_W_F16 || wtype > FL_W_I8) return -1;
+    if (!cell->whh) return -1; /* reduced once already */
+    fl_aligned_free(cell->whhq);
+    fl_aligned_free(cell->whh_scale);
+    cell->whhq = NULL;
+    cell->whh_scale = NULL;
+    cell->wtype = FL_W_F32;
+    if (!w || (wtype == FL_W_I8 && !scale)) return -1;
+    const int H = cell->H, Hout = cell->Hout;
+    size_t es = wtype == FL_W_I8 ? 1 : 2;
+    size_t bytes = (size_t)cell->nb * Hout * FL_PW * es;
+    cell->whhq = fl_aligned_alloc(bytes);
+    if (wtype == FL_W_I8) cell->whh_scale = (float *)fl_aligned_alloc((size_t)cell->nb * FL_PW * sizeof(float));
+    if (!cell->whhq || (wtype == FL_W_I8 && !cell->whh_scale)) {
+        fl_aligned_free(cell->whhq);
+        fl_aligned_free(cell->whh_scale);
+        cell->whhq = NULL;
+        cell->whh_scale = NULL;
+        return -2;
+    }
+    /* The float32 panels are no longer needed: free them (a cell goes back
+     * to float32 by being created again from the canonical weights). */
+    fl_aligned_free(cell->whh);
+    cell->whh = NULL;
+    memset(cell->whhq, 0, bytes);
+    if (cell->whh_scale) memset(cell->whh_scale, 0, (size_t)cell->nb * FL_PW * sizeof(float));
+    for (int j = 0; j < cell->nb; j++)
+        for (int g = 0; g < 4; g++)
+            for (int l = 0; l < FL_BW; l++) {
+                int u = j * FL_BW + l, col = g * FL_BW + l;
+                if (u >= H) continue;
+                size_t row = (size_t)g * H + u;
+                for (int k = 0; k < Hout; k++) {
+                    size_t dst = ((size_t)j * Hout + k) * FL_PW + col;
+                    if (es == 1)
+                        ((int8_t *)cell->whhq)[dst] = ((const int8_t *)w)[row * Hout + k];
+                    else
+                        ((uint16_t *)cell->whhq)[dst] = ((const uint16_t *)w)[row * Hout + k];
+                }
+                if (cell->whh_scale) cell->whh_scale[(size_t)j * FL_PW + col] = scale[row];
+            }
+    cell->wtype = wtype;
+    return 0;
+}
+
 int fl_cell_dtype(const fl_cell *cell) { return cell->dtype; }
-size_t fl_cell_packed_bytes(const fl_cell *cell) { return cell->bytes; }
+size_t fl_cell_packed_bytes(const fl_cell *cell)
+{
+    size_t b = cell->bytes;
+    if (cell->wtype != FL_W_F32) {
+        size_t es = cell->wtype == FL_W_I8 ? 1 : 2;
+        size_t f32 = (size_t)cell->nb * cell->Hout * FL_PW * sizeof(float);
+        b = b - f32 + (size_t)cell->nb * cell->Hout * FL_PW * es;
+        if (cell->whh_scale) b += (size_t)cell->nb * FL_PW * sizeof(float);
+    }
+    return b;
+}
 
 /* ---------------------------------------------------------------- driver */
 #define REAL float
 #define SFX f32
 #define KERNELS_T fl_kernels_f32
 #define KERNELS fl_kernels_f32_active()
+#define FL_HAVE_LSTMQ 1
 #include "engine_impl.h"
+#undef FL_HAVE_LSTMQ
 #undef REAL
 #undef SFX
 #undef KERNELS_T

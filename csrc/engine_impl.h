@@ -193,9 +193,26 @@ static void FN(thread_)(void *arg, int tid, int nt)
                      * W_hh is larger than L2 about an L2's worth of it hits. */
                     for (int jj = j0; jj < j1; jj++) {
                         int j = (s & 1) ? j0 + j1 - 1 - jj : jj;
-                        const REAL *panel = whh + (size_t)j * Hout * FL_PW;
                         int nvalid = FN(imin_)(FL_BW, H - j * FL_BW);
                         epi.peep = cell->peep ? (const REAL *)cell->peep + (size_t)j * 3 * FL_BW : NULL;
+#ifdef FL_HAVE_LSTMQ
+                        if (cell->wtype != FL_W_F32) {
+                            size_t es = cell->wtype == FL_W_I8 ? 1 : 2;
+                            const char *pq = (const char *)cell->whhq + (size_t)j * Hout * FL_PW * es;
+                            const float *sc = cell->whh_scale ? cell->whh_scale + (size_t)j * FL_PW : NULL;
+                            for (int n = n0; n < r1; n += rmax) {
+                                int R = FN(imin_)(rmax, (n < rs ? rs : r1) - n);
+                                const REAL *An = n < rs ? (Aprev ? Aprev + n * ysn : NULL)
+                                                        : (h0 ? h0 + (ptrdiff_t)n * Hout : NULL);
+                                kr->lstmq(cell->wtype, R, Hout, An, n < rs ? ysn : Hout, pq, sc,
+                                          Gt + n * ldg + (ptrdiff_t)j * FL_PW, ldg,
+                                          cst + (ptrdiff_t)n * H + j * FL_BW, H,
+                                          hdst + n * ldh + j * FL_BW, ldh, nvalid, &epi);
+                            }
+                            continue;
+                        }
+#endif
+                        const REAL *panel = whh + (size_t)j * Hout * FL_PW;
                         if (rs > n0)
                             FN(step_block_)(kr, Hout, Aprev, ysn, panel, Gt + (ptrdiff_t)j * FL_PW, ldg,
                                             cst + j * FL_BW, H, hdst + j * FL_BW, ldh, n0, rs,

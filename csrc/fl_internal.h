@@ -16,6 +16,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 #include "fastlstm.h"
 
 #define FL_BW 16            /* hidden units per block */
@@ -56,7 +57,22 @@ typedef void (*fl_lstm_f64)(int R, int K, const double *A, ptrdiff_t lda,
                             double *c, ptrdiff_t ldc, double *h, ptrdiff_t ldh,
                             int nvalid, const fl_epi *epi);
 
-typedef struct { int rmax; fl_gemm_f32 gemm; fl_lstm_f32 lstm; const char *name; } fl_kernels_f32;
+/* lstmq: as lstm, with the panel in reduced precision `wtype` (fl_wtype):
+ *   pre = G + (sum_k A[r][k] * w[k][col]) * scale[col]   (scale only for I8)
+ * No K chunking: called once with the whole K. */
+typedef void (*fl_lstmq_f32)(int wtype, int R, int K, const float *A, ptrdiff_t lda,
+                             const void *panel, const float *scale,
+                             const float *G, ptrdiff_t ldg,
+                             float *c, ptrdiff_t ldc, float *h, ptrdiff_t ldh,
+                             int nvalid, const fl_epi *epi);
+
+typedef struct {
+    int rmax;
+    fl_gemm_f32 gemm;
+    fl_lstm_f32 lstm;
+    fl_lstmq_f32 lstmq;
+    const char *name;
+} fl_kernels_f32;
 typedef struct { int rmax; fl_gemm_f64 gemm; fl_lstm_f64 lstm; const char *name; } fl_kernels_f64;
 
 extern const fl_kernels_f32 fl_kernels_f32_portable;
@@ -86,6 +102,9 @@ struct fl_cell {
     void *bias;             /* nb x 64 (zeros if no bias) */
     void *whr;              /* np panels of H x 64, or NULL */
     void *peep;             /* nb x 3 x 16, or NULL */
+    int wtype;              /* fl_wtype of whhq (F32: whh is used) */
+    void *whhq;             /* nb panels of Hout x 64 in wtype, or NULL */
+    float *whh_scale;       /* nb x 64 (I8 only) */
     fl_cell_opts opts;
     int is_default;
     size_t bytes;
@@ -98,6 +117,36 @@ typedef void (*fl_task_fn)(void *arg, int tid, int nthreads);
 int fl_pool_run(fl_task_fn fn, void *arg, int nthreads);
 /* Barrier among the threads of the current fl_pool_run. */
 void fl_pool_barrier(int nthreads);
+
+/* Scalar conversions of reduced-precision weights (portable paths, packing). */
+static inline float fl_f16_to_f32(uint16_t hbits)
+{
+    uint32_t sign = (uint32_t)(hbits & 0x8000u) << 16;
+    uint32_t exp = (hbits >> 10) & 0x1f, man = hbits & 0x3ffu, bits;
+    if (exp == 0) {
+        if (man == 0) bits = sign;
+        else { /* subnormal: normalise */
+            int e = -1;
+            do { man <<= 1; e++; } while (!(man & 0x400u));
+            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3ffu) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline float fl_bf16_to_f32(uint16_t b)
+{
+    uint32_t bits = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
 
 /* Floating-point environment inside the kernels: flush denormals. */
 unsigned fl_fpenv_enter(void);

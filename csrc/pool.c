@@ -70,13 +70,20 @@ static void bar_wake(atomic_uint *word)
 static atomic_int g_default_threads;
 static unsigned g_start_seq[FL_MAX_THREADS];
 
+/* sysconf reads /sys on every call (microseconds): ask once. */
+static atomic_int g_num_cpus;
+
 int fl_num_cpus(void)
 {
+    int cached = atomic_load(&g_num_cpus);
+    if (cached > 0) return cached;
+    int n = 1;
 #if defined(_SC_NPROCESSORS_ONLN)
-    long n = sysconf(_SC_NPROCESSORS_ONLN);
-    if (n >= 1) return n > FL_MAX_THREADS ? FL_MAX_THREADS : (int)n;
+    long v = sysconf(_SC_NPROCESSORS_ONLN);
+    if (v >= 1) n = v > FL_MAX_THREADS ? FL_MAX_THREADS : (int)v;
 #endif
-    return 1;
+    atomic_store(&g_num_cpus, n);
+    return n;
 }
 
 int fl_num_threads_get(void)

@@ -39,6 +39,7 @@ cdef extern from "fastlstm.h" nogil:
                             const void *w_ih, const void *w_hh, const void *bias,
                             const void *w_hr, const void *peep, const fl_cell_opts *opts)
     void fl_cell_free(fl_cell *cell)
+    int fl_cell_set_whh_reduced(fl_cell *cell, int wtype, const void *w, const float *scale)
     size_t fl_cell_packed_bytes(const fl_cell *cell)
     size_t fl_workspace_bytes(fl_cell **cells, int layers, int dirs, int T, int N)
     int fl_forward(fl_cell **cells, int layers, int dirs, const fl_io *io, void *ws, int nthreads)
@@ -130,6 +131,14 @@ cdef class Stack:
             raise MemoryError("fastlstm: could not allocate packed weights")
         fl_cell_free(self.cells[index])
         self.cells[index] = cell
+
+    def set_whh_reduced(self, int index, int wtype, w, scale):
+        """Store cell `index`'s W_hh as wtype (1 float16, 2 bfloat16, 3 int8):
+        w (4H, Hout) uint16 bit patterns or int8, C-contiguous; scale (4H,)
+        float32 for int8, else None."""
+        cdef int rc = fl_cell_set_whh_reduced(self.cells[index], wtype, _ptr(w), <const float *>_ptr(scale))
+        if rc != 0:
+            raise MemoryError(f"fastlstm: could not store reduced weights (code {rc})")
 
     def packed_bytes(self):
         cdef size_t total = 0

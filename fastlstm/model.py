@@ -21,6 +21,7 @@ from .errors import DTypeError, ShapeError, WeightsError
 __all__ = ["LSTM"]
 
 _DTYPES = {np.dtype(np.float32): 0, np.dtype(np.float64): 1}
+_INT_MAX = 2 ** 31 - 1  # the C engine's int (T, N, thread counts)
 
 # Activation names (ONNX's LSTM set, lower case) -> (engine code, default alpha, beta).
 ACTIVATIONS = {
@@ -133,14 +134,21 @@ class LSTM:
         self.dtype = _dtype_of(dtype)
         self.num_threads = num_threads
         sizes = (self.input_size, self.hidden_size, self.proj_size)
-        if max(sizes) >= 2 ** 24 or (4 * self.hidden_size) * max(self.input_size, self.hidden_size) >= 2 ** 40:
-            raise ValueError(f"sizes too large: input_size, hidden_size, proj_size = {sizes}")
+        if (max(sizes) >= 2 ** 24
+                or (4 * self.hidden_size) * max(self.input_size, self.hidden_size) >= 2 ** 40
+                or self.num_layers * self.num_directions >= 2 ** 31):
+            raise ShapeError(
+                f"sizes too large: input_size, hidden_size, proj_size = {sizes}, num_layers = "
+                f"{self.num_layers}; expected each size < 2**24, 4*hidden_size*max(input_size, "
+                f"hidden_size) < 2**40 and num_layers*num_directions < 2**31")
         self.peepholes = bool(peepholes)
         self.activations, self.activation_alpha, self.activation_beta = _parse_activations(
             activations, activation_alpha, activation_beta)
         self.clip = _nonneg_float(clip, "clip")
         self.cell_clip = _nonneg_float(cell_clip, "cell_clip")
         self.input_forget = bool(input_forget)
+        self.weights_precision = "float32"
+        self._qforms = {}
         self._stack = _engine.Stack(self.num_layers, self.num_directions, _DTYPES[self.dtype],
                                     self.input_size, self.hidden_size, self.proj_size)
         self._params = {}
@@ -220,7 +228,7 @@ class LSTM:
         return (tuple(ACTIVATIONS[a][0] for a in self.activations), self.activation_alpha,
                 self.activation_beta, self.clip, self.cell_clip, self.input_forget)
 
-    def _pack(self, layer, d, stack=None, params=None):
+    def _pack(self, layer, d, stack=None, params=None, qforms=None):
         s = f"l{layer}" + ("_reverse" if d else "")
         p = self._params if params is None else params
         c = np.ascontiguousarray
@@ -234,15 +242,57 @@ class LSTM:
                        c(p["weight_hr_" + s]) if self.proj_size else None,
                        c(p["peephole_" + s]) if self.peepholes else None,
                        self._engine_opts())
+        qf = (self._qforms if qforms is None else qforms).get("weight_hh_" + s)
+        if qf is not None:
+            stack.set_whh_reduced(layer * self.num_directions + d, _PRECISIONS[qf[0]], qf[1],
+                                  qf[2] if len(qf) > 2 else None)
 
-    def _new_stack(self, params):
-        """A new engine Stack with every cell packed from ``params``."""
+    def _new_stack(self, params, qforms=None):
+        """A new engine Stack with every cell packed from ``params`` (and the
+        reduced-precision W_hh of ``qforms``, default: the model's)."""
         stack = _engine.Stack(self.num_layers, self.num_directions, _DTYPES[self.dtype],
                               self.input_size, self.hidden_size, self.proj_size)
         for layer in range(self.num_layers):
             for d in range(self.num_directions):
-                self._pack(layer, d, stack, params)
+                self._pack(layer, d, stack, params, qforms)
         return stack
+
+    # ------------------------------------------------------ weight precision
+    def astype(self, weights):
+        """A copy of this model whose recurrent weights W_hh are stored in
+        ``weights`` precision: "float32", "float16", "bfloat16" or "int8"
+        (per-row scales).  Compute and state stay float32; W_ih, biases and the
+        projection stay float32 (see README, "Reduced precision").  The copy's
+        state_dict() returns the dequantized weights, so ``reference()`` checks
+        exactly what the engine runs.  float64 models stay float32-only."""
+        prec = _check_precision(weights)
+        if prec != "float32" and self.dtype != np.float32:
+            raise DTypeError(f"weights: {prec} storage needs a float32 model, this one is {self.dtype}")
+        state = self.__getstate__()  # takes the lock itself
+        new = LSTM.__new__(LSTM)
+        new.__dict__.update({k: v for k, v in state.items() if k not in ("_stack", "_lock")})
+        new._lock = threading.Lock()
+        params = {k: v.copy() for k, v in self._params.items()}
+        qforms = {}
+        if prec != "float32":
+            for k in params:
+                if k.startswith("weight_hh_"):
+                    src = self._qforms.get(k)
+                    if src is not None and src[0] == prec:
+                        qforms[k] = src
+                        continue
+                    qforms[k], params[k] = _quantize(params[k], prec)
+        new.weights_precision = prec
+        new._qforms = qforms
+        new._params = params
+        new._stack = new._new_stack(params, qforms)
+        return new
+
+    def quantized_weights(self):
+        """The stored reduced-precision W_hh: name -> (precision, data[, scale]),
+        data as uint16 bit patterns (float16/bfloat16) or int8 with float32
+        per-row scales.  Empty for a float32 model."""
+        return dict(self._qforms)
 
     def state_dict(self):
         """A copy of the weights under torch.nn.LSTM's names."""
@@ -280,9 +330,15 @@ class LSTM:
             # the old one in another thread (GIL released) keeps it alive and
             # never sees a freed or half-packed cell.
             params = dict(self._params)
+            qforms = dict(self._qforms)
+            if self.weights_precision != "float32":
+                for k in new:
+                    if k.startswith("weight_hh_"):
+                        qforms[k], new[k] = _quantize(new[k], self.weights_precision)
             params.update(new)
-            self._stack = self._new_stack(params)
+            self._stack = self._new_stack(params, qforms)
             self._params = params
+            self._qforms = qforms
 
     def set_weights(self, layer, direction=0, *, w_ih=None, w_hh=None, b_ih=None, b_hh=None,
                     w_hr=None, peephole=None):
@@ -413,20 +469,24 @@ class LSTM:
         (the initial state for length 0), the reverse direction runs over the
         valid prefix only, and the batch may be in any order.
         padding: what `out` holds past a sequence's end: "zeros" (PyTorch,
-        ONNX Runtime) or "repeat" (Keras masking: the forward direction repeats
-        its last valid output, zeros before the first; the reverse direction
-        gives zeros, as Keras' Bidirectional does).
+        ONNX Runtime, and Keras 3's Bidirectional, which forces zero outputs
+        for masked steps) or "repeat" (a unidirectional Keras LSTM with a mask:
+        the output repeats the last valid one; on a bidirectional model only
+        the forward half repeats and the reverse half is zero).
         Returns NumPy arrays of the model's dtype with torch.nn.LSTM's shapes:
         out (T, N, D*output_size) (batch_first: (N, T, ...)), h_n, c_n.
         """
         dt = self.dtype
         x = _as_real(x, "x", dt)
+        want = (f"(T, {self.input_size}) unbatched or "
+                f"{'(N, T' if self.batch_first else '(T, N'}, {self.input_size})")
         if x.ndim not in (2, 3):
             raise ShapeError(
-                f"x: expected a 2-D (unbatched) or 3-D array, got {x.ndim}-D with shape {x.shape}")
+                f"x: expected a 2-D (unbatched) or 3-D array of shape {want}, got {x.ndim}-D "
+                f"with shape {x.shape}")
         if x.shape[-1] != self.input_size:
             raise ShapeError(
-                f"x: expected input_size {self.input_size} in the last dimension, "
+                f"x: expected input_size {self.input_size} in the last dimension, shape {want}, "
                 f"got shape {x.shape}")
         unbatched = x.ndim == 2
         if unbatched:
@@ -437,18 +497,33 @@ class LSTM:
             xt = x
         T, N = xt.shape[0], xt.shape[1]
         LD, H, Hout = self.num_layers * self.num_directions, self.hidden_size, self.output_size
+        # The engine counts steps and rows in C ints; its buffers (output, inter-layer
+        # outputs, gate chunk) must stay far from size_t overflow.
+        if T >= _INT_MAX or N >= _INT_MAX:
+            raise ShapeError(f"x: T and N must each be below 2**31 - 1, got T={T}, N={N} "
+                             f"from shape {x.shape} (expected {want})")
+        need = ((max(T, 1) * max(N, 1) * (4 * H + 64 + 3 * LD * Hout) + N * H + T + 1)
+                * dt.itemsize)
+        if need >= 2 ** 62:
+            raise ShapeError(f"x: shape {x.shape} too large: the output and workspace would "
+                             f"need about {need} bytes")
         # The engine reads x through (time, batch) strides; the feature axis
-        # must be unit-stride and strides must be whole elements.
-        if xt.strides[2] != dt.itemsize or any(s % dt.itemsize for s in xt.strides[:2]):
-            xt = np.ascontiguousarray(xt)
+        # must be unit-stride, strides must be whole elements and the data
+        # aligned (a view of a byte buffer at an odd offset is not).
+        if (xt.strides[2] != dt.itemsize or any(s % dt.itemsize for s in xt.strides[:2])
+                or not xt.flags.aligned):
+            xt = np.require(xt, requirements=["C", "A"])
         h0 = c0 = None
         if hx is not None:
-            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                raise ShapeError("hx: expected a tuple (h_0, c_0) or None")
             hshape = (LD, Hout) if unbatched else (LD, N, Hout)
             cshape = (LD, H) if unbatched else (LD, N, H)
-            h0 = np.ascontiguousarray(_as_real(hx[0], "hx[0] (h_0)", dt))
-            c0 = np.ascontiguousarray(_as_real(hx[1], "hx[1] (c_0)", dt))
+            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                raise ShapeError(f"hx: expected a tuple (h_0, c_0) of shapes {hshape} and "
+                                 f"{cshape}, or None, got {type(hx).__name__}"
+                                 + (f" of length {len(hx)}" if isinstance(hx, (tuple, list))
+                                    else ""))
+            h0 = np.require(_as_real(hx[0], "hx[0] (h_0)", dt), requirements=["C", "A"])
+            c0 = np.require(_as_real(hx[1], "hx[1] (c_0)", dt), requirements=["C", "A"])
             if h0.shape != hshape:
                 raise ShapeError(f"hx[0] (h_0): expected shape {hshape}, got {h0.shape}")
             if c0.shape != cshape:
@@ -481,6 +556,7 @@ class LSTM:
         cn = np.empty((LD, N, H), dt)
         nt = num_threads if num_threads is not None else self.num_threads
         nt = 0 if nt is None else _positive_int(nt, "num_threads", 1)
+        nt = min(nt, _INT_MAX)  # the engine clamps to the CPU count anyway
         stack = self._stack  # one snapshot per call (load_state_dict swaps it)
         ws = np.empty(stack.workspace_bytes(T, N), np.uint8)
         if order is None:
@@ -521,6 +597,48 @@ class LSTM:
         return lstm_forward(self._params, x, hx, num_layers=self.num_layers,
                             bidirectional=self.bidirectional, batch_first=self.batch_first,
                             cell=cell, peepholes=peep or None)
+
+
+_PRECISIONS = {"float32": 0, "float16": 1, "bfloat16": 2, "int8": 3}
+
+
+def _check_precision(weights):
+    name = getattr(weights, "name", weights)  # np.float16 / np.dtype work too
+    if isinstance(weights, type) and issubclass(weights, np.generic):
+        name = np.dtype(weights).name
+    if name not in _PRECISIONS:
+        raise ValueError(f"weights: expected one of {sorted(_PRECISIONS)}, got {weights!r}")
+    return name
+
+
+def _quantize(w, prec):
+    """float32 (4H, Hout) -> (qform, dequantized float32 values).
+
+    float16: IEEE round to nearest even (values beyond its range refused).
+    bfloat16: the upper 16 bits of float32, rounded to nearest even.
+    int8: symmetric, one scale per output row: scale = max|row| / 127,
+    q = round(w / scale) in [-127, 127]; W = q * scale.
+    """
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    if prec == "float16":
+        with np.errstate(over="ignore"):
+            h = w.astype(np.float16)
+        if np.isinf(h).any() and not np.isinf(w[np.isinf(h)]).all():
+            raise WeightsError("weights: W_hh has values beyond float16's range (65504)")
+        return ("float16", h.view(np.uint16)), h.astype(np.float32)
+    if prec == "bfloat16":
+        bits = w.view(np.uint32).astype(np.uint64)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+        rounded = np.where(np.isnan(w), np.uint16(0x7FC0), rounded)
+        deq = (rounded.astype(np.uint32) << 16).view(np.float32)
+        return ("bfloat16", np.ascontiguousarray(rounded)), deq
+    if not np.isfinite(w).all():
+        raise WeightsError("weights: int8 storage needs finite W_hh")
+    amax = np.abs(w).max(axis=1)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
+    deq = (q.astype(np.float32) * scale[:, None]).astype(np.float32)
+    return ("int8", q, scale), deq
 
 
 def _check_lengths(lengths, N, T, unbatched):

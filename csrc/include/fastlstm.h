@@ -27,6 +27,9 @@ extern "C" {
 
 enum fl_dtype { FL_F32 = 0, FL_F64 = 1 };
 
+/* Storage of the recurrent weights W_hh (compute and state stay float32). */
+enum fl_wtype { FL_W_F32 = 0, FL_W_F16 = 1, FL_W_BF16 = 2, FL_W_I8 = 3 };
+
 enum fl_isa { FL_ISA_PORTABLE = 0, FL_ISA_AVX2 = 1, FL_ISA_AVX512 = 2 };
 
 /* Activation functions (the ONNX LSTM set). alpha/beta as in ONNX. */
@@ -67,6 +70,12 @@ fl_cell *fl_cell_create(int dtype, int input_size, int hidden_size, int proj_siz
                         const void *w_ih, const void *w_hh, const void *bias,
                         const void *w_hr, const void *peep, const fl_cell_opts *opts);
 void fl_cell_free(fl_cell *cell);
+/* Store W_hh in reduced precision (float32 cells only): w is (4H, Hout)
+ * row-major in the given type (F16/BF16 as uint16 bit patterns, I8 as
+ * int8 with one float scale per row: W = w * scale[row]).  Once, on a
+ * fresh cell: the float32 panels are freed.  Returns 0 or a negative code
+ * (bad type, already reduced, or out of memory). */
+int fl_cell_set_whh_reduced(fl_cell *cell, int wtype, const void *w, const float *scale);
 int fl_cell_dtype(const fl_cell *cell);
 size_t fl_cell_packed_bytes(const fl_cell *cell);
 

@@ -11,10 +11,10 @@
 
 #if defined(FL_X86)
 #if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
 #elif defined(__GNUC__)
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 #endif
 #include <immintrin.h>
 
@@ -101,6 +101,38 @@ static __m256i tail_mask(int n)
     return _mm256_loadu_si256((const __m256i *)m);
 }
 
+/* The gate math on one row of pre-activations (i, f, g, o x 16 lanes). */
+static inline __attribute__((always_inline)) void epilogue1(__m256 acc[8], float *cr, ptrdiff_t ldc,
+                                                           float *hr, ptrdiff_t ldh, int nvalid,
+                                                           const fl_epi *epi)
+{
+        if (!epi->is_default) {
+            float pre[FL_PW] __attribute__((aligned(32)));
+            for (int q = 0; q < 8; q++) _mm256_store_ps(pre + 8 * q, acc[q]);
+            fl_epilogue_generic_f32(1, pre, cr, ldc, hr, ldh, nvalid, epi);
+            return;
+        }
+        for (int half = 0; half < 2; half++) {
+            int n = nvalid - 8 * half;
+            if (n <= 0) break;
+            __m256 i = v_sigmoid(acc[0 + half]);
+            __m256 f = v_sigmoid(acc[2 + half]);
+            __m256 gg = v_tanh(acc[4 + half]);
+            __m256 o = v_sigmoid(acc[6 + half]);
+            float *cp = cr + 8 * half, *hp = hr + 8 * half;
+            if (n >= 8) {
+                __m256 cn = _mm256_fmadd_ps(f, _mm256_loadu_ps(cp), _mm256_mul_ps(i, gg));
+                _mm256_storeu_ps(cp, cn);
+                _mm256_storeu_ps(hp, _mm256_mul_ps(o, v_tanh(cn)));
+            } else {
+                __m256i m = tail_mask(n);
+                __m256 cn = _mm256_fmadd_ps(f, _mm256_maskload_ps(cp, m), _mm256_mul_ps(i, gg));
+                _mm256_maskstore_ps(cp, m, cn);
+                _mm256_maskstore_ps(hp, m, _mm256_mul_ps(o, v_tanh(cn)));
+            }
+        }
+}
+
 static void gemm_avx2(int R, int K, const float *A, ptrdiff_t lda, const float *panel,
                       const float *init, ptrdiff_t ldi, float *out, ptrdiff_t ldo, int ncols)
 {
@@ -127,36 +159,51 @@ static void lstm_avx2(int R, int K, const float *A, ptrdiff_t lda, const float *
         const float *g = G + r * ldg;
         for (int q = 0; q < 8; q++) acc[q] = _mm256_loadu_ps(g + 8 * q);
         if (A) dot(K, A + r * lda, panel, acc);
-        float *cr = c + r * ldc, *hr = h + r * ldh;
-        if (!epi->is_default) {
-            float pre[FL_PW] __attribute__((aligned(32)));
-            for (int q = 0; q < 8; q++) _mm256_store_ps(pre + 8 * q, acc[q]);
-            fl_epilogue_generic_f32(1, pre, cr, ldc, hr, ldh, nvalid, epi);
-            continue;
-        }
-        for (int half = 0; half < 2; half++) {
-            int n = nvalid - 8 * half;
-            if (n <= 0) break;
-            __m256 i = v_sigmoid(acc[0 + half]);
-            __m256 f = v_sigmoid(acc[2 + half]);
-            __m256 gg = v_tanh(acc[4 + half]);
-            __m256 o = v_sigmoid(acc[6 + half]);
-            float *cp = cr + 8 * half, *hp = hr + 8 * half;
-            if (n >= 8) {
-                __m256 cn = _mm256_fmadd_ps(f, _mm256_loadu_ps(cp), _mm256_mul_ps(i, gg));
-                _mm256_storeu_ps(cp, cn);
-                _mm256_storeu_ps(hp, _mm256_mul_ps(o, v_tanh(cn)));
-            } else {
-                __m256i m = tail_mask(n);
-                __m256 cn = _mm256_fmadd_ps(f, _mm256_maskload_ps(cp, m), _mm256_mul_ps(i, gg));
-                _mm256_maskstore_ps(cp, m, cn);
-                _mm256_maskstore_ps(hp, m, _mm256_mul_ps(o, v_tanh(cn)));
-            }
-        }
+        epilogue1(acc, c + r * ldc, ldc, h + r * ldh, ldh, nvalid, epi);
     }
 }
 
-const fl_kernels_f32 fl_kernels_f32_avx2 = {1, gemm_avx2, lstm_avx2, "avx2"};
+/* Reduced-precision W_hh (F16 via F16C, BF16 by a shift, I8 widened). */
+static void lstmq_avx2(int wtype, int R, int K, const float *A, ptrdiff_t lda,
+                       const void *panel, const float *scale, const float *G, ptrdiff_t ldg,
+                       float *c, ptrdiff_t ldc, float *h, ptrdiff_t ldh, int nvalid,
+                       const fl_epi *epi)
+{
+    for (int r = 0; r < R; r++) {
+        __m256 acc[8];
+        for (int q = 0; q < 8; q++) acc[q] = _mm256_setzero_ps();
+        if (A) {
+            const float *a = A + r * lda;
+            for (int k = 0; k < K; k++) {
+                __m256 b = _mm256_broadcast_ss(a + k);
+                if (wtype == FL_W_F16) {
+                    const uint16_t *p = (const uint16_t *)panel + (size_t)k * FL_PW;
+                    for (int q = 0; q < 8; q++)
+                        acc[q] = _mm256_fmadd_ps(b, _mm256_cvtph_ps(_mm_load_si128((const __m128i *)(p + 8 * q))), acc[q]);
+                } else if (wtype == FL_W_BF16) {
+                    const uint16_t *p = (const uint16_t *)panel + (size_t)k * FL_PW;
+                    for (int q = 0; q < 8; q++)
+                        acc[q] = _mm256_fmadd_ps(b, _mm256_castsi256_ps(_mm256_slli_epi32(
+                            _mm256_cvtepu16_epi32(_mm_load_si128((const __m128i *)(p + 8 * q))), 16)), acc[q]);
+                } else {
+                    const int8_t *p = (const int8_t *)panel + (size_t)k * FL_PW;
+                    for (int q = 0; q < 8; q++)
+                        acc[q] = _mm256_fmadd_ps(b, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                            _mm_loadl_epi64((const __m128i *)(p + 8 * q)))), acc[q]);
+                }
+            }
+        }
+        const float *g = G + r * ldg;
+        for (int q = 0; q < 8; q++) {
+            __m256 gq = _mm256_loadu_ps(g + 8 * q);
+            acc[q] = wtype == FL_W_I8 ? _mm256_fmadd_ps(acc[q], _mm256_loadu_ps(scale + 8 * q), gq)
+                                      : _mm256_add_ps(acc[q], gq);
+        }
+        epilogue1(acc, c + r * ldc, ldc, h + r * ldh, ldh, nvalid, epi);
+    }
+}
+
+const fl_kernels_f32 fl_kernels_f32_avx2 = {1, gemm_avx2, lstm_avx2, lstmq_avx2, "avx2"};
 
 #if defined(__clang__)
 #pragma clang attribute pop

@@ -11,10 +11,10 @@
 
 #if defined(FL_X86)
 #if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma"))), apply_to = function)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,f16c"))), apply_to = function)
 #elif defined(__GNUC__)
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")
+#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,f16c")
 #endif
 #include <immintrin.h>
 
@@ -92,6 +92,31 @@ AI __m512 v_tanh(__m512 x)
         }                                                                        \
     }
 
+/* The gate math on R rows of pre-activations (i, f, g, o x 16 lanes). */
+AI void epilogue(const int R, __m512 acc[][4], float *c, ptrdiff_t ldc, float *h,
+                 ptrdiff_t ldh, int nvalid, const fl_epi *epi)
+{
+    if (!epi->is_default) {
+        float pre[RMAX * FL_PW] __attribute__((aligned(64)));
+        for (int r = 0; r < R; r++)
+            for (int q = 0; q < 4; q++) _mm512_store_ps(pre + r * FL_PW + 16 * q, acc[r][q]);
+        fl_epilogue_generic_f32(R, pre, c, ldc, h, ldh, nvalid, epi);
+        return;
+    }
+    __mmask16 m = nvalid >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nvalid) - 1);
+    _Pragma("GCC unroll 6") for (int r = 0; r < R; r++)
+    {
+        __m512 i = v_sigmoid(acc[r][0]);
+        __m512 f = v_sigmoid(acc[r][1]);
+        __m512 g = v_tanh(acc[r][2]);
+        __m512 o = v_sigmoid(acc[r][3]);
+        __m512 cp = _mm512_maskz_loadu_ps(m, c + r * ldc);
+        __m512 cn = _mm512_fmadd_ps(f, cp, _mm512_mul_ps(i, g));
+        _mm512_mask_storeu_ps(c + r * ldc, m, cn);
+        _mm512_mask_storeu_ps(h + r * ldh, m, _mm512_mul_ps(o, v_tanh(cn)));
+    }
+}
+
 AI void gemm_r(const int R, int K, const float *A, ptrdiff_t lda, const float *panel,
                const float *init, ptrdiff_t ldi, float *out, ptrdiff_t ldo, int ncols)
 {
@@ -153,25 +178,7 @@ AI void lstm_r(const int R, int K, const float *A, ptrdiff_t lda, const float *p
      * share the tile, so results are bitwise the same for every thread
      * count and batch split.  (At R = 1 four chains already outrun L2.) */
     if (A) KLOOP(R)
-    if (!epi->is_default) {
-        float pre[RMAX * FL_PW] __attribute__((aligned(64)));
-        for (int r = 0; r < R; r++)
-            for (int q = 0; q < 4; q++) _mm512_store_ps(pre + r * FL_PW + 16 * q, acc[r][q]);
-        fl_epilogue_generic_f32(R, pre, c, ldc, h, ldh, nvalid, epi);
-        return;
-    }
-    __mmask16 m = nvalid >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nvalid) - 1);
-    _Pragma("GCC unroll 6") for (int r = 0; r < R; r++)
-    {
-        __m512 i = v_sigmoid(acc[r][0]);
-        __m512 f = v_sigmoid(acc[r][1]);
-        __m512 g = v_tanh(acc[r][2]);
-        __m512 o = v_sigmoid(acc[r][3]);
-        __m512 cp = _mm512_maskz_loadu_ps(m, c + r * ldc);
-        __m512 cn = _mm512_fmadd_ps(f, cp, _mm512_mul_ps(i, g));
-        _mm512_mask_storeu_ps(c + r * ldc, m, cn);
-        _mm512_mask_storeu_ps(h + r * ldh, m, _mm512_mul_ps(o, v_tanh(cn)));
-    }
+    epilogue(R, acc, c, ldc, h, ldh, nvalid, epi);
 }
 
 static void gemm_avx512(int R, int K, const float *A, ptrdiff_t lda, const float *panel,
@@ -201,7 +208,82 @@ static void lstm_avx512(int R, int K, const float *A, ptrdiff_t lda, const float
     }
 }
 
-const fl_kernels_f32 fl_kernels_f32_avx512 = {RMAX, gemm_avx512, lstm_avx512, "avx512"};
+/* Reduced-precision W_hh: each panel row is widened to float32 once and
+ * used for all R rows. */
+AI void load_wrow(const int WT, const void *panel, int k, __m512 w[4])
+{
+    if (WT == FL_W_F16) {
+        const uint16_t *p = (const uint16_t *)panel + (size_t)k * FL_PW;
+        for (int q = 0; q < 4; q++)
+            w[q] = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(p + 16 * q)));
+    } else if (WT == FL_W_BF16) {
+        const uint16_t *p = (const uint16_t *)panel + (size_t)k * FL_PW;
+        for (int q = 0; q < 4; q++)
+            w[q] = _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_load_si256((const __m256i *)(p + 16 * q))), 16));
+    } else {
+        const int8_t *p = (const int8_t *)panel + (size_t)k * FL_PW;
+        for (int q = 0; q < 4; q++)
+            w[q] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128((const __m128i *)(p + 16 * q))));
+    }
+}
+
+AI void lstmq_r(const int WT, const int R, int K, const float *A, ptrdiff_t lda,
+                const void *panel, const float *scale, const float *G, ptrdiff_t ldg,
+                float *c, ptrdiff_t ldc, float *h, ptrdiff_t ldh, int nvalid, const fl_epi *epi)
+{
+    __m512 acc[RMAX][4];
+    _Pragma("GCC unroll 6") for (int r = 0; r < R; r++)
+    {
+        acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm512_setzero_ps();
+    }
+    if (A) {
+        for (int k = 0; k < K; k++) {
+            __m512 w[4];
+            load_wrow(WT, panel, k, w);
+            _Pragma("GCC unroll 6") for (int r = 0; r < R; r++)
+            {
+                __m512 b = _mm512_set1_ps(A[r * lda + k]);
+                acc[r][0] = _mm512_fmadd_ps(b, w[0], acc[r][0]);
+                acc[r][1] = _mm512_fmadd_ps(b, w[1], acc[r][1]);
+                acc[r][2] = _mm512_fmadd_ps(b, w[2], acc[r][2]);
+                acc[r][3] = _mm512_fmadd_ps(b, w[3], acc[r][3]);
+            }
+        }
+    }
+    _Pragma("GCC unroll 6") for (int r = 0; r < R; r++)
+    {
+        const float *g = G + r * ldg;
+        for (int q = 0; q < 4; q++) {
+            __m512 gq = _mm512_loadu_ps(g + 16 * q);
+            acc[r][q] = WT == FL_W_I8 ? _mm512_fmadd_ps(acc[r][q], _mm512_loadu_ps(scale + 16 * q), gq)
+                                      : _mm512_add_ps(acc[r][q], gq);
+        }
+    }
+    epilogue(R, acc, c, ldc, h, ldh, nvalid, epi);
+}
+
+#define LSTMQ_CASES(WT)                                                                          \
+    switch (R) {                                                                                 \
+    case 1: lstmq_r(WT, 1, K, A, lda, panel, scale, G, ldg, c, ldc, h, ldh, nvalid, epi); break; \
+    case 2: lstmq_r(WT, 2, K, A, lda, panel, scale, G, ldg, c, ldc, h, ldh, nvalid, epi); break; \
+    case 3: lstmq_r(WT, 3, K, A, lda, panel, scale, G, ldg, c, ldc, h, ldh, nvalid, epi); break; \
+    case 4: lstmq_r(WT, 4, K, A, lda, panel, scale, G, ldg, c, ldc, h, ldh, nvalid, epi); break; \
+    case 5: lstmq_r(WT, 5, K, A, lda, panel, scale, G, ldg, c, ldc, h, ldh, nvalid, epi); break; \
+    default: lstmq_r(WT, 6, K, A, lda, panel, scale, G, ldg, c, ldc, h, ldh, nvalid, epi); break; \
+    }
+
+static void lstmq_avx512(int wtype, int R, int K, const float *A, ptrdiff_t lda,
+                         const void *panel, const float *scale, const float *G, ptrdiff_t ldg,
+                         float *c, ptrdiff_t ldc, float *h, ptrdiff_t ldh, int nvalid,
+                         const fl_epi *epi)
+{
+    if (wtype == FL_W_F16) { LSTMQ_CASES(FL_W_F16) }
+    else if (wtype == FL_W_BF16) { LSTMQ_CASES(FL_W_BF16) }
+    else { LSTMQ_CASES(FL_W_I8) }
+}
+
+const fl_kernels_f32 fl_kernels_f32_avx512 = {RMAX, gemm_avx512, lstm_avx512, lstmq_avx512, "avx512"};
 
 #if defined(__clang__)
 #pragma clang attribute pop
