@@ -11,7 +11,8 @@
 # instrumented).  Leak detection is off (the interpreter's own allocations
 # would be reported); any ASan or UBSan report stops the run and fails it.
 # Uses the active python (its numpy; Cython and setuptools are installed into
-# it if missing).  Needs gcc (or clang with CC=clang).
+# it if missing).  Needs gcc with its sanitizer runtimes (libasan, libubsan;
+# CC may name another gcc).
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 py="${PYTHON:-python}"
