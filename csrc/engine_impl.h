@@ -269,8 +269,11 @@ static size_t FN(plan_)(fl_cell *const *cells, int L, int D, int T, int N, int *
 {
     const fl_cell *c = cells[0];
     size_t row = (size_t)c->nb * FL_PW * sizeof(REAL) * (size_t)(N > 0 ? N : 1);
-    size_t tc = (size_t)(2u << 20) / row;   /* G chunk of about 2 MB */
-    if (tc < 8) tc = 8;                      /* but at least 8 steps ... */
+    /* G chunk: about 1 MB, so the step reads its gate inputs from L2, but at
+     * least ~48 rows so the input GEMM keeps its panels busy. */
+    size_t tc = (size_t)(1u << 20) / row;
+    size_t tmin = (size_t)(48 + (N > 0 ? N : 1) - 1) / (size_t)(N > 0 ? N : 1);
+    if (tc < tmin) tc = tmin;
     if ((size_t)T < tc) tc = (size_t)(T > 0 ? T : 1);
     *TC = (int)tc;
     size_t bytes = (tc * row + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN;
@@ -345,7 +348,8 @@ static int FN(forward_)(fl_cell *const *cells, int L, int D, const fl_io *io, vo
             cx.split_batch = 1;
         }
     }
-    if (T == 0 || N == 0 || total == 0) nt = 1;
+    /* A whole call of less than ~20 us of work: waking workers costs more. */
+    if (T == 0 || N == 0 || total == 0 || flops_step * (double)T < 2.0e6) nt = 1;
     if (cx.split_batch && nt > 1) {
         long acc = 0;
         int k = 1;

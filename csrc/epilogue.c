@@ -24,7 +24,7 @@ static double act(int kind, double x, double alpha, double beta)
     }
     case FL_ACT_AFFINE: return alpha * x + beta;
     case FL_ACT_LEAKYRELU: return x >= 0 ? x : (x == x ? alpha * x : x);
-    case FL_ACT_THRESHOLDEDRELU: return x > alpha ? x : (x == x ? 0.0 : x);
+    case FL_ACT_THRESHOLDEDRELU: return x > alpha ? x : 0.0; /* NaN -> 0, as ONNX Runtime */
     case FL_ACT_SCALEDTANH: return alpha * tanh(beta * x);
     case FL_ACT_ELU: return x >= 0 ? x : (x == x ? alpha * (exp(x) - 1.0) : x);
     case FL_ACT_SOFTSIGN: return x / (1.0 + fabs(x));

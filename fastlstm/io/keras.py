@@ -1070,6 +1070,9 @@ def _open_source(source, config=None, keras_version=None):
     raise FormatError(f"{what}: neither a .keras archive nor an HDF5 file")
 
 
+_MAX_INFLATE_RATIO = 100
+
+
 def _keras_archive(source, what, config, keras_version):
     try:
         zf = zipfile.ZipFile(source)
@@ -1094,7 +1097,11 @@ def _keras_archive(source, what, config, keras_version):
             if cfg_bytes is None and config is None:
                 raise FormatError(f"{what}: no config.json in the archive")
             meta_bytes = read("metadata.json", _MAX_JSON)
-            weights = zf.read("model.weights.h5")
+            # Zip bombs: the member's declared size bounds what zipfile
+            # inflates; allow real weights (which barely compress) but refuse
+            # a ratio no weight file reaches.
+            winfo = zf.getinfo("model.weights.h5")
+            weights = read("model.weights.h5", _MAX_INFLATE_RATIO * winfo.compress_size + (1 << 20))
     except FastLSTMError:
         raise
     except Exception as exc:  # noqa: BLE001 - zlib.error, BadZipFile, EOFError, ...
