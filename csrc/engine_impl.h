@@ -344,7 +344,10 @@ static int FN(forward_)(fl_cell *const *cells, int L, int D, const fl_io *io, vo
         if (flops_step / nt < 2.0e5 || c->nb < nt) {
             if (N >= nt) cx.split_batch = 1;
             else nt = 1;
-        } else if (N >= 16 * nt && flops_step < 4.0e6) {
+        } else if (N >= 8 * nt) {
+            /* Enough rows per thread (>= 8) that each step is compute-bound
+             * even when every thread reads all of W_hh: no barriers at all,
+             * which also keeps a call fast when a core is shared. */
             cx.split_batch = 1;
         }
     }
