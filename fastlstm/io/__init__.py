@@ -226,17 +226,24 @@ def list_stacks(path, *, format=None):
     return list(_format(path, format).list_stacks(os.fspath(path)))
 
 
-def load(path, name=None, *, format=None, **kwargs):
+def load(path, name=None, *, format=None, weights=None, **kwargs):
     """Load an LSTM from a weights file as a fastlstm.LSTM.
 
     The format is recognised by content (see :func:`formats`).  ``name``
     picks one stack when the file holds several (see :func:`list_stacks`).
+    ``weights`` ("float32", "float16", "bfloat16" or "int8") returns
+    ``model.astype(weights)``: the recurrent weights stored in that precision
+    (a fastlstm file already in that precision keeps its stored weights).
     Other keyword arguments go to the format's loader; the built-in loaders
     of framework files take ``batch_first``, ``dtype``, ``num_threads`` and
     the cell options of ``fastlstm.LSTM``; a fastlstm file takes
-    ``batch_first`` and ``num_threads``.
+    ``batch_first``, ``dtype`` and ``num_threads``.
     """
-    return _format(path, format).load(os.fspath(path), name, **kwargs)
+    if weights is not None:
+        from ..model import _check_precision
+        weights = _check_precision(weights)  # ValueError before reading the file
+    model = _format(path, format).load(os.fspath(path), name, **kwargs)
+    return model if weights is None else model.astype(weights)
 
 
 # ------------------------------------------------------------------ built-ins

@@ -13,6 +13,21 @@ JSON::
      "activation_beta": [...], "clip": 0.0, "cell_clip": 0.0, "input_forget": false}
 
 Loading round-trips exactly: same configuration, bitwise-equal weights.
+
+Reduced-precision models (``LSTM.astype("float16" | "bfloat16" | "int8")``)
+are written with ``"version": 2`` and ``"weights_precision"`` in the
+configuration, and their recurrent weights in the stored precision:
+
+* ``float16``: ``weight_hh_*`` as F16 tensors;
+* ``bfloat16``: ``weight_hh_*`` as BF16 tensors;
+* ``int8``: no ``weight_hh_*``; instead ``weight_hh_*.int8`` (I8, shape
+  (4*hidden, hidden_or_proj)) and ``weight_hh_*.scale`` (F32, shape
+  (4*hidden,)), with W_hh = int8 * scale[:, None] (one scale per row).
+
+Everything else stays F32.  Loading restores the same stored weights bit for
+bit (``quantized_weights()`` equal, outputs bitwise equal).  Files of
+float32 models keep version 1, so older fastlstm versions still read them;
+they refuse version 2 files with a clear message.
 """
 from __future__ import annotations
 
@@ -28,7 +43,7 @@ __all__ = ["save_model", "load_model", "list_stacks", "read_config", "FORMAT_NAM
            "FORMAT_VERSION", "METADATA_KEY"]
 
 FORMAT_NAME = "fastlstm"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this module reads; float32 models are written as 1
 METADATA_KEY = "fastlstm"
 
 _CONFIG_TYPES = {
@@ -38,13 +53,17 @@ _CONFIG_TYPES = {
     "activation_beta": list, "clip": float, "cell_clip": float, "input_forget": bool,
 }
 _DTYPE_CODES = {"float32": "F32", "float64": "F64"}
+# weights_precision -> safetensors dtype of W_hh (int8: the codes; scales are F32)
+_PRECISION_CODES = {"float16": "F16", "bfloat16": "BF16", "int8": "I8"}
+INT8_SUFFIX = ".int8"
+SCALE_SUFFIX = ".scale"
 
 
 def model_config(model):
     """The JSON-able configuration of a fastlstm.LSTM."""
     opts = model.cell_options()
-    return {
-        "format": FORMAT_NAME, "version": FORMAT_VERSION,
+    cfg = {
+        "format": FORMAT_NAME, "version": 1,
         "input_size": model.input_size, "hidden_size": model.hidden_size,
         "num_layers": model.num_layers, "bias": model.bias, "batch_first": model.batch_first,
         "bidirectional": model.bidirectional, "proj_size": model.proj_size,
@@ -55,6 +74,11 @@ def model_config(model):
         "clip": float(opts["clip"]), "cell_clip": float(opts["cell_clip"]),
         "input_forget": bool(opts["input_forget"]),
     }
+    prec = getattr(model, "weights_precision", "float32")
+    if prec != "float32":
+        cfg["version"] = 2
+        cfg["weights_precision"] = prec
+    return cfg
 
 
 def save_model(model, path):
@@ -65,7 +89,20 @@ def save_model(model, path):
         raise TypeError(f"model: expected a fastlstm.LSTM, got {type(model).__name__}")
     config = model_config(model)
     meta = {METADATA_KEY: json.dumps(config, sort_keys=True)}
-    st.save_file(model.state_dict(), path, metadata=meta)
+    tensors = model.state_dict()
+    dtypes = {}
+    for name, qf in model.quantized_weights().items():
+        prec, data = qf[0], qf[1]
+        if prec == "float16":
+            tensors[name] = np.asarray(data, np.uint16).view(np.float16)
+        elif prec == "bfloat16":
+            tensors[name] = np.asarray(data, np.uint16)
+            dtypes[name] = "BF16"
+        else:
+            del tensors[name]
+            tensors[name + INT8_SUFFIX] = np.asarray(data, np.int8)
+            tensors[name + SCALE_SUFFIX] = np.asarray(qf[2], np.float32)
+    st.save_file(tensors, path, metadata=meta, dtypes=dtypes)
 
 
 def is_native(header_metadata):
@@ -110,6 +147,16 @@ def read_config(metadata, where):
         except OverflowError as exc:
             raise FormatError(f"{where}: configuration {key!r} out of range") from exc
         out[key] = v
+    prec = cfg.get("weights_precision", "float32") if version >= 2 else "float32"
+    if version >= 2 and "weights_precision" not in cfg:
+        raise FormatError(f"{where}: fastlstm configuration lacks 'weights_precision'")
+    if not isinstance(prec, str) or (prec != "float32" and prec not in _PRECISION_CODES):
+        raise FormatError(f"{where}: configuration weights_precision {str(prec)[:40]!r} is not "
+                          f"one of {['float32'] + sorted(_PRECISION_CODES)}")
+    out["weights_precision"] = prec
+    if prec != "float32" and out["dtype"] != "float32":
+        raise FormatError(f"{where}: weights_precision {prec} needs dtype float32, the "
+                          f"configuration says {out['dtype']!r}")
     if out["dtype"] not in _DTYPE_CODES:
         raise FormatError(f"{where}: configuration dtype {out['dtype']!r} is not float32 or "
                           f"float64")
@@ -135,6 +182,22 @@ def read_config(metadata, where):
 
 def _reject(name):
     raise FormatError(f"non-finite number {name}")
+
+
+def _expected_tensors(cfg):
+    """name -> (shape, safetensors dtype) of every tensor the file must hold."""
+    code = _DTYPE_CODES[cfg["dtype"]]
+    prec = cfg["weights_precision"]
+    out = {}
+    for name, shape in _expected_shapes(cfg).items():
+        if prec == "float32" or not name.startswith("weight_hh_"):
+            out[name] = (shape, code)
+        elif prec == "int8":
+            out[name + INT8_SUFFIX] = (shape, "I8")
+            out[name + SCALE_SUFFIX] = (shape[:1], "F32")
+        else:
+            out[name] = (shape, _PRECISION_CODES[prec])
+    return out
 
 
 def _expected_shapes(cfg):
@@ -164,22 +227,55 @@ def _check(f, where):
         raise FormatError(f"{where}: num_layers {cfg['num_layers']} too large")
     from .stacks import check_sizes
     check_sizes(cfg, where)
-    shapes = _expected_shapes(cfg)
-    missing = sorted(set(shapes) - set(f.infos))
-    extra = sorted(set(f.infos) - set(shapes))
+    expected = _expected_tensors(cfg)
+    missing = sorted(set(expected) - set(f.infos))
+    extra = sorted(set(f.infos) - set(expected))
     if missing or extra:
         raise FormatError(f"{where}: tensors do not match the configuration: missing "
                           f"{missing[:6]}, unexpected {extra[:6]}")
-    code = _DTYPE_CODES[cfg["dtype"]]
-    for name, shape in shapes.items():
+    for name, (shape, code) in expected.items():
         info = f.infos[name]
         if info.shape != shape:
             raise FormatError(f"{where}: tensor {name!r} has shape {info.shape}, the "
                               f"configuration needs {shape}")
         if info.dtype != code:
+            what = (f"weights_precision is {cfg['weights_precision']}"
+                    if code != _DTYPE_CODES[cfg["dtype"]] else f"dtype is {cfg['dtype']}")
             raise FormatError(f"{where}: tensor {name!r} is {info.dtype}, the configuration "
-                              f"dtype is {cfg['dtype']}")
+                              f"{what} (needs {code})")
     return cfg
+
+
+def _read_reduced(f, cfg, where):
+    """Weights of a reduced-precision file: (float32 state dict with the
+    dequantized W_hh, {W_hh name: qform as LSTM.quantized_weights() gives})."""
+    prec = cfg["weights_precision"]
+    arrays, qforms = {}, {}
+    for name in f.infos:
+        if name.endswith(SCALE_SUFFIX):
+            continue
+        if name.endswith(INT8_SUFFIX):
+            base = name[:-len(INT8_SUFFIX)]
+            q = np.array(f.get(name), dtype=np.int8, order="C")
+            scale = np.array(f.get(base + SCALE_SUFFIX), dtype=np.float32, order="C")
+            if not (np.isfinite(scale).all() and (scale > 0).all()):
+                raise FormatError(f"{where}: tensor {base + SCALE_SUFFIX!r} holds scales that "
+                                  f"are not finite and > 0")
+            qforms[base] = (prec, q, scale)
+            # the same float32 arithmetic as LSTM.astype's quantizer
+            arrays[base] = (q.astype(np.float32) * scale[:, None]).astype(np.float32)
+        elif name.startswith("weight_hh_") and prec == "float16":
+            h = np.array(f.get(name), dtype=np.float16, order="C")
+            qforms[name] = (prec, h.view(np.uint16))
+            arrays[name] = h.astype(np.float32)
+        elif name.startswith("weight_hh_") and prec == "bfloat16":
+            wide = np.array(f.get(name), dtype=np.float32, order="C")  # exact widening
+            qforms[name] = (prec, np.ascontiguousarray(
+                (wide.view(np.uint32) >> 16).astype(np.uint16)))
+            arrays[name] = wide
+        else:
+            arrays[name] = f.get(name)
+    return arrays, qforms
 
 
 def _variant(cfg):
@@ -201,6 +297,7 @@ def list_stacks(path):
             "hidden_size": cfg["hidden_size"], "proj_size": cfg["proj_size"],
             "num_layers": cfg["num_layers"], "num_directions": 2 if cfg["bidirectional"] else 1,
             "bidirectional": cfg["bidirectional"], "bias": cfg["bias"], "dtype": cfg["dtype"],
+            "weights_precision": cfg["weights_precision"],
             "variant": _variant(cfg), "batch_first": cfg["batch_first"],
             "cell_options": {k: cfg[k] for k in ("peepholes", "activations",
                                                  "activation_alpha", "activation_beta",
@@ -211,7 +308,9 @@ def list_stacks(path):
 def load_model(path, name=None, *, batch_first=None, dtype=None, num_threads=None):
     """Load a model written by ``LSTM.save``.  ``batch_first``, ``dtype``
     and ``num_threads`` override the stored values when given (the weights
-    round-trip bitwise unless ``dtype`` changes them)."""
+    round-trip bitwise unless ``dtype`` changes them).  A reduced-precision
+    file loads as a model with the same ``weights_precision`` and the same
+    stored W_hh (a float64 ``dtype`` is refused for it: DTypeError)."""
     from ..model import LSTM
 
     with st.SafetensorsFile(path) as f:
@@ -222,7 +321,10 @@ def load_model(path, name=None, *, batch_first=None, dtype=None, num_threads=Non
             raise FormatError(f"{where}: a fastlstm file holds one stack, named ''; got "
                               f"name={name!r}")
         cfg = _check(f, where)
-        arrays = {k: f.get(k) for k in f.infos}
+        if cfg["weights_precision"] == "float32":
+            arrays, qforms = {k: f.get(k) for k in f.infos}, {}
+        else:
+            arrays, qforms = _read_reduced(f, cfg, where)
     opts = {k: cfg[k] for k in ("peepholes", "activations", "activation_alpha",
                                 "activation_beta", "input_forget")}
     opts["clip"] = cfg["clip"] or None
@@ -240,4 +342,10 @@ def load_model(path, name=None, *, batch_first=None, dtype=None, num_threads=Non
         if dtype is not None or num_threads is not None:
             raise  # may be the caller's argument, not the file
         raise FormatError(f"{where}: invalid fastlstm configuration ({exc})") from exc
+    if qforms:
+        # The stored codes are the truth (re-quantizing the dequantized values
+        # need not give the same int8 scales bit for bit): hand them to astype,
+        # which keeps a W_hh already stored in the requested precision.
+        model._qforms = qforms
+        model = model.astype(cfg["weights_precision"])
     return model

@@ -316,7 +316,12 @@ def read_metadata(path):
         return None if f.metadata is None else dict(f.metadata)
 
 
-def _prepare(tensors, metadata):
+def _prepare(tensors, metadata, dtypes=None):
+    dtypes = dict(dtypes or {})
+    for name, code in dtypes.items():
+        if code != "BF16":
+            raise ValueError(f"dtypes[{name!r}]: only 'BF16' (uint16 bit patterns) may be "
+                             f"named explicitly, got {code!r}")
     if not hasattr(tensors, "items"):
         raise TypeError(f"tensors: expected a mapping name -> array, got {type(tensors).__name__}")
     entries = []
@@ -332,8 +337,15 @@ def _prepare(tensors, metadata):
                             f"safetensors")
         if arr.dtype.kind == "b":
             arr = arr.view(np.uint8)
+        if dtypes.pop(name, None) == "BF16":
+            if arr.dtype.kind not in "ui" or arr.dtype.itemsize != 2:
+                raise TypeError(f"tensors[{name!r}]: BF16 needs 16-bit integer bit "
+                                f"patterns, got dtype {arr.dtype}")
+            code, arr = "BF16", arr.view(np.uint16)
         arr = np.asarray(arr, dtype=arr.dtype.newbyteorder("<"), order="C")
         entries.append((name, code, arr))
+    if dtypes:
+        raise ValueError(f"dtypes: names not among the tensors: {sorted(dtypes)[:6]}")
     if metadata is not None:
         if not hasattr(metadata, "items") or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
@@ -356,19 +368,22 @@ def _prepare(tensors, metadata):
     return struct.pack("<Q", len(raw)) + raw, [e[2] for e in entries]
 
 
-def save(tensors, metadata=None):
-    """Serialise a mapping name -> array to safetensors bytes."""
-    head, arrays = _prepare(tensors, metadata)
+def save(tensors, metadata=None, *, dtypes=None):
+    """Serialise a mapping name -> array to safetensors bytes (``dtypes``:
+    see :func:`save_file`)."""
+    head, arrays = _prepare(tensors, metadata, dtypes)
     return b"".join([head] + [a.tobytes() for a in arrays])
 
 
-def save_file(tensors, path, metadata=None):
+def save_file(tensors, path, metadata=None, *, dtypes=None):
     """Write a mapping name -> array (bool, int, float16/32/64, complex64)
     to a safetensors file.  ``metadata``: optional str -> str mapping.
+    ``dtypes``: optional name -> "BF16" for uint16 arrays holding bfloat16
+    bit patterns (NumPy has no bfloat16), stored as BF16 tensors.
 
     The file is written next to ``path`` and renamed into place, so a crash
     never leaves a half-written file under ``path``."""
-    head, arrays = _prepare(tensors, metadata)
+    head, arrays = _prepare(tensors, metadata, dtypes)
     path = os.fspath(path)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
