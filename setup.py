@@ -10,6 +10,7 @@ Environment switches (for development):
   FASTLSTM_DEBUG=1      -O0 -g and Cython bounds checks
   FASTLSTM_NATIVE=1     add -march=native (opt-in only; not for wheels)
 """
+import glob
 import os
 import sys
 
@@ -53,9 +54,14 @@ directives = {
     "initializedcheck": debug,
 }
 
+# Headers: a change to any of them rebuilds the C sources that include them.
+DEPENDS = sorted(glob.glob("csrc/*.h") + glob.glob("csrc/include/*.h")
+                 + glob.glob("csrc/kernels/*.h"))
+
 ext = Extension(
     "fastlstm._engine",
     sources=SOURCES,
+    depends=DEPENDS,
     include_dirs=["csrc/include", "csrc", np.get_include()],
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     extra_compile_args=compile_args,

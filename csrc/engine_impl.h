@@ -200,8 +200,8 @@ static void FN(thread_)(void *arg, int tid, int nt)
                             size_t es = cell->wtype == FL_W_I8 ? 1 : 2;
                             const char *pq = (const char *)cell->whhq + (size_t)j * Hout * FL_PW * es;
                             const float *sc = cell->whh_scale ? cell->whh_scale + (size_t)j * FL_PW : NULL;
-                            for (int n = n0; n < r1; n += rmax) {
-                                int R = FN(imin_)(rmax, (n < rs ? rs : r1) - n);
+                            for (int n = n0, R; n < r1; n += R) {
+                                R = FN(imin_)(rmax, (n < rs ? rs : r1) - n);
                                 const REAL *An = n < rs ? (Aprev ? Aprev + n * ysn : NULL)
                                                         : (h0 ? h0 + (ptrdiff_t)n * Hout : NULL);
                                 kr->lstmq(cell->wtype, R, Hout, An, n < rs ? ysn : Hout, pq, sc,

@@ -180,23 +180,11 @@ def test_set_weights_requantizes():
     _same_quantized(q, ref.astype("int8"))
 
 
-# ------------------------------------------------------- lengths, stream
-# Known engine bug (csrc/engine_impl.h, reduced-precision branch of the
-# recurrent step): `for (n = n0; n < r1; n += rmax)` advances by rmax although
-# R = min(rmax, rs - n) may be smaller, so rows [n + R, n + rmax) are skipped
-# when the reverse direction's rows start at different steps (lengths=).  Only
-# the avx512 path has rmax > 1.  Fix: `for (int n = n0, R; n < r1; n += R)`
-# (checked on a copy: every test here passes).  strict: remove the marker
-# once fixed.
-_REVERSE_LENGTHS_BUG = pytest.mark.xfail(
-    strict=True, reason="engine_impl.h reduced-precision step skips rows (n += rmax)")
-
-
 @pytest.mark.parametrize("prec", PRECISIONS)
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bidir"])
-def test_lengths(request, isa, prec, bidirectional):
-    if bidirectional and isa == "avx512":
-        request.applymarker(_REVERSE_LENGTHS_BUG)
+def test_lengths(isa, prec, bidirectional):
+    """Reverse rows that start at different steps (lengths=) with reduced
+    weights: a regression test for row tiles of the reduced-precision step."""
     rng = np.random.default_rng(6)
     m = fastlstm.LSTM(5, 33, num_layers=2, bidirectional=bidirectional, seed=6)
     q = m.astype(prec)
