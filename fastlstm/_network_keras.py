@@ -111,16 +111,7 @@ def _open(source, config):
     if isinstance(source, (bytes, bytearray)):
         source = io.BytesIO(bytes(source))
     config = fk._coerce_config(config)
-    try:
-        if hasattr(source, "read"):
-            source.seek(0)
-            head = source.read(4096)
-            source.seek(0)
-        else:
-            with open(source, "rb") as fh:
-                head = fh.read(4096)
-    except OSError as exc:
-        raise FormatError(f"{what}: cannot read ({exc})") from exc
+    head = fk._read_head(source, what)
     if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
         import zipfile
         try:

@@ -57,19 +57,10 @@ static void lstmq_portable_f32(int wtype, int R, int K, const float *A, ptrdiff_
         for (int col = 0; col < FL_PW; col++)
             acc[col] = wtype == FL_W_I8 ? acc[col] * scale[col] + g[col] : acc[col] + g[col];
         float *cr = c + r * ldc, *hr = h + r * ldh;
-        if (!epi->is_default) {
+        if (!epi->is_default)
             fl_epilogue_generic_f32(1, acc, cr, ldc, hr, ldh, nvalid, epi);
-            continue;
-        }
-        for (int l = 0; l < nvalid; l++) {
-            float i = fl_sigmoidf(acc[l]);
-            float f = fl_sigmoidf(acc[FL_BW + l]);
-            float gg = fl_tanhf(acc[2 * FL_BW + l]);
-            float o = fl_sigmoidf(acc[3 * FL_BW + l]);
-            float cn = f * cr[l] + i * gg;
-            cr[l] = cn;
-            hr[l] = o * fl_tanhf(cn);
-        }
+        else
+            epilogue_default_f32(acc, cr, hr, nvalid);
     }
 }
 

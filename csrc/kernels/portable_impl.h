@@ -22,6 +22,20 @@ static void FL_CAT(gemm_portable_, SFX)(int R, int K, const REAL *A, ptrdiff_t l
     }
 }
 
+/* The plain LSTM gate math on one row of pre-activations (i, f, g, o). */
+static inline void FL_CAT(epilogue_default_, SFX)(const REAL *acc, REAL *cr, REAL *hr, int nvalid)
+{
+    for (int l = 0; l < nvalid; l++) {
+        REAL i = SIGMOID(acc[l]);
+        REAL f = SIGMOID(acc[FL_BW + l]);
+        REAL gg = TANH(acc[2 * FL_BW + l]);
+        REAL o = SIGMOID(acc[3 * FL_BW + l]);
+        REAL cn = f * cr[l] + i * gg;
+        cr[l] = cn;
+        hr[l] = o * TANH(cn);
+    }
+}
+
 static void FL_CAT(lstm_portable_, SFX)(int R, int K, const REAL *A, ptrdiff_t lda,
                                         const REAL *panel, const REAL *G, ptrdiff_t ldg,
                                         REAL *c, ptrdiff_t ldc, REAL *h, ptrdiff_t ldh,
@@ -40,19 +54,10 @@ static void FL_CAT(lstm_portable_, SFX)(int R, int K, const REAL *A, ptrdiff_t l
             }
         }
         REAL *cr = c + r * ldc, *hr = h + r * ldh;
-        if (!epi->is_default) {
+        if (!epi->is_default)
             EPI_GENERIC(1, acc, cr, ldc, hr, ldh, nvalid, epi);
-            continue;
-        }
-        for (int l = 0; l < nvalid; l++) {
-            REAL i = SIGMOID(acc[l]);
-            REAL f = SIGMOID(acc[FL_BW + l]);
-            REAL gg = TANH(acc[2 * FL_BW + l]);
-            REAL o = SIGMOID(acc[3 * FL_BW + l]);
-            REAL cn = f * cr[l] + i * gg;
-            cr[l] = cn;
-            hr[l] = o * TANH(cn);
-        }
+        else
+            FL_CAT(epilogue_default_, SFX)(acc, cr, hr, nvalid);
     }
 }
 

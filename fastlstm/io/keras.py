@@ -1054,15 +1054,7 @@ def _open_source(source, config=None, keras_version=None):
     if isinstance(source, (bytes, bytearray)):
         source = io.BytesIO(bytes(source))
     config = _coerce_config(config)
-    try:
-        if hasattr(source, "read"):
-            head = source.read(4096)
-            source.seek(0)
-        else:
-            with open(source, "rb") as fh:
-                head = fh.read(4096)
-    except OSError as exc:
-        raise FormatError(f"{what}: cannot read ({exc})") from exc
+    head = _read_head(source, what)
     if head[:4] == b"PK\x03\x04" or head[:4] == b"PK\x05\x06":
         return _keras_archive(source, what, config, keras_version)
     if is_hdf5(head):
@@ -1071,6 +1063,20 @@ def _open_source(source, config=None, keras_version=None):
 
 
 _MAX_INFLATE_RATIO = 100
+
+
+def _read_head(source, what, n=4096):
+    """The first bytes of a path or a seekable file object (left at 0)."""
+    try:
+        if hasattr(source, "read"):
+            source.seek(0)
+            head = source.read(n)
+            source.seek(0)
+            return head
+        with open(source, "rb") as fh:
+            return fh.read(n)
+    except OSError as exc:
+        raise FormatError(f"{what}: cannot read ({exc})") from exc
 
 
 def _keras_archive(source, what, config, keras_version):
