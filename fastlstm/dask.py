@@ -26,9 +26,9 @@ The model goes to each worker once, not once per task:
   ``client.scatter(..., broadcast=True)``: one copy to every worker, kept in
   the worker's memory and deserialized there once; every task receives that
   same object (a dependency on the scattered key, no bytes in the task).
-  The key is ``fastlstm-model-<sha1 of the model's pickle>``: every call of
-  ``score_array``/``score_bag`` scatters again (about the weights' size per
-  worker, once per call), under the same key for an unchanged model.
+  The key is ``fastlstm-model-<sha1 of the model's pickle>-<random>``: every
+  call of ``score_array``/``score_bag`` scatters again (about the weights'
+  size per worker, once per call) under a key of its own.
 * Without one (the local threaded or synchronous scheduler, or
   ``client=False``), the model is a single ``dask.delayed`` node of the
   graph (``pure=True``, named after its contents) that every task depends
@@ -75,6 +75,7 @@ benchmark ``benchmarks/bench_dask.py`` compares them against a plain loop.
 from __future__ import annotations
 
 import hashlib
+import uuid
 import os
 import pickle
 
@@ -168,7 +169,7 @@ def model_argument(model, client=None, *, _token=None):
     With a distributed client (``client``, or the default client; ``False``
     for none) the model is scattered to every worker once
     (``broadcast=True``) under the key ``fastlstm-model-<sha1 of its
-    pickle>``; otherwise it becomes one ``dask.delayed`` node of that name.
+    pickle>-<random suffix>``; otherwise it becomes one ``dask.delayed`` node of that name.
     ``score_array`` and ``score_bag`` call this; use it to build your own
     tasks on the same per-worker copy (``dask.array.blockwise``,
     ``Bag.map_partitions``, ``client.submit`` take it as an argument).
@@ -177,6 +178,10 @@ def model_argument(model, client=None, *, _token=None):
     key = "fastlstm-model-" + (_token or _model_token(model))
     cl = _get_client(client)
     if cl is not None:
+        # A fresh suffix per call: reusing one key while the scheduler is still
+        # forgetting the previous call's copy of it cancels the new
+        # computation ("lost dependencies").
+        key = f"{key}-{uuid.uuid4().hex[:12]}"
         return cl.scatter({key: model}, broadcast=True)[key]
     return dask.delayed(model, pure=True, traverse=False, name=key)
 
