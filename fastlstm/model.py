@@ -507,12 +507,7 @@ class LSTM:
         if need >= 2 ** 62:
             raise ShapeError(f"x: shape {x.shape} too large: the output and workspace would "
                              f"need about {need} bytes")
-        # The engine reads x through (time, batch) strides; the feature axis
-        # must be unit-stride, strides must be whole elements and the data
-        # aligned (a view of a byte buffer at an odd offset is not).
-        if (xt.strides[2] != dt.itemsize or any(s % dt.itemsize for s in xt.strides[:2])
-                or not xt.flags.aligned):
-            xt = np.require(xt, requirements=["C", "A"])
+        xt = _engine_layout(xt)
         h0 = c0 = None
         if hx is not None:
             hshape = (LD, Hout) if unbatched else (LD, N, Hout)
@@ -639,6 +634,19 @@ def _quantize(w, prec):
     q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
     deq = (q.astype(np.float32) * scale[:, None]).astype(np.float32)
     return ("int8", q, scale), deq
+
+
+def _engine_layout(a):
+    """``a`` itself if the engine can read it through its strides, else an
+    aligned C-contiguous copy.  The engine reads rows through their
+    (time, batch) strides: the last axis must be unit-stride, the other strides
+    whole elements, and the data aligned (a view of a byte buffer at an odd
+    offset is not)."""
+    isz = a.dtype.itemsize
+    if (a.strides[-1] != isz or any(s % isz for s in a.strides[:-1])
+            or not a.flags.aligned):
+        return np.require(a, requirements=["C", "A"])
+    return a
 
 
 def _check_lengths(lengths, N, T, unbatched):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import ShapeError
-from .model import _as_real, _positive_int
+from .model import _as_real, _engine_layout, _positive_int
 
 __all__ = ["Stream"]
 
@@ -95,9 +95,7 @@ class Stream:
         if x_t.shape != (self.batch, m.input_size):
             raise ShapeError(
                 f"x_t: expected shape ({self.batch}, {m.input_size}), got {x_t.shape}")
-        if (x_t.strides[1] != m.dtype.itemsize or x_t.strides[0] % m.dtype.itemsize
-                or x_t.ctypes.data % m.dtype.itemsize):
-            x_t = np.ascontiguousarray(x_t)  # also re-aligns (the kernels load whole floats)
+        x_t = _engine_layout(x_t)
         y = self._y1
         m._stack.forward(x_t[None], y, self._h, self._c, self._h, self._c, self._ws1,
                          self.num_threads)
@@ -116,9 +114,7 @@ class Stream:
             raise ShapeError(
                 f"chunk: expected {want} with batch={self.batch} and "
                 f"input_size={m.input_size}, got shape {x.shape}")
-        if (xt.strides[2] != m.dtype.itemsize or any(s % m.dtype.itemsize for s in xt.strides[:2])
-                or xt.ctypes.data % m.dtype.itemsize):
-            xt = np.ascontiguousarray(xt)
+        xt = _engine_layout(xt)
         T = xt.shape[0]
         if T >= 2 ** 31 - 1:
             raise ShapeError(f"chunk: at most 2**31 - 2 time steps per call, got {T}")
