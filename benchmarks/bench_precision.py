@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as _dt
 import gc
 import io
 import json
@@ -370,14 +369,9 @@ def main(argv=None):
                 gc.collect()
     table = markdown_table(results)
     print(table)
-    try:
-        machine["loadavg_end"] = list(os.getloadavg())
-    except OSError:
-        pass
+    peers.note_load_end(machine)
     doc = {
-        "schema": 1,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])),
+        **peers.result_header(argv),
         "settings": {"quick": args.quick, "threads": args.thread_list,
                      "hidden": args.hidden_list, "batch": args.batch_list, "T": args.T,
                      "engines": args.engine_list, "repeats": args.repeats,

@@ -40,7 +40,6 @@ target is >= 5x.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
 import sys
@@ -366,17 +365,12 @@ def main(argv=None):
     table = markdown_table(results)
     print(table)
     torch.backends.mkldnn.enabled = True
-    try:
-        machine["loadavg_end"] = list(os.getloadavg())
-    except OSError:
-        pass
+    peers.note_load_end(machine)
     mismatches = [{"hidden": r["hidden"], "engine": e, "max_abs_diff": d}
                   for r in results for e, d in r["max_abs_diff"].items() if peers.is_mismatch(d)]
     doc = {
-        "schema": 1,
+        **peers.result_header(argv),
         "benchmark": "stream step latency",
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])),
         "settings": {"hidden": args.hidden_list, "threads": args.threads,
                      "engines": args.engine_list, "repeats": args.repeats,
                      "min_calls": args.min_calls, "min_time_s": args.min_time,

@@ -454,3 +454,22 @@ def cross_check(runners, x, reference="fastlstm", tol=TOLERANCE, loud=True):
 
 def is_mismatch(diff, tol=TOLERANCE):
     return not (diff < tol) or math.isnan(diff)
+
+
+def result_header(argv=None):
+    """The fields every results JSON starts with: schema, creation time (UTC)
+    and the command line that produced it."""
+    import datetime as _dt
+    return {
+        "schema": 1,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])),
+    }
+
+
+def note_load_end(machine):
+    """Record the load average at the end of a run in ``machine`` (where the OS has one)."""
+    try:
+        machine["loadavg_end"] = list(os.getloadavg())
+    except OSError:
+        pass

@@ -29,7 +29,6 @@ metrics can differ in the last digits between machines (BLAS, ISA paths).
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
 import sys
@@ -318,9 +317,7 @@ def main(argv=None):
     print()
     print(table)
     doc = {
-        "schema": 1,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])),
+        **peers.result_header(argv),
         "settings": {"quick": a.quick, "seed": a.seed, "threads": a.threads, "tasks": tasks},
         "machine": peers.machine_info(), "versions": peers.versions(),
         "random_models": {"configs": [list(c[:3]) + [c[3]] for c in RANDOM_CONFIGS],

@@ -20,7 +20,6 @@ if any peer's output differs from fastlstm's by 1e-4 or more.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import gc
 import json
 import math
@@ -372,14 +371,9 @@ def main(argv=None):
     if export_infos:
         print(f"\nONNX export: {', '.join(exporters)} exporter; ops "
               f"{sorted({o for i in export_infos.values() for o in i.get('ops', [])})}")
-    try:
-        machine["loadavg_end"] = list(os.getloadavg())
-    except OSError:
-        pass
+    peers.note_load_end(machine)
     doc = {
-        "schema": 1,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])),
+        **peers.result_header(argv),
         "settings": {"quick": args.quick, "threads": args.thread_list,
                      "engines": args.engine_list, "repeats": args.repeats,
                      "min_calls": args.min_calls, "min_time_s": args.min_time,
