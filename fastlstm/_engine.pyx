@@ -179,6 +179,91 @@ cdef class Stack:
             raise RuntimeError(f"fastlstm: internal error {rc} in fl_forward")
 
 
+cdef class StreamStep:
+    """The fast path of ``Stream.step``: one time step of a unidirectional
+    stack with the state kept in place (h and c arrays of the stream).
+
+    ``step(x)`` accepts only what needs no conversion -- an exact ndarray of
+    the model's dtype, C-contiguous and aligned, of shape (N, In) (or (In,)
+    when N == 1) -- and returns the new output array, or None when x is
+    anything else (the Python layer then converts or raises a clear error and
+    calls again).  It reads ``model._stack`` on every call, so a weight swap
+    on the model (copy-on-write) is seen by the next step."""
+    cdef object model
+    cdef Stack stack
+    cdef cnp.ndarray h, c, ws
+    cdef int N, In, Hout, nthreads, type_num
+
+    def __cinit__(self, model, cnp.ndarray h, cnp.ndarray c, int N, int nthreads):
+        self.model = model
+        self.h = h
+        self.c = c
+        self.N = N
+        self.nthreads = nthreads
+        self.type_num = cnp.PyArray_TYPE(h)
+        self.stack = None
+
+    cdef int _bind(self, Stack stack) except -1:
+        self.ws = np.empty(stack.workspace_bytes(1, self.N), np.uint8)
+        self.In = stack.input_size
+        self.Hout = stack.proj_size if stack.proj_size else stack.hidden_size
+        self.stack = stack
+        return 0
+
+    def step(self, x):
+        cdef cnp.ndarray a, out
+        cdef cnp.npy_intp dims[2]
+        cdef fl_io io
+        cdef int rc, nd
+        if not cnp.PyArray_CheckExact(x):
+            return None
+        a = <cnp.ndarray>x
+        stack = self.model._stack
+        if stack is not self.stack:
+            self._bind(<Stack?>stack)
+        if (cnp.PyArray_TYPE(a) != self.type_num or not cnp.PyArray_IS_C_CONTIGUOUS(a)
+                or not cnp.PyArray_ISALIGNED(a)):
+            return None
+        nd = cnp.PyArray_NDIM(a)
+        if nd == 1:
+            if self.N != 1 or a.shape[0] != self.In:
+                return None
+            dims[0] = self.Hout
+        elif nd == 2:
+            if a.shape[0] != self.N or a.shape[1] != self.In:
+                return None
+            dims[0] = self.N
+            dims[1] = self.Hout
+        else:
+            return None
+        out = cnp.PyArray_EMPTY(nd, dims, self.type_num, 0)
+        io.T = 1
+        io.N = self.N
+        io.x = cnp.PyArray_DATA(a)
+        io.x_st = <Py_ssize_t>self.N * self.In
+        io.x_sn = self.In
+        io.y = cnp.PyArray_DATA(out)
+        io.y_st = <Py_ssize_t>self.N * self.Hout
+        io.y_sn = self.Hout
+        io.h0 = cnp.PyArray_DATA(self.h)
+        io.hn = cnp.PyArray_DATA(self.h)
+        io.c0 = cnp.PyArray_DATA(self.c)
+        io.cn = cnp.PyArray_DATA(self.c)
+        io.lengths = NULL
+        # Local references keep the stack and workspace alive while C runs
+        # without the GIL, even if another thread rebinds them meanwhile.
+        cdef Stack stk = self.stack
+        cdef cnp.ndarray ws = self.ws
+        cdef void *wsp = cnp.PyArray_DATA(ws)
+        cdef fl_cell **cells = stk.cells
+        cdef int L = stk.layers, nt = self.nthreads
+        with nogil:
+            rc = fl_forward(cells, L, 1, &io, wsp, nt)
+        if rc != 0:
+            raise RuntimeError(f"fastlstm: internal error {rc} in fl_forward")
+        return out
+
+
 # ======================================================================
 # Output heads and generation (csrc/generate.c, csrc/include/fastlstm_generate.h)
 # Used by fastlstm/network.py, which validates every argument first.

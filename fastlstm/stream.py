@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import ShapeError
+from . import _engine
 from .model import _as_real, _engine_layout, _positive_int
 
 __all__ = ["Stream"]
@@ -32,8 +33,8 @@ class Stream:
         self._h = np.zeros((L, N, model.output_size), dt)
         self._c = np.zeros((L, N, model.hidden_size), dt)
         self._ws = {}
-        self._y1 = np.empty((1, N, model.output_size), dt)
-        self._ws1 = self._workspace(1)
+        # step(): checks and the call into C in one Cython method (_engine.StreamStep)
+        self._fast = _engine.StreamStep(model, self._h, self._c, N, self.num_threads)
 
     def _workspace(self, T):
         ws = self._ws.get(T)
@@ -86,20 +87,23 @@ class Stream:
         """One time step: x_t (batch, input_size) -> y_t (batch, output_size),
         a new array.  A batch-1 stream also takes x_t of shape (input_size,)
         and then returns (output_size,)."""
+        y = self._fast.step(x_t)  # None unless x_t is ready for the engine as it is
+        if y is None:
+            y = self._step_slow(x_t)
+        return y
+
+    def _step_slow(self, x_t):
         m = self.model
-        if type(x_t) is not np.ndarray or x_t.dtype != m.dtype:
-            x_t = _as_real(x_t, "x_t", m.dtype)
+        x_t = _as_real(x_t, "x_t", m.dtype)
         squeeze = x_t.ndim == 1 and self.batch == 1
-        if squeeze:
-            x_t = x_t[None]
-        if x_t.shape != (self.batch, m.input_size):
+        want = (m.input_size,) if squeeze else (self.batch, m.input_size)
+        if x_t.shape != want:
             raise ShapeError(
                 f"x_t: expected shape ({self.batch}, {m.input_size}), got {x_t.shape}")
-        x_t = _engine_layout(x_t)
-        y = self._y1
-        m._stack.forward(x_t[None], y, self._h, self._c, self._h, self._c, self._ws1,
-                         self.num_threads)
-        return y[0, 0].copy() if squeeze else y[0].copy()
+        y = self._fast.step(np.require(x_t, requirements=["C", "A"]))
+        if y is None:  # pragma: no cover - the checks above are the fast path's
+            raise RuntimeError("fastlstm: internal error in Stream.step")
+        return y
 
     def __call__(self, chunk):
         """A chunk of steps: (T, batch, input_size) ((batch, T, input_size)

@@ -220,3 +220,42 @@ def test_bad_chunk_shapes():
         s(np.zeros((4, 3, 3), np.float32))
     with pytest.raises(ShapeError, match="chunk"):
         s(np.zeros((4, 3), np.float32))
+
+
+def test_step_sees_weight_changes():
+    """step() reads the model's current weights (copy-on-write swap) each call."""
+    rng = np.random.default_rng(7)
+    m = fastlstm.LSTM(4, 6, seed=7)
+    other = fastlstm.LSTM(4, 6, seed=8)
+    x = rng.standard_normal((5, 1, 4)).astype(np.float32)
+    s = m.stream(1, num_threads=1)
+    y0 = s.step(x[0])
+    m.load_state_dict(other.state_dict())
+    got = [y0] + [s.step(x[t]) for t in range(1, 5)]
+    # the same as running the first step on the old weights, the rest on the new
+    _, hc = fastlstm.LSTM(4, 6, seed=7)(x[:1], num_threads=1)
+    want_rest, _ = other(x[1:], hc, num_threads=1)
+    assert np.array_equal(np.stack(got[1:]), want_rest)
+
+
+def test_step_fast_and_slow_inputs_agree():
+    """Every input form step() converts (lists, float64, strided and unaligned
+    views) gives bitwise the result of the C-contiguous float32 array."""
+    rng = np.random.default_rng(9)
+    m = fastlstm.LSTM(5, 7, seed=9)
+    x = rng.standard_normal((6, 2, 5)).astype(np.float32)
+    want, _ = m(x, num_threads=1)
+    raw = np.zeros(2 * 5 * 4 + 1, np.uint8)
+    unaligned = raw[1:].view(np.float32).reshape(2, 5)
+    forms = [lambda a: a, lambda a: a.tolist(), lambda a: a.astype(np.float64),
+             lambda a: np.asfortranarray(a), lambda a: np.repeat(a, 2, axis=1)[:, ::2]]
+
+    def unaligned_copy(a):
+        unaligned[...] = a
+        assert not unaligned.flags.aligned
+        return unaligned
+    forms.append(unaligned_copy)
+    for form in forms:
+        s = m.stream(2, num_threads=1)
+        got = np.stack([s.step(form(x[t])) for t in range(6)])
+        assert got.dtype == np.float32 and np.array_equal(got, want)
