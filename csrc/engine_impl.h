@@ -331,17 +331,23 @@ static int FN(forward_)(fl_cell *const *cells, int L, int D, const fl_io *io, vo
             memset(cn, 0, (size_t)N * c->H * sizeof(REAL));
     }
 
-    /* Threads: split hidden blocks when each thread gets enough work per
-     * step (~2 us) to pay for a barrier (~0.3-1 us); otherwise split the batch rows,
-     * balancing the number of (row, step) pairs. */
+    /* Threads.  The time of one step on one thread is estimated as the
+     * larger of its FLOPs at ~100 GFLOP/s and the weight bytes it streams at
+     * ~90 GB/s (L2; at batch 1 a step is bound by reading W_hh, and at T = 1,
+     * a streaming step, by reading W_ih as well).  Hidden blocks are split
+     * when each thread's share of a step (~FL_SPLIT_US) pays for the barrier
+     * (~0.3 us); otherwise batch rows are split, balancing (row, step) pairs. */
     int nt = nthreads;
     int maxcpu = fl_num_cpus();
     if (nt > maxcpu) nt = maxcpu;
     if (nt > FL_MAX_THREADS) nt = FL_MAX_THREADS;
     double flops_step = 2.0 * N * 4.0 * c->H * (c->in + c->Hout);
+    double wbytes = sizeof(REAL) * 4.0 * c->H * ((double)c->Hout + (double)c->in / FN(imin_)(T > 0 ? T : 1, cx.TC));
+    double step_us = flops_step / 1.0e5 > wbytes / 9.0e4 ? flops_step / 1.0e5 : wbytes / 9.0e4;
+    const double split_us = FL_SPLIT_US, call_us = FL_CALL_US;
     cx.split_batch = 0;
     if (nt > 1) {
-        if (flops_step / nt < 2.0e5 || c->nb < nt) {
+        if (step_us / nt < split_us || c->nb < nt) {
             if (N >= nt) cx.split_batch = 1;
             else nt = 1;
         } else if (N >= 8 * nt) {
@@ -351,8 +357,9 @@ static int FN(forward_)(fl_cell *const *cells, int L, int D, const fl_io *io, vo
             cx.split_batch = 1;
         }
     }
-    /* A whole call of less than ~20 us of work: waking workers costs more. */
-    if (T == 0 || N == 0 || total == 0 || flops_step * (double)T < 2.0e6) nt = 1;
+    /* A whole call of less than ~20 us: waking sleeping workers costs more. */
+    if (T == 0 || N == 0 || total == 0 || step_us * (double)T * L * D < call_us)
+        nt = 1;
     if (cx.split_batch && nt > 1) {
         long acc = 0;
         int k = 1;

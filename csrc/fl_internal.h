@@ -152,6 +152,15 @@ static inline float fl_bf16_to_f32(uint16_t b)
 unsigned fl_fpenv_enter(void);
 void fl_fpenv_leave(unsigned saved);
 
+/* Thread-split thresholds (csrc/engine_impl.h): each thread's estimated
+ * share of one step, and the estimated whole call, in microseconds. */
+#ifndef FL_SPLIT_US
+#define FL_SPLIT_US 1.2
+#endif
+#ifndef FL_CALL_US
+#define FL_CALL_US 20.0
+#endif
+
 void *fl_aligned_alloc(size_t bytes);
 void fl_aligned_free(void *p);
 
