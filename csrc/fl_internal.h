@@ -161,6 +161,14 @@ void fl_fpenv_leave(unsigned saved);
 #define FL_CALL_US 20.0
 #endif
 
+/* Prefetch slice i of `parts` of [p, p + bytes) into L2 (prefetcht1). */
+static inline void fl_prefetch_l2_slice(const void *p, size_t bytes, int i, int parts)
+{
+    size_t a = bytes * (size_t)i / (size_t)parts, b = bytes * (size_t)(i + 1) / (size_t)parts;
+    for (size_t o = a & ~(size_t)63; o < b; o += 64)
+        __builtin_prefetch((const char *)p + o, 0, 2);
+}
+
 void *fl_aligned_alloc(size_t bytes);
 void fl_aligned_free(void *p);
 
