@@ -115,7 +115,7 @@ struct fl_cell {
  * with another call, so concurrent callers never oversubscribe). */
 typedef void (*fl_task_fn)(void *arg, int tid, int nthreads);
 int fl_pool_run(fl_task_fn fn, void *arg, int nthreads);
-/* Barrier among the threads of the current fl_pool_run. */
+/* Barrier among the threads of the current fl_pool_run (between steps). */
 void fl_pool_barrier(int nthreads);
 
 /* Scalar conversions of reduced-precision weights (portable paths, packing). */

@@ -12,10 +12,18 @@
  * - fl_pool_barrier(): counter + generation, spin with pause for ~100 us,
  *   then sleep on a futex (Linux; sched_yield elsewhere), so a thread whose
  *   partner was descheduled on a busy machine stops burning the core.
+ * - Congestion: the steps between two barriers are balanced, so a thread
+ *   that waits there long enough to sleep means a partner lost its core
+ *   (other processes busy on the machine).  Each barrier then costs a
+ *   scheduler time slice, and a hidden-split call runs several times slower
+ *   than on one thread.  After such a call the pool runs calls on the
+ *   calling thread alone for FL_SOLO_NS (10 ms), then tries again.  Results
+ *   do not change: every thread split gives bitwise the same outputs.
  */
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
+#include <time.h>
 #include <unistd.h>
 #include "fl_internal.h"
 #if defined(__linux__)
@@ -32,6 +40,7 @@
 
 #define FL_IDLE_SPINS 4000     /* ~ tens of microseconds before sleeping */
 #define FL_BARRIER_SPINS 2000  /* ~100 us, then sleep in the kernel */
+#define FL_SOLO_NS 10000000LL  /* single-threaded this long after a congested call */
 
 static pthread_mutex_t g_call_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_mutex_t g_sleep_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -47,6 +56,22 @@ static atomic_int g_sleeping;
 static atomic_int g_bar_count;
 static atomic_uint g_bar_gen;
 static atomic_int g_bar_sleepers;
+static atomic_uint g_step_sleeps;     /* sleeps in barriers between steps */
+static atomic_llong g_solo_until;     /* monotonic ns; calls run alone before it */
+static atomic_uint g_congested_calls; /* calls after which the pool went solo */
+
+static long long mono_ns(void)
+{
+    struct timespec ts;
+#if defined(CLOCK_MONOTONIC_COARSE)
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts); /* ~20 ns, 1-4 ms resolution */
+#else
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+#endif
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+unsigned fl_pool_congested_calls(void) { return atomic_load(&g_congested_calls); }
 
 static void bar_sleep(atomic_uint *word, unsigned val)
 {
@@ -98,6 +123,8 @@ void fl_num_threads_set(int n)
     atomic_store(&g_default_threads, n > 0 ? n : 0);
 }
 
+static void barrier_(int nthreads, int between_steps);
+
 static void *worker_main(void *p)
 {
     int tid = (int)(intptr_t)p;
@@ -123,13 +150,13 @@ static void *worker_main(void *p)
         if (tid < g_nt) {
             int nt = g_nt;
             g_fn(g_arg, tid, nt);
-            fl_pool_barrier(nt); /* the caller returns once everyone is here */
+            barrier_(nt, 0); /* the caller returns once everyone is here */
         }
     }
     return NULL;
 }
 
-void fl_pool_barrier(int nthreads)
+static void barrier_(int nthreads, int between_steps)
 {
     if (nthreads <= 1) return;
     unsigned gen = atomic_load(&g_bar_gen);
@@ -139,7 +166,7 @@ void fl_pool_barrier(int nthreads)
         if (atomic_load(&g_bar_sleepers) > 0) bar_wake(&g_bar_gen);
         return;
     }
-    int spins = 0;
+    int spins = 0, slept = 0;
     while (atomic_load(&g_bar_gen) == gen) {
         if (spins < FL_BARRIER_SPINS) {
             spins++;
@@ -151,9 +178,14 @@ void fl_pool_barrier(int nthreads)
             atomic_fetch_add(&g_bar_sleepers, 1);
             bar_sleep(&g_bar_gen, gen);
             atomic_fetch_sub(&g_bar_sleepers, 1);
+            slept = 1;
         }
     }
+    if (slept && between_steps) atomic_fetch_add(&g_step_sleeps, 1);
 }
+
+/* The barrier between steps (tasks call this one). */
+void fl_pool_barrier(int nthreads) { barrier_(nthreads, 1); }
 
 /* After fork() only the forking thread exists in the child: forget the
  * workers (they are recreated on demand) and reset the locks. */
@@ -173,6 +205,10 @@ int fl_pool_run(fl_task_fn fn, void *arg, int nthreads)
 {
     if (nthreads > FL_MAX_THREADS) nthreads = FL_MAX_THREADS;
     pthread_once(&g_atfork_once, pool_register_atfork);
+    if (nthreads > 1 && atomic_load_explicit(&g_solo_until, memory_order_relaxed) != 0) {
+        if (mono_ns() < atomic_load(&g_solo_until)) nthreads = 1; /* congested: alone */
+        else atomic_store(&g_solo_until, 0);
+    }
     if (nthreads <= 1 || pthread_mutex_trylock(&g_call_lock) != 0) {
         fn(arg, 0, 1);
         return 1;
@@ -204,9 +240,15 @@ int fl_pool_run(fl_task_fn fn, void *arg, int nthreads)
         pthread_cond_broadcast(&g_sleep_cond);
         pthread_mutex_unlock(&g_sleep_lock);
     }
+    unsigned sleeps0 = atomic_load(&g_step_sleeps);
     fn(arg, 0, nthreads);
-    /* Wait for the workers: the same barrier as between steps. */
-    fl_pool_barrier(nthreads);
+    /* Wait for the workers (this wait may be long when the split is uneven:
+     * it does not count as congestion). */
+    barrier_(nthreads, 0);
+    if (atomic_load(&g_step_sleeps) != sleeps0) {
+        atomic_store(&g_solo_until, mono_ns() + FL_SOLO_NS);
+        atomic_fetch_add(&g_congested_calls, 1);
+    }
     pthread_mutex_unlock(&g_call_lock);
     return nthreads;
 }

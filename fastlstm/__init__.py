@@ -27,7 +27,10 @@ def cpu_info():
 
     Returns a dict: ``isa`` (active path), ``isa_detected`` (best path this CPU,
     OS and build support), ``isas_available`` (every path that can be forced
-    here), ``num_cpus`` and ``num_threads``.
+    here), ``num_cpus``, ``num_threads`` and ``congested_calls`` (how many
+    multi-threaded calls found a worker descheduled mid-call by other busy
+    processes; after each, calls run on one thread for ~10 ms, since waiting
+    at every step for a descheduled thread is slower than one thread alone).
     """
     best = _engine.isa_detected()
     return {
@@ -36,6 +39,7 @@ def cpu_info():
         "isas_available": list(_ISAS[: _ISAS.index(best) + 1]),
         "num_cpus": _engine.num_cpus(),
         "num_threads": _engine.num_threads_get(),
+        "congested_calls": _engine.congested_calls(),
     }
 
 

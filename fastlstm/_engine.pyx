@@ -50,6 +50,7 @@ cdef extern from "fastlstm.h" nogil:
     int fl_num_threads_get()
     void fl_num_threads_set(int n)
     int fl_num_cpus()
+    unsigned fl_pool_congested_calls()
 
 ISA_NAMES = ("portable", "avx2", "avx512")
 
@@ -76,6 +77,10 @@ def num_threads_set(int n):
 
 def num_cpus():
     return fl_num_cpus()
+
+
+def congested_calls():
+    return fl_pool_congested_calls()
 
 
 cdef inline const void *_ptr(object a):
