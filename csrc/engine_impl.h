@@ -364,9 +364,10 @@ static int FN(forward_)(fl_cell *const *cells, int L, int D, const fl_io *io, vo
     double wbytes = sizeof(REAL) * 4.0 * c->H * ((double)c->Hout + (double)c->in / FN(imin_)(T > 0 ? T : 1, cx.TC));
     double step_us = flops_step / 1.0e5 > wbytes / 9.0e4 ? flops_step / 1.0e5 : wbytes / 9.0e4;
     const double split_us = FL_SPLIT_US, call_us = FL_CALL_US;
+    const int eager = io->eager_threads;
     cx.split_batch = 0;
     if (nt > 1) {
-        if (step_us / nt < split_us || c->nb < nt) {
+        if ((!eager && step_us / nt < split_us) || c->nb < nt) {
             if (N >= nt) cx.split_batch = 1;
             else nt = 1;
         } else if (N >= 8 * nt) {
@@ -377,7 +378,7 @@ static int FN(forward_)(fl_cell *const *cells, int L, int D, const fl_io *io, vo
         }
     }
     /* A whole call of less than ~20 us: waking sleeping workers costs more. */
-    if (T == 0 || N == 0 || total == 0 || step_us * (double)T * L * D < call_us)
+    if (T == 0 || N == 0 || total == 0 || (!eager && step_us * (double)T * L * D < call_us))
         nt = 1;
     if (cx.split_batch && nt > 1) {
         long acc = 0;

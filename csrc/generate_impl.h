@@ -284,6 +284,7 @@ static int FG(run_stages_)(const fl_gen_net *net, int T, int N, const REAL *x0, 
         io.hn = st->h;
         io.cn = st->c;
         io.lengths = lengths;
+        io.eager_threads = 0;
         int rc = fl_forward(st->cells, st->layers, 1, &io, lstm_ws, nthreads);
         if (rc != 0) return rc - 10;
         xin = ybuf[s & 1];

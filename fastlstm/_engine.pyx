@@ -34,6 +34,7 @@ cdef extern from "fastlstm.h" nogil:
         void *hn
         void *cn
         const int32_t *lengths
+        int eager_threads
     void fl_cell_opts_default(fl_cell_opts *opts)
     fl_cell *fl_cell_create(int dtype, int input_size, int hidden_size, int proj_size,
                             const void *w_ih, const void *w_hh, const void *bias,
@@ -177,6 +178,7 @@ cdef class Stack:
         io.hn = cnp.PyArray_DATA(hn)
         io.cn = cnp.PyArray_DATA(cn)
         io.lengths = <const int32_t *>_ptr(lengths)
+        io.eager_threads = 0
         cdef void *wsp = cnp.PyArray_DATA(ws)
         with nogil:
             rc = fl_forward(self.cells, self.layers, self.dirs, &io, wsp, nthreads)
@@ -197,10 +199,12 @@ cdef class StreamStep:
     cdef object model
     cdef Stack stack
     cdef cnp.ndarray h, c, ws
-    cdef int N, In, Hout, nthreads, type_num
+    cdef int N, In, Hout, nthreads, type_num, eager
 
-    def __cinit__(self, model, cnp.ndarray h, cnp.ndarray c, int N, int nthreads):
+    def __cinit__(self, model, cnp.ndarray h, cnp.ndarray c, int N, int nthreads,
+                  bint eager=False):
         self.model = model
+        self.eager = 1 if eager else 0
         self.h = h
         self.c = c
         self.N = N
@@ -255,6 +259,7 @@ cdef class StreamStep:
         io.c0 = cnp.PyArray_DATA(self.c)
         io.cn = cnp.PyArray_DATA(self.c)
         io.lengths = NULL
+        io.eager_threads = self.eager
         # Local references keep the stack and workspace alive while C runs
         # without the GIL, even if another thread rebinds them meanwhile.
         cdef Stack stk = self.stack

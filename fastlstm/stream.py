@@ -33,8 +33,14 @@ class Stream:
         self._h = np.zeros((L, N, model.output_size), dt)
         self._c = np.zeros((L, N, model.hidden_size), dt)
         self._ws = {}
-        # step(): checks and the call into C in one Cython method (_engine.StreamStep)
-        self._fast = _engine.StreamStep(model, self._h, self._c, N, self.num_threads)
+        # step(): checks and the call into C in one Cython method (_engine.StreamStep).
+        # An explicit thread count > 1 splits every step, however short: steps
+        # fed back to back find the workers still spinning (~70 us after a
+        # call), so a step of a few microseconds gains from the split.  With
+        # the default the engine keeps short steps on one thread (waking
+        # sleeping workers costs more than such a step).
+        self._fast = _engine.StreamStep(model, self._h, self._c, N, self.num_threads,
+                                        eager=self.num_threads > 1)
 
     def _workspace(self, T):
         ws = self._ws.get(T)

@@ -99,6 +99,11 @@ typedef struct {
     const void *h0, *c0;
     void *hn, *cn;
     const int32_t *lengths;
+    /* 0: fewer threads than nthreads when a call is too short to pay for
+     * waking the workers (~20 us of work).  1: split even short calls
+     * (streaming steps fed back to back, where the workers are still
+     * spinning from the previous step). */
+    int eager_threads;
 } fl_io;
 
 size_t fl_workspace_bytes(fl_cell *const *cells, int layers, int dirs, int T, int N);
