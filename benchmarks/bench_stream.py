@@ -2,16 +2,18 @@
 """Latency of one streaming step: fastlstm's ``Stream.step`` against the
 cheapest equivalent call of torch and ONNX Runtime.
 
-One layer, batch 1, input = hidden (64 and 128 by default), 1 thread, float32.
-Every engine carries (h, c) from one call to the next, as a real-time loop
-must:
+One layer, batch 1, input = hidden (64 and 128 by default), float32, at 1 and
+2 threads (every engine pinned to the same count: n below).  Every engine
+carries (h, c) from one call to the next, as a real-time loop must:
 
-  fastlstm        ``s = m.stream(1, num_threads=1)``; ``y = s.step(x_t)``
-                  (x_t: NumPy (1, H); the state stays inside the stream)
-  fastlstm call   ``y, (h, c) = m(x_t[None], (h, c), num_threads=1)``: the
+  fastlstm        ``s = m.stream(1, num_threads=n)``; ``y = s.step(x_t)``
+                  (x_t: NumPy (1, H); the state stays inside the stream; with
+                  n > 1 every step is split across the threads, which spin
+                  between back-to-back steps)
+  fastlstm call   ``y, (h, c) = m(x_t[None], (h, c), num_threads=n)``: the
                   one-shot API at T=1, for reference (not a peer)
   torch           ``y, (h, c) = lstm(x, (h, c))`` with x (1, 1, H): nn.LSTM
-                  with hx at T=1; torch.set_num_threads(1), the whole timing
+                  with hx at T=1; torch.set_num_threads(n), the whole timing
                   inside one torch.inference_mode() block (no per-call context
                   manager), inputs already tensors
   torch oneDNN off  the same nn.LSTM call with torch.backends.mkldnn.enabled =
@@ -23,7 +25,7 @@ must:
                   an nn.LSTM call)
   ORT             one ONNX LSTM node built with onnx.helper, T=1, inputs X,
                   initial_h, initial_c, outputs Y_h and Y_c only (Y_h is y_t);
-                  ``sess.run`` with intra_op_num_threads=1, inter_op=1,
+                  ``sess.run`` with intra_op_num_threads=n, inter_op=1,
                   sequential execution
 
 Before timing, each engine runs the same 32-step sequence from zero state and
@@ -35,7 +37,7 @@ target is >= 5x.
 
     python benchmarks/bench_stream.py               # writes benchmarks/results/stream.{json,md}
     python benchmarks/bench_stream.py --quick --out /tmp/stream_check
-    python benchmarks/bench_stream.py --hidden 64,128,256 --repeats 30
+    python benchmarks/bench_stream.py --hidden 64,128,256 --threads 1 --repeats 30
 """
 from __future__ import annotations
 
@@ -265,7 +267,8 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", default="64,128", help="comma-separated hidden sizes (64,128)")
-    ap.add_argument("--threads", type=int, default=1, help="threads of every engine (1)")
+    ap.add_argument("--threads", default="1,2",
+                    help="comma-separated thread counts, each engine pinned to it (1,2)")
     ap.add_argument("--engines", default=",".join(ENGINES),
                     help=f"comma-separated, from {','.join(ENGINES)}; fastlstm always runs")
     ap.add_argument("--repeats", type=int, default=None,
@@ -293,7 +296,12 @@ def parse_args(argv=None):
     bad = [e for e in a.engine_list if e not in ENGINES]
     if bad:
         ap.error(f"--engines: unknown {bad}; choose from {ENGINES}")
-    if a.threads < 1 or a.repeats < 1 or a.min_calls < 1 or a.min_time < 0:
+    try:
+        a.thread_list = [int(t) for t in a.threads.split(",") if t.strip()]
+    except ValueError:
+        ap.error(f"--threads: expected comma-separated ints, got {a.threads!r}")
+    if (not a.thread_list or min(a.thread_list) < 1 or a.repeats < 1 or a.min_calls < 1
+            or a.min_time < 0):
         ap.error("--threads, --repeats, --min-calls must be >= 1 and --min-time >= 0")
     return a
 
@@ -301,7 +309,6 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     import torch
-    torch.set_num_threads(args.threads)
     started = time.time()
     machine = peers.machine_info()
     vers = peers.versions()
@@ -312,16 +319,17 @@ def main(argv=None):
         print(f"warning: load average {machine['loadavg'][0]:.2f} before start: other work "
               "is running; timings will be noisy", file=sys.stderr)
     print(f"{args.repeats} rounds, >= {args.min_calls} calls and >= {args.min_time:g} s per "
-          f"engine and size, {args.threads} thread(s)\n")
+          f"engine and size, threads {args.thread_list}\n")
 
     results = []
-    for H in args.hidden_list:
+    for H, threads in [(H, t) for H in args.hidden_list for t in args.thread_list]:
+        torch.set_num_threads(threads)
         cfg = peers.Config(1, 1, H, H, 1, 1)
         module = peers.make_module(cfg)
         rng = np.random.default_rng(H)
         xs = rng.standard_normal((CHECK_STEPS, 1, H), dtype=np.float32)
         with torch.inference_mode():
-            runners, skipped = build(module, args.threads, args.engine_list)
+            runners, skipped = build(module, threads, args.engine_list)
             for e, why in skipped.items():
                 print(f"   {LABEL[e]:<25} skipped: {why}")
             if "fastlstm" not in runners:
@@ -344,7 +352,7 @@ def main(argv=None):
         peer_us = {n: stats[n]["median_us"] for n in PEERS if n in stats}
         best = min(peer_us, key=peer_us.get) if peer_us else None
         speedup = peer_us[best] / stats["fastlstm"]["median_us"] if best else None
-        print(f"hidden {H}:")
+        print(f"hidden {H}, {threads} thread(s):")
         for name in args.engine_list:
             if name not in stats:
                 continue
@@ -356,7 +364,7 @@ def main(argv=None):
                   f"{s['q75_us']:.2f}, {s['calls']} calls){diff}")
         if speedup:
             print(f"   speedup vs {LABEL[best]}: {speedup:.2f}x (target {TARGET:g}x)\n")
-        results.append({"hidden": H, "input": H, "batch": 1, "layers": 1, "threads": args.threads,
+        results.append({"hidden": H, "input": H, "batch": 1, "layers": 1, "threads": threads,
                         "skipped": skipped, "max_abs_diff": diffs,
                         "runner_info": {n: r.info for n, r in runners.items()},
                         "engines": stats, "best_peer": best, "speedup": speedup,
@@ -371,7 +379,7 @@ def main(argv=None):
     doc = {
         **peers.result_header(argv),
         "benchmark": "stream step latency",
-        "settings": {"hidden": args.hidden_list, "threads": args.threads,
+        "settings": {"hidden": args.hidden_list, "threads": args.thread_list,
                      "engines": args.engine_list, "repeats": args.repeats,
                      "min_calls": args.min_calls, "min_time_s": args.min_time,
                      "max_calls_per_round": args.max_calls_per_round, "quick": args.quick,
