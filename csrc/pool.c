@@ -13,8 +13,9 @@
  *   then sleep on a futex (Linux; sched_yield elsewhere), so a thread whose
  *   partner was descheduled on a busy machine stops burning the core.
  * - Congestion: the steps between two barriers are balanced, so a thread
- *   that waits there long enough to sleep means a partner lost its core
- *   (other processes busy on the machine).  Each barrier then costs a
+ *   that waits there for more than FL_CONGESTED_NS (0.5 ms: a scheduler time
+ *   slice, not noise) means a partner lost its core (other processes busy on
+ *   the machine).  Each barrier then costs a
  *   scheduler time slice, and a hidden-split call runs several times slower
  *   than on one thread.  After such a call the pool runs calls on the
  *   calling thread alone for FL_SOLO_NS (10 ms), then tries again.  Results
@@ -41,6 +42,7 @@
 #define FL_IDLE_SPINS 4000     /* ~ tens of microseconds before sleeping */
 #define FL_BARRIER_SPINS 2000  /* ~100 us, then sleep in the kernel */
 #define FL_SOLO_NS 10000000LL  /* single-threaded this long after a congested call */
+#define FL_CONGESTED_NS 500000LL /* a barrier wait this long: a partner lost its core */
 
 static pthread_mutex_t g_call_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_mutex_t g_sleep_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -63,11 +65,7 @@ static atomic_uint g_congested_calls; /* calls after which the pool went solo */
 static long long mono_ns(void)
 {
     struct timespec ts;
-#if defined(CLOCK_MONOTONIC_COARSE)
-    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts); /* ~20 ns, 1-4 ms resolution */
-#else
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-#endif
+    clock_gettime(CLOCK_MONOTONIC, &ts); /* vDSO: ~20-50 ns, on slow paths only */
     return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
@@ -166,22 +164,26 @@ static void barrier_(int nthreads, int between_steps)
         if (atomic_load(&g_bar_sleepers) > 0) bar_wake(&g_bar_gen);
         return;
     }
-    int spins = 0, slept = 0;
+    int spins = 0;
+    long long t_sleep = 0;
     while (atomic_load(&g_bar_gen) == gen) {
         if (spins < FL_BARRIER_SPINS) {
             spins++;
             FL_PAUSE();
         } else {
+            if (!t_sleep) t_sleep = mono_ns();
             /* sleepers is raised before the generation is re-read (inside the
              * futex call, atomically), so the last arriver either sees it and
              * wakes us, or we see the new generation and do not sleep. */
             atomic_fetch_add(&g_bar_sleepers, 1);
             bar_sleep(&g_bar_gen, gen);
             atomic_fetch_sub(&g_bar_sleepers, 1);
-            slept = 1;
         }
     }
-    if (slept && between_steps) atomic_fetch_add(&g_step_sleeps, 1);
+    /* Steps are balanced: a wait of a scheduler time slice means the partner
+     * was descheduled (ordinary imbalance and noise stay far below 0.5 ms). */
+    if (t_sleep && between_steps && mono_ns() - t_sleep >= FL_CONGESTED_NS)
+        atomic_fetch_add(&g_step_sleeps, 1);
 }
 
 /* The barrier between steps (tasks call this one). */
