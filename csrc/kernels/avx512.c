@@ -208,28 +208,23 @@ static void lstm_avx512(int R, int K, const float *A, ptrdiff_t lda, const float
     }
 }
 
-/* Reduced-precision W_hh: each panel row is widened to float32 once and
+/* float16 / bfloat16 W_hh: each panel row is widened to float32 once and
  * used for all R rows. */
 AI void load_wrow(const int WT, const void *panel, int k, __m512 w[4])
 {
+    const uint16_t *p = (const uint16_t *)panel + (size_t)k * FL_PW;
     if (WT == FL_W_F16) {
-        const uint16_t *p = (const uint16_t *)panel + (size_t)k * FL_PW;
         for (int q = 0; q < 4; q++)
             w[q] = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(p + 16 * q)));
-    } else if (WT == FL_W_BF16) {
-        const uint16_t *p = (const uint16_t *)panel + (size_t)k * FL_PW;
+    } else {
         for (int q = 0; q < 4; q++)
             w[q] = _mm512_castsi512_ps(_mm512_slli_epi32(
                 _mm512_cvtepu16_epi32(_mm256_load_si256((const __m256i *)(p + 16 * q))), 16));
-    } else {
-        const int8_t *p = (const int8_t *)panel + (size_t)k * FL_PW;
-        for (int q = 0; q < 4; q++)
-            w[q] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128((const __m128i *)(p + 16 * q))));
     }
 }
 
 AI void lstmq_r(const int WT, const int R, int K, const float *A, ptrdiff_t lda,
-                const void *panel, const float *scale, const float *G, ptrdiff_t ldg,
+                const void *panel, const float *G, ptrdiff_t ldg,
                 float *c, ptrdiff_t ldc, float *h, ptrdiff_t ldh, int nvalid, const fl_epi *epi)
 {
     __m512 acc[RMAX][4];
@@ -254,23 +249,19 @@ AI void lstmq_r(const int WT, const int R, int K, const float *A, ptrdiff_t lda,
     _Pragma("GCC unroll 6") for (int r = 0; r < R; r++)
     {
         const float *g = G + r * ldg;
-        for (int q = 0; q < 4; q++) {
-            __m512 gq = _mm512_loadu_ps(g + 16 * q);
-            acc[r][q] = WT == FL_W_I8 ? _mm512_fmadd_ps(acc[r][q], _mm512_loadu_ps(scale + 16 * q), gq)
-                                      : _mm512_add_ps(acc[r][q], gq);
-        }
+        for (int q = 0; q < 4; q++) acc[r][q] = _mm512_add_ps(acc[r][q], _mm512_loadu_ps(g + 16 * q));
     }
     epilogue(R, acc, c, ldc, h, ldh, nvalid, epi);
 }
 
-#define LSTMQ_CASES(WT)                                                                          \
-    switch (R) {                                                                                 \
-    case 1: lstmq_r(WT, 1, K, A, lda, panel, scale, G, ldg, c, ldc, h, ldh, nvalid, epi); break; \
-    case 2: lstmq_r(WT, 2, K, A, lda, panel, scale, G, ldg, c, ldc, h, ldh, nvalid, epi); break; \
-    case 3: lstmq_r(WT, 3, K, A, lda, panel, scale, G, ldg, c, ldc, h, ldh, nvalid, epi); break; \
-    case 4: lstmq_r(WT, 4, K, A, lda, panel, scale, G, ldg, c, ldc, h, ldh, nvalid, epi); break; \
-    case 5: lstmq_r(WT, 5, K, A, lda, panel, scale, G, ldg, c, ldc, h, ldh, nvalid, epi); break; \
-    default: lstmq_r(WT, 6, K, A, lda, panel, scale, G, ldg, c, ldc, h, ldh, nvalid, epi); break; \
+#define LSTMQ_CASES(WT)                                                                   \
+    switch (R) {                                                                          \
+    case 1: lstmq_r(WT, 1, K, A, lda, panel, G, ldg, c, ldc, h, ldh, nvalid, epi); break; \
+    case 2: lstmq_r(WT, 2, K, A, lda, panel, G, ldg, c, ldc, h, ldh, nvalid, epi); break; \
+    case 3: lstmq_r(WT, 3, K, A, lda, panel, G, ldg, c, ldc, h, ldh, nvalid, epi); break; \
+    case 4: lstmq_r(WT, 4, K, A, lda, panel, G, ldg, c, ldc, h, ldh, nvalid, epi); break; \
+    case 5: lstmq_r(WT, 5, K, A, lda, panel, G, ldg, c, ldc, h, ldh, nvalid, epi); break; \
+    default: lstmq_r(WT, 6, K, A, lda, panel, G, ldg, c, ldc, h, ldh, nvalid, epi); break; \
     }
 
 static void lstmq_avx512(int wtype, int R, int K, const float *A, ptrdiff_t lda,
@@ -278,12 +269,137 @@ static void lstmq_avx512(int wtype, int R, int K, const float *A, ptrdiff_t lda,
                          float *c, ptrdiff_t ldc, float *h, ptrdiff_t ldh, int nvalid,
                          const fl_epi *epi)
 {
+    (void)scale;
     if (wtype == FL_W_F16) { LSTMQ_CASES(FL_W_F16) }
-    else if (wtype == FL_W_BF16) { LSTMQ_CASES(FL_W_BF16) }
-    else { LSTMQ_CASES(FL_W_I8) }
+    else { LSTMQ_CASES(FL_W_BF16) }
 }
 
-const fl_kernels_f32 fl_kernels_f32_avx512 = {RMAX, gemm_avx512, lstm_avx512, lstmq_avx512, "avx512"};
+/* int8 W_hh times int16 h (fl_lstmi8_f32).  Per k pair, 32 bytes of the
+ * panel are 16 columns x 2 k: vpmovsxbw widens them to 16 int16 pairs, and
+ * one vpdpwssd (or vpmaddwd + vpaddd) adds w[k][col] q[k] + w[k+1][col] q[k+1]
+ * to each column's int32 sum, against the pair (q[k], q[k+1]) broadcast.
+ * Integer sums are exact, so their order is free: at R = 1 two sets of 4
+ * accumulators take alternate pairs (8 independent chains). */
+AI int32_t ld_pair(const int16_t *q)
+{
+    int32_t v;
+    memcpy(&v, q, sizeof v);
+    return v;
+}
+
+#define I8_W(w, q) _mm512_cvtepi8_epi16(_mm256_load_si256((const __m256i *)((w) + 32 * (q))))
+#define DOT_VNNI(acc, w, b) _mm512_dpwssd_epi32((acc), (w), (b))
+#define DOT_BW(acc, w, b) _mm512_add_epi32((acc), _mm512_madd_epi16((w), (b)))
+
+#define LSTMI8_R(NAME, DOT, ATTR)                                                                \
+    static inline __attribute__((always_inline)) ATTR void NAME(                                 \
+        const int R, int K, const int16_t *Q, ptrdiff_t ldq, const float *hs,                    \
+        const int8_t *panel, const float *scale, const float *G, ptrdiff_t ldg, float *c,        \
+        ptrdiff_t ldc, float *h, ptrdiff_t ldh, int nvalid, const fl_epi *epi)                   \
+    {                                                                                            \
+        __m512 accf[RMAX][4];                                                                    \
+        _Pragma("GCC unroll 6") for (int r = 0; r < R; r++)                                      \
+        {                                                                                        \
+            accf[r][0] = accf[r][1] = accf[r][2] = accf[r][3] = _mm512_setzero_ps();             \
+        }                                                                                        \
+        if (Q) {                                                                                 \
+            const int np = (K + 1) / 2;                                                          \
+            for (int p0 = 0; p0 < np; p0 += FL_I8_KC / 2) {                                      \
+                const int p1 = p0 + FL_I8_KC / 2 < np ? p0 + FL_I8_KC / 2 : np;                  \
+                __m512i acc[RMAX][4];                                                            \
+                _Pragma("GCC unroll 6") for (int r = 0; r < R; r++)                              \
+                {                                                                                \
+                    acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm512_setzero_si512();      \
+                }                                                                                \
+                int p = p0;                                                                      \
+                if (R == 1) {                                                                    \
+                    __m512i e0 = _mm512_setzero_si512(), e1 = e0, e2 = e0, e3 = e0;              \
+                    for (; p + 1 < p1; p += 2) {                                                 \
+                        const int8_t *w = panel + (size_t)p * 2 * FL_PW;                         \
+                        const __m512i b0 = _mm512_set1_epi32(ld_pair(Q + 2 * p));                \
+                        const __m512i b1 = _mm512_set1_epi32(ld_pair(Q + 2 * p + 2));            \
+                        acc[0][0] = DOT(acc[0][0], I8_W(w, 0), b0);                              \
+                        acc[0][1] = DOT(acc[0][1], I8_W(w, 1), b0);                              \
+                        acc[0][2] = DOT(acc[0][2], I8_W(w, 2), b0);                              \
+                        acc[0][3] = DOT(acc[0][3], I8_W(w, 3), b0);                              \
+                        e0 = DOT(e0, I8_W(w, 4), b1);                                            \
+                        e1 = DOT(e1, I8_W(w, 5), b1);                                            \
+                        e2 = DOT(e2, I8_W(w, 6), b1);                                            \
+                        e3 = DOT(e3, I8_W(w, 7), b1);                                            \
+                    }                                                                            \
+                    acc[0][0] = _mm512_add_epi32(acc[0][0], e0);                                 \
+                    acc[0][1] = _mm512_add_epi32(acc[0][1], e1);                                 \
+                    acc[0][2] = _mm512_add_epi32(acc[0][2], e2);                                 \
+                    acc[0][3] = _mm512_add_epi32(acc[0][3], e3);                                 \
+                }                                                                                \
+                for (; p < p1; p++) {                                                            \
+                    const int8_t *w = panel + (size_t)p * 2 * FL_PW;                             \
+                    const __m512i w0 = I8_W(w, 0), w1 = I8_W(w, 1), w2 = I8_W(w, 2),             \
+                                  w3 = I8_W(w, 3);                                               \
+                    _Pragma("GCC unroll 6") for (int r = 0; r < R; r++)                          \
+                    {                                                                            \
+                        const __m512i b = _mm512_set1_epi32(ld_pair(Q + r * ldq + 2 * p));       \
+                        acc[r][0] = DOT(acc[r][0], w0, b);                                       \
+                        acc[r][1] = DOT(acc[r][1], w1, b);                                       \
+                        acc[r][2] = DOT(acc[r][2], w2, b);                                       \
+                        acc[r][3] = DOT(acc[r][3], w3, b);                                       \
+                    }                                                                            \
+                }                                                                                \
+                _Pragma("GCC unroll 6") for (int r = 0; r < R; r++)                              \
+                {                                                                                \
+                    for (int q = 0; q < 4; q++)                                                  \
+                        accf[r][q] = _mm512_add_ps(accf[r][q], _mm512_cvtepi32_ps(acc[r][q]));   \
+                }                                                                                \
+            }                                                                                    \
+        }                                                                                        \
+        _Pragma("GCC unroll 6") for (int r = 0; r < R; r++)                                      \
+        {                                                                                        \
+            const __m512 s = _mm512_set1_ps(Q ? hs[r] : 0.0f);                                   \
+            const float *g = G + r * ldg;                                                        \
+            for (int q = 0; q < 4; q++)                                                          \
+                accf[r][q] = _mm512_fmadd_ps(accf[r][q],                                         \
+                                             _mm512_mul_ps(_mm512_loadu_ps(scale + 16 * q), s),  \
+                                             _mm512_loadu_ps(g + 16 * q));                       \
+        }                                                                                        \
+        epilogue(R, accf, c, ldc, h, ldh, nvalid, epi);                                          \
+    }
+
+#define LSTMI8_CASES(NAME)                                                                            \
+    switch (R) {                                                                                      \
+    case 1: NAME(1, K, Q, ldq, hs, panel, scale, G, ldg, c, ldc, h, ldh, nvalid, epi); break;         \
+    case 2: NAME(2, K, Q, ldq, hs, panel, scale, G, ldg, c, ldc, h, ldh, nvalid, epi); break;         \
+    case 3: NAME(3, K, Q, ldq, hs, panel, scale, G, ldg, c, ldc, h, ldh, nvalid, epi); break;         \
+    case 4: NAME(4, K, Q, ldq, hs, panel, scale, G, ldg, c, ldc, h, ldh, nvalid, epi); break;         \
+    case 5: NAME(5, K, Q, ldq, hs, panel, scale, G, ldg, c, ldc, h, ldh, nvalid, epi); break;         \
+    default: NAME(6, K, Q, ldq, hs, panel, scale, G, ldg, c, ldc, h, ldh, nvalid, epi); break;        \
+    }
+
+#define VNNI_TARGET __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,f16c,avx512vnni")))
+LSTMI8_R(lstmi8_r_vnni, DOT_VNNI, VNNI_TARGET)
+LSTMI8_R(lstmi8_r_bw, DOT_BW, )
+
+static VNNI_TARGET void lstmi8_vnni(int R, int K, const int16_t *Q, ptrdiff_t ldq, const float *hs,
+                                    const int8_t *panel, const float *scale, const float *G,
+                                    ptrdiff_t ldg, float *c, ptrdiff_t ldc, float *h, ptrdiff_t ldh,
+                                    int nvalid, const fl_epi *epi)
+{
+    LSTMI8_CASES(lstmi8_r_vnni)
+}
+
+static void lstmi8_avx512(int R, int K, const int16_t *Q, ptrdiff_t ldq, const float *hs,
+                          const int8_t *panel, const float *scale, const float *G, ptrdiff_t ldg,
+                          float *c, ptrdiff_t ldc, float *h, ptrdiff_t ldh, int nvalid,
+                          const fl_epi *epi)
+{
+    if (fl_use_vnni) {
+        lstmi8_vnni(R, K, Q, ldq, hs, panel, scale, G, ldg, c, ldc, h, ldh, nvalid, epi);
+        return;
+    }
+    LSTMI8_CASES(lstmi8_r_bw)
+}
+
+const fl_kernels_f32 fl_kernels_f32_avx512 = {RMAX, gemm_avx512, lstm_avx512, lstmq_avx512, lstmi8_avx512,
+                                                "avx512"};
 
 #if defined(__clang__)
 #pragma clang attribute pop
