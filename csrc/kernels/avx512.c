@@ -288,7 +288,14 @@ AI int32_t ld_pair(const int16_t *q)
 }
 
 #define I8_W(w, q) _mm512_cvtepi8_epi16(_mm256_load_si256((const __m256i *)((w) + 32 * (q))))
-#define DOT_VNNI(acc, w, b) _mm512_dpwssd_epi32((acc), (w), (b))
+/* vpdpwssd through inline asm: with the intrinsic, GCC 12 copies every
+ * accumulator to another register (and to the stack) around each use. */
+AI __m512i dot_vnni(__m512i acc, __m512i w, __m512i b)
+{
+    __asm__("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(b));
+    return acc;
+}
+#define DOT_VNNI(acc, w, b) dot_vnni((acc), (w), (b))
 #define DOT_BW(acc, w, b) _mm512_add_epi32((acc), _mm512_madd_epi16((w), (b)))
 
 #define LSTMI8_R(NAME, DOT, ATTR)                                                                \
@@ -297,16 +304,15 @@ AI int32_t ld_pair(const int16_t *q)
         const int8_t *panel, const float *scale, const float *G, ptrdiff_t ldg, float *c,        \
         ptrdiff_t ldc, float *h, ptrdiff_t ldh, int nvalid, const fl_epi *epi)                   \
     {                                                                                            \
+        /* chunk sums in memory: only the 4R int32 accumulators stay in registers */            \
+        float sums[RMAX * FL_PW] __attribute__((aligned(64)));                                   \
         __m512 accf[RMAX][4];                                                                    \
-        _Pragma("GCC unroll 6") for (int r = 0; r < R; r++)                                      \
-        {                                                                                        \
-            accf[r][0] = accf[r][1] = accf[r][2] = accf[r][3] = _mm512_setzero_ps();             \
-        }                                                                                        \
+        __m512i acc[RMAX][4];                                                                    \
+        for (int i = 0; i < R * FL_PW; i += 16) _mm512_store_ps(sums + i, _mm512_setzero_ps());  \
         if (Q) {                                                                                 \
             const int np = (K + 1) / 2;                                                          \
             for (int p0 = 0; p0 < np; p0 += FL_I8_KC / 2) {                                      \
                 const int p1 = p0 + FL_I8_KC / 2 < np ? p0 + FL_I8_KC / 2 : np;                  \
-                __m512i acc[RMAX][4];                                                            \
                 _Pragma("GCC unroll 6") for (int r = 0; r < R; r++)                              \
                 {                                                                                \
                     acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm512_setzero_si512();      \
@@ -347,8 +353,15 @@ AI int32_t ld_pair(const int16_t *q)
                 }                                                                                \
                 _Pragma("GCC unroll 6") for (int r = 0; r < R; r++)                              \
                 {                                                                                \
-                    for (int q = 0; q < 4; q++)                                                  \
-                        accf[r][q] = _mm512_add_ps(accf[r][q], _mm512_cvtepi32_ps(acc[r][q]));   \
+                    float *sp = sums + r * FL_PW;                                                \
+                    _mm512_store_ps(sp, _mm512_add_ps(_mm512_load_ps(sp),                        \
+                                                      _mm512_cvtepi32_ps(acc[r][0])));           \
+                    _mm512_store_ps(sp + 16, _mm512_add_ps(_mm512_load_ps(sp + 16),              \
+                                                           _mm512_cvtepi32_ps(acc[r][1])));      \
+                    _mm512_store_ps(sp + 32, _mm512_add_ps(_mm512_load_ps(sp + 32),              \
+                                                           _mm512_cvtepi32_ps(acc[r][2])));      \
+                    _mm512_store_ps(sp + 48, _mm512_add_ps(_mm512_load_ps(sp + 48),              \
+                                                           _mm512_cvtepi32_ps(acc[r][3])));      \
                 }                                                                                \
             }                                                                                    \
         }                                                                                        \
@@ -357,7 +370,7 @@ AI int32_t ld_pair(const int16_t *q)
             const __m512 s = _mm512_set1_ps(Q ? hs[r] : 0.0f);                                   \
             const float *g = G + r * ldg;                                                        \
             for (int q = 0; q < 4; q++)                                                          \
-                accf[r][q] = _mm512_fmadd_ps(accf[r][q],                                         \
+                accf[r][q] = _mm512_fmadd_ps(_mm512_load_ps(sums + r * FL_PW + 16 * q),          \
                                              _mm512_mul_ps(_mm512_loadu_ps(scale + 16 * q), s),  \
                                              _mm512_loadu_ps(g + 16 * q));                       \
         }                                                                                        \
