@@ -327,8 +327,9 @@ int fl_cell_set_whh_reduced(fl_cell *cell, int wtype, const void *w, const float
                     if (es == 1) { /* k-pair interleaved (fl_internal.h) */
                         size_t dst = (size_t)j * Kp * FL_PW + (size_t)(k / 2) * 2 * FL_PW + 2 * col + k % 2;
                         ((int8_t *)cell->whhq)[dst] = ((const int8_t *)w)[row * Hout + k];
-                    } else {
-                        size_t dst = ((size_t)j * Hout + k) * FL_PW + col;
+                    } else { /* bfloat16: columns interleaved (fl_internal.h) */
+                        size_t dst = ((size_t)j * Hout + k) * FL_PW +
+                                     (wtype == FL_W_BF16 ? FL_BF16_POS(col) : col);
                         ((uint16_t *)cell->whhq)[dst] = ((const uint16_t *)w)[row * Hout + k];
                     }
                 }

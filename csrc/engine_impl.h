@@ -240,6 +240,21 @@ static void FN(thread_)(void *arg, int tid, int nt)
                             }
                             continue;
                         }
+                        if (cell->wtype != FL_W_F32 && kr->lstmq2 && r1 - n0 == 1 && jj + 1 < j1) {
+                            /* One row: blocks in adjacent pairs, (j, j+1) walking
+                             * forwards, (j-1, j) backwards; an odd last one alone. */
+                            int jf = (s & 1) ? j - 1 : j;
+                            const REAL *An = n0 < rs ? (Aprev ? Aprev + n0 * ysn : NULL)
+                                                     : (h0 ? h0 + (ptrdiff_t)n0 * Hout : NULL);
+                            epi.peep = cell->peep ? (const REAL *)cell->peep + (size_t)jf * 3 * FL_BW : NULL;
+                            kr->lstmq2(cell->wtype, Hout, An,
+                                       (const char *)cell->whhq + (size_t)jf * Hout * FL_PW * 2,
+                                       Gt + n0 * ldg + (ptrdiff_t)jf * FL_PW,
+                                       cst + (ptrdiff_t)n0 * H + jf * FL_BW, hdst + n0 * ldh + jf * FL_BW,
+                                       FN(imin_)(FL_BW, H - (jf + 1) * FL_BW), &epi);
+                            jj++;
+                            continue;
+                        }
                         if (cell->wtype != FL_W_F32) {
                             const char *pq = (const char *)cell->whhq + (size_t)j * Hout * FL_PW * 2;
                             for (int n = n0, R; n < r1; n += R) {

@@ -16,8 +16,15 @@
  *     panel_j[(k/2)*128 + col*2 + k%2] = q[row(col)][k]      (int8)
  * so 32 bytes hold 16 columns x 2 k, which widen (vpmovsxbw) to the 16 int16
  * pairs that one vpdpwssd / vpmaddwd lane multiplies with (q_h[k], q_h[k+1]).
- * Every ISA reads this one layout.
+ * bfloat16 W_hh (FL_W_BF16) keeps the panel rows but interleaves the columns
+ * of each 32-column half-row:
+ *     panel_j[k*64 + 32*(col/32) + 2*(col%16) + (col%32)/16] = w[row(col)][k]
+ * so a 32-bit lane holds columns c (low half) and c + 16 (high half): a
+ * shift left by 16 makes the first a float32, clearing the low half makes
+ * the second one (one integer op per 16 weights instead of a widening move
+ * and a shift).  Every ISA reads these layouts.
  */
+#define FL_BF16_POS(col) (32 * ((col) / 32) + 2 * ((col) % 16) + ((col) % 32) / 16)
 #ifndef FL_INTERNAL_H
 #define FL_INTERNAL_H
 
@@ -77,6 +84,15 @@ typedef void (*fl_lstmq_f32)(int wtype, int R, int K, const float *A, ptrdiff_t 
                              const float *G, ptrdiff_t ldg,
                              float *c, ptrdiff_t ldc, float *h, ptrdiff_t ldh,
                              int nvalid, const fl_epi *epi);
+/* lstmq2: lstmq for one row (R = 1) and two adjacent blocks j, j+1 at once
+ * (panel: block j's, block j+1's follows; G, c, h: block j's, j+1's follow
+ * at +64, +16, +16; epi: block j's, nvalid2: block j+1's).  Twice the
+ * independent FMA chains; every column's sum is the same k-ordered chain,
+ * so the results are bitwise those of two lstmq calls.  NULL if the ISA
+ * has no such kernel. */
+typedef void (*fl_lstmq2_f32)(int wtype, int K, const float *A, const void *panel,
+                              const float *G, float *c, float *h, int nvalid2,
+                              const fl_epi *epi);
 /* lstmi8: int8 W_hh (k-pair panel above) times int16 h (Q, rows of ldq >= Kp
  * int16, zero-padded to Kp; hs[r] = the row's h scale, see fl_quantize_h):
  *     acc_c = sum over chunk c of FL_I8_KC k of qw[k][col] * Q[r][k]  (int32, exact)
@@ -96,6 +112,7 @@ typedef struct {
     fl_gemm_f32 gemm;
     fl_lstm_f32 lstm;
     fl_lstmq_f32 lstmq;
+    fl_lstmq2_f32 lstmq2;
     fl_lstmi8_f32 lstmi8;
     const char *name;
 } fl_kernels_f32;

@@ -181,10 +181,14 @@ static void lstmq_avx2(int wtype, int R, int K, const float *A, ptrdiff_t lda,
                 if (wtype == FL_W_F16) {
                     for (int q = 0; q < 8; q++)
                         acc[q] = _mm256_fmadd_ps(b, _mm256_cvtph_ps(_mm_load_si128((const __m128i *)(p + 8 * q))), acc[q]);
-                } else {
-                    for (int q = 0; q < 8; q++)
-                        acc[q] = _mm256_fmadd_ps(b, _mm256_castsi256_ps(_mm256_slli_epi32(
-                            _mm256_cvtepu16_epi32(_mm_load_si128((const __m128i *)(p + 8 * q))), 16)), acc[q]);
+                } else { /* 32 bytes: columns 8u..8u+7 (low halves), 8u+16.. (high) */
+                    const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
+                    for (int u = 0; u < 8; u += 4)
+                        for (int v = 0; v < 2; v++) {
+                            __m256i x = _mm256_load_si256((const __m256i *)(p + 8 * u + 16 * v));
+                            acc[u + v] = _mm256_fmadd_ps(b, _mm256_castsi256_ps(_mm256_slli_epi32(x, 16)), acc[u + v]);
+                            acc[u + v + 2] = _mm256_fmadd_ps(b, _mm256_castsi256_ps(_mm256_and_si256(x, hi)), acc[u + v + 2]);
+                        }
                 }
             }
         }
@@ -236,7 +240,8 @@ static void lstmi8_avx2(int R, int K, const int16_t *Q, ptrdiff_t ldq, const flo
     }
 }
 
-const fl_kernels_f32 fl_kernels_f32_avx2 = {1, gemm_avx2, lstm_avx2, lstmq_avx2, lstmi8_avx2, "avx2"};
+const fl_kernels_f32 fl_kernels_f32_avx2 = {1, gemm_avx2, lstm_avx2, lstmq_avx2, NULL, lstmi8_avx2,
+                                          "avx2"};
 
 #if defined(__clang__)
 #pragma clang attribute pop

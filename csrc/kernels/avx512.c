@@ -216,10 +216,13 @@ AI void load_wrow(const int WT, const void *panel, int k, __m512 w[4])
     if (WT == FL_W_F16) {
         for (int q = 0; q < 4; q++)
             w[q] = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(p + 16 * q)));
-    } else {
-        for (int q = 0; q < 4; q++)
-            w[q] = _mm512_castsi512_ps(_mm512_slli_epi32(
-                _mm512_cvtepu16_epi32(_mm256_load_si256((const __m256i *)(p + 16 * q))), 16));
+    } else { /* 64 bytes: columns 32g..32g+15 (low halves), 32g+16.. (high) */
+        const __m512i hi = _mm512_set1_epi32((int)0xffff0000u);
+        for (int g = 0; g < 2; g++) {
+            __m512i x = _mm512_load_si512((const void *)(p + 32 * g));
+            w[2 * g] = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+            w[2 * g + 1] = _mm512_castsi512_ps(_mm512_and_si512(x, hi));
+        }
     }
 }
 
@@ -272,6 +275,46 @@ static void lstmq_avx512(int wtype, int R, int K, const float *A, ptrdiff_t lda,
     (void)scale;
     if (wtype == FL_W_F16) { LSTMQ_CASES(FL_W_F16) }
     else { LSTMQ_CASES(FL_W_BF16) }
+}
+
+/* One row, two adjacent blocks (fl_lstmq2_f32): 8 FMA chains. */
+AI void lstmq2_r(const int WT, int K, const float *A, const void *panel, const float *G,
+                 float *c, float *h, int nvalid2, const fl_epi *epi)
+{
+    __m512 acc[2][4];
+    const void *panel1 = (const uint16_t *)panel + (size_t)K * FL_PW;
+    for (int q = 0; q < 4; q++) acc[0][q] = acc[1][q] = _mm512_setzero_ps();
+    if (A) {
+        for (int k = 0; k < K; k++) {
+            __m512 w0[4], w1[4];
+            load_wrow(WT, panel, k, w0);
+            load_wrow(WT, panel1, k, w1);
+            __m512 b = _mm512_set1_ps(A[k]);
+            acc[0][0] = _mm512_fmadd_ps(b, w0[0], acc[0][0]);
+            acc[0][1] = _mm512_fmadd_ps(b, w0[1], acc[0][1]);
+            acc[0][2] = _mm512_fmadd_ps(b, w0[2], acc[0][2]);
+            acc[0][3] = _mm512_fmadd_ps(b, w0[3], acc[0][3]);
+            acc[1][0] = _mm512_fmadd_ps(b, w1[0], acc[1][0]);
+            acc[1][1] = _mm512_fmadd_ps(b, w1[1], acc[1][1]);
+            acc[1][2] = _mm512_fmadd_ps(b, w1[2], acc[1][2]);
+            acc[1][3] = _mm512_fmadd_ps(b, w1[3], acc[1][3]);
+        }
+    }
+    for (int q = 0; q < 4; q++) {
+        acc[0][q] = _mm512_add_ps(acc[0][q], _mm512_loadu_ps(G + 16 * q));
+        acc[1][q] = _mm512_add_ps(acc[1][q], _mm512_loadu_ps(G + FL_PW + 16 * q));
+    }
+    epilogue(1, acc, c, 0, h, 0, FL_BW, epi);
+    fl_epi e2 = *epi;
+    if (epi->peep) e2.peep = (const float *)epi->peep + 3 * FL_BW;
+    epilogue(1, acc + 1, c + FL_BW, 0, h + FL_BW, 0, nvalid2, &e2);
+}
+
+static void lstmq2_avx512(int wtype, int K, const float *A, const void *panel, const float *G,
+                          float *c, float *h, int nvalid2, const fl_epi *epi)
+{
+    if (wtype == FL_W_F16) lstmq2_r(FL_W_F16, K, A, panel, G, c, h, nvalid2, epi);
+    else lstmq2_r(FL_W_BF16, K, A, panel, G, c, h, nvalid2, epi);
 }
 
 /* int8 W_hh times int16 h (fl_lstmi8_f32).  Per k pair, 32 bytes of the
@@ -411,7 +454,8 @@ static void lstmi8_avx512(int R, int K, const int16_t *Q, ptrdiff_t ldq, const f
     LSTMI8_CASES(lstmi8_r_bw)
 }
 
-const fl_kernels_f32 fl_kernels_f32_avx512 = {RMAX, gemm_avx512, lstm_avx512, lstmq_avx512, lstmi8_avx512,
+const fl_kernels_f32 fl_kernels_f32_avx512 = {RMAX, gemm_avx512, lstm_avx512, lstmq_avx512, lstmq2_avx512,
+                                                lstmi8_avx512,
                                                 "avx512"};
 
 #if defined(__clang__)

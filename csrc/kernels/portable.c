@@ -41,7 +41,8 @@ static void lstmq_portable_f32(int wtype, int R, int K, const float *A, ptrdiff_
                 if (wtype == FL_W_F16)
                     for (int col = 0; col < FL_PW; col++) acc[col] += ak * fl_f16_to_f32(w[col]);
                 else
-                    for (int col = 0; col < FL_PW; col++) acc[col] += ak * fl_bf16_to_f32(w[col]);
+                    for (int col = 0; col < FL_PW; col++)
+                        acc[col] += ak * fl_bf16_to_f32(w[FL_BF16_POS(col)]);
             }
         }
         const float *g = G + r * ldg;
@@ -92,6 +93,6 @@ static void lstmi8_portable_f32(int R, int K, const int16_t *Q, ptrdiff_t ldq, c
 }
 
 const fl_kernels_f32 fl_kernels_f32_portable = {1, gemm_portable_f32, lstm_portable_f32,
-                                                lstmq_portable_f32, lstmi8_portable_f32,
+                                                lstmq_portable_f32, NULL, lstmi8_portable_f32,
                                                 "portable"};
 const fl_kernels_f64 fl_kernels_f64_portable = {1, gemm_portable_f64, lstm_portable_f64, "portable"};
