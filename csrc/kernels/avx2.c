@@ -213,8 +213,10 @@ static void lstmi8_avx2(int R, int K, const int16_t *Q, ptrdiff_t ldq, const flo
 {
     const int np = (K + 1) / 2;
     for (int r = 0; r < R; r++) {
+        /* chunk sums in memory: the 8 int32 accumulators keep the registers */
+        float sums[FL_PW] __attribute__((aligned(32)));
         __m256 accf[8];
-        for (int q = 0; q < 8; q++) accf[q] = _mm256_setzero_ps();
+        for (int q = 0; q < 8; q++) _mm256_store_ps(sums + 8 * q, _mm256_setzero_ps());
         if (Q) {
             const int16_t *qr = Q + r * ldq;
             for (int p0 = 0; p0 < np; p0 += FL_I8_KC / 2) {
@@ -228,13 +230,15 @@ static void lstmi8_avx2(int R, int K, const int16_t *Q, ptrdiff_t ldq, const flo
                         acc[q] = _mm256_add_epi32(acc[q], _mm256_madd_epi16(
                             _mm256_cvtepi8_epi16(_mm_load_si128((const __m128i *)(w + 16 * q))), b));
                 }
-                for (int q = 0; q < 8; q++) accf[q] = _mm256_add_ps(accf[q], _mm256_cvtepi32_ps(acc[q]));
+                for (int q = 0; q < 8; q++)
+                    _mm256_store_ps(sums + 8 * q, _mm256_add_ps(_mm256_load_ps(sums + 8 * q),
+                                                                _mm256_cvtepi32_ps(acc[q])));
             }
         }
         const __m256 s = _mm256_set1_ps(Q ? hs[r] : 0.0f);
         const float *g = G + r * ldg;
         for (int q = 0; q < 8; q++)
-            accf[q] = _mm256_fmadd_ps(accf[q], _mm256_mul_ps(_mm256_loadu_ps(scale + 8 * q), s),
+            accf[q] = _mm256_fmadd_ps(_mm256_load_ps(sums + 8 * q), _mm256_mul_ps(_mm256_loadu_ps(scale + 8 * q), s),
                                       _mm256_loadu_ps(g + 8 * q));
         epilogue1(accf, c + r * ldc, ldc, h + r * ldh, ldh, nvalid, epi);
     }

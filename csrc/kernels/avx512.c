@@ -451,7 +451,20 @@ static void lstmi8_avx512(int R, int K, const int16_t *Q, ptrdiff_t ldq, const f
         lstmi8_vnni(R, K, Q, ldq, hs, panel, scale, G, ldg, c, ldc, h, ldh, nvalid, epi);
         return;
     }
-    LSTMI8_CASES(lstmi8_r_bw)
+    /* vpmaddwd needs a temporary per product: at most 3 rows per pass keep
+     * every accumulator in a register (rows are independent: same sums). */
+    for (int r0 = 0, n; r0 < R; r0 += n) {
+        n = R - r0 < 3 ? R - r0 : 3;
+        const int16_t *Qr = Q ? Q + r0 * ldq : NULL;
+        switch (n) {
+        case 1: lstmi8_r_bw(1, K, Qr, ldq, hs + r0, panel, scale, G + r0 * ldg, ldg, c + r0 * ldc, ldc,
+                            h + r0 * ldh, ldh, nvalid, epi); break;
+        case 2: lstmi8_r_bw(2, K, Qr, ldq, hs + r0, panel, scale, G + r0 * ldg, ldg, c + r0 * ldc, ldc,
+                            h + r0 * ldh, ldh, nvalid, epi); break;
+        default: lstmi8_r_bw(3, K, Qr, ldq, hs + r0, panel, scale, G + r0 * ldg, ldg, c + r0 * ldc, ldc,
+                             h + r0 * ldh, ldh, nvalid, epi); break;
+        }
+    }
 }
 
 const fl_kernels_f32 fl_kernels_f32_avx512 = {RMAX, gemm_avx512, lstm_avx512, lstmq_avx512, lstmq2_avx512,
