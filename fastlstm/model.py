@@ -261,8 +261,10 @@ class LSTM:
     def astype(self, weights):
         """A copy of this model whose recurrent weights W_hh are stored in
         ``weights`` precision: "float32", "float16", "bfloat16" or "int8"
-        (per-row scales).  Compute and state stay float32; W_ih, biases and the
-        projection stay float32 (see README, "Reduced precision").  The copy's
+        (per-row scales).  State, W_ih, biases and the projection stay float32;
+        float16/bfloat16 weights are widened exactly and the arithmetic is
+        float32; with int8, h_{t-1} is also quantized to int16 per row and step
+        for integer dot products (see README, "Reduced precision").  The copy's
         state_dict() returns the dequantized weights, so ``reference()`` checks
         exactly what the engine runs.  float64 models stay float32-only."""
         prec = _check_precision(weights)
