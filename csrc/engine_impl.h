@@ -453,8 +453,12 @@ static int FN(forward_)(fl_cell *const *cells, int L, int D, const fl_io *io, vo
     /* A whole call of less than ~20 us: waking sleeping workers costs more. */
     if (T == 0 || N == 0 || total == 0 || (!eager && step_us * (double)T * L * D < call_us))
         nt = 1;
-    /* int8 W_hh with a hidden split: one int16 copy of h per thread. */
-    if (cx.qcopies > 0 && !cx.split_batch && nt > cx.qcopies) nt = cx.qcopies;
+    /* int8 W_hh with a hidden split: one int16 copy of h per thread (plan_
+     * holds up to ~4 MB of copies); beyond that split the rows instead. */
+    if (cx.qcopies > 0 && !cx.split_batch && nt > cx.qcopies) {
+        if (N >= nt) cx.split_batch = 1;
+        else nt = cx.qcopies;
+    }
     if (cx.split_batch && nt > 1) {
         long acc = 0;
         int k = 1;
