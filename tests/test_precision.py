@@ -123,6 +123,22 @@ def test_int8_extreme_sums(isa):
     assert np.abs(got[0][0]).max() > 0.5
 
 
+def test_int8_many_rows_threads():
+    """So many rows that the per-thread int16 copies of h of a hidden split
+    would not fit the workspace plan (~4 MB): the rows are split instead.
+    Bitwise the same for every thread count, and like the reference."""
+    rng = np.random.default_rng(5)
+    q = fastlstm.LSTM(3, 32, seed=5).astype("int8")
+    x = rng.standard_normal((3, 40000, 3)).astype(np.float32)
+    want = q(x, num_threads=1)
+    for nt in (2, 3):
+        _bitwise(q(x, num_threads=nt), want, f"threads={nt}")
+    rows = [0, 17, 39999]
+    ref = q.reference(x[:, rows])
+    _assert_ref_close((want[0][:, rows], (want[1][0][:, rows], want[1][1][:, rows])), ref, "int8",
+                      "rows")
+
+
 def _exact_input_model(opts, H=40, In=7, seed=0):
     """An int8 model whose input projection x W_ih^T + b is computed exactly
     (dyadic weights and inputs with few bits: every product and partial sum
