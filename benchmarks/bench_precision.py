@@ -7,7 +7,9 @@ Engines, all on the weights of one torch.nn.LSTM and the same float32 input
 
   fastlstm float32 / float16 / bfloat16 / int8
         ``LSTM.from_torch(m).astype(p)(x, num_threads=n)``: only W_hh is
-        stored in p (int8: per-row scales); W_ih, compute and state float32.
+        stored in p (int8: per-row scales, and h_{t-1} quantized to int16 per
+        row and step for integer dot products); W_ih, state and the rest of
+        the arithmetic float32.
   torch float32        the nn.LSTM itself (peers.make_torch_runner).
   torch qint8 / float16
         ``torch.ao.quantization.quantize_dynamic`` on a module holding the

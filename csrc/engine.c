@@ -26,6 +26,8 @@ void fl_aligned_free(void *p) { free(p); }
 /* ------------------------------------------------------------- dispatch */
 static int g_isa_detected = -1;
 static int g_isa_active = -1;
+static int g_vnni_detected = 0;
+int fl_use_vnni = 0;
 
 #if defined(FL_X86)
 static unsigned long long fl_xgetbv0(void)
@@ -53,6 +55,8 @@ int fl_isa_detected(void)
                 int f = (b >> 16) & 1, dq = (b >> 17) & 1, bw = (b >> 30) & 1, vl = (b >> 31) & 1;
                 if (ymm_ok && avx2 && fma) isa = FL_ISA_AVX2;
                 if (isa == FL_ISA_AVX2 && zmm_ok && f && dq && bw && vl) isa = FL_ISA_AVX512;
+                g_vnni_detected = isa == FL_ISA_AVX512 && ((c >> 11) & 1); /* AVX512_VNNI */
+                fl_use_vnni = g_vnni_detected;
             }
         }
     }
@@ -74,6 +78,13 @@ int fl_isa_set(int isa)
     if (isa > best) isa = best;
     g_isa_active = isa;
     return isa;
+}
+
+int fl_int8_vnni_set(int on)
+{
+    fl_isa_detected();
+    if (on >= 0) fl_use_vnni = on && g_vnni_detected;
+    return fl_use_vnni;
 }
 
 const char *fl_isa_name(int isa)
@@ -103,7 +114,9 @@ unsigned fl_fpenv_enter(void)
 {
 #if defined(FL_X86)
     unsigned saved = _mm_getcsr();
-    _mm_setcsr(saved | 0x8040); /* FTZ | DAZ */
+    /* FTZ | DAZ, and round to nearest even whatever the caller's mode (the
+     * int16 quantization of h for int8 weights relies on it). */
+    _mm_setcsr((saved & ~0x6000u) | 0x8040u);
     return saved;
 #else
     return 0;
@@ -117,6 +130,63 @@ void fl_fpenv_leave(unsigned saved)
 #else
     (void)saved;
 #endif
+}
+
+/* ------------------------------------------------- int16 quantization of h */
+void fl_quantize_h(const float *h, int n, int npad, int16_t *q, float *hs)
+{
+    float m = 0.0f;
+    int bad = 0, k = 0;
+#if defined(FL_X86)
+    const __m128 absmask = _mm_castsi128_ps(_mm_set1_epi32(0x7fffffff));
+    const __m128 big = _mm_set1_ps(3.40282347e38f);
+    __m128 vm = _mm_setzero_ps(), vbad = _mm_setzero_ps();
+    for (; k + 4 <= n; k += 4) {
+        __m128 a = _mm_and_ps(_mm_loadu_ps(h + k), absmask);
+        vbad = _mm_or_ps(vbad, _mm_cmpnle_ps(a, big)); /* Inf or NaN */
+        vm = _mm_max_ps(vm, a);
+    }
+    bad = _mm_movemask_ps(vbad) != 0;
+    float lanes[4];
+    _mm_storeu_ps(lanes, vm);
+    for (int i = 0; i < 4; i++)
+        if (lanes[i] > m) m = lanes[i];
+#endif
+    for (; k < n; k++) {
+        float a = fabsf(h[k]);
+        if (!(a <= 3.40282347e38f)) bad = 1;
+        else if (a > m) m = a;
+    }
+    if (bad || !(m >= FL_HQ_MIN)) {
+        memset(q, 0, (size_t)npad * sizeof *q);
+        *hs = bad ? NAN : 0.0f;
+        return;
+    }
+    const float inv = (float)FL_HQ_MAX / m;
+    *hs = m / (float)FL_HQ_MAX;
+    k = 0;
+#if defined(FL_X86)
+    const __m128 vinv = _mm_set1_ps(inv);
+    const __m128 hi = _mm_set1_ps((float)FL_HQ_MAX), lo = _mm_set1_ps(-(float)FL_HQ_MAX);
+    for (; k + 8 <= n; k += 8) {
+        __m128 y0 = _mm_min_ps(_mm_max_ps(_mm_mul_ps(_mm_loadu_ps(h + k), vinv), lo), hi);
+        __m128 y1 = _mm_min_ps(_mm_max_ps(_mm_mul_ps(_mm_loadu_ps(h + k + 4), vinv), lo), hi);
+        /* cvtps2dq rounds to nearest even (MXCSR, set by fl_fpenv_enter) */
+        _mm_storeu_si128((__m128i *)(q + k), _mm_packs_epi32(_mm_cvtps_epi32(y0), _mm_cvtps_epi32(y1)));
+    }
+    for (; k < n; k++) {
+        float y = h[k] * inv;
+        y = y > (float)FL_HQ_MAX ? (float)FL_HQ_MAX : (y < -(float)FL_HQ_MAX ? -(float)FL_HQ_MAX : y);
+        q[k] = (int16_t)_mm_cvtss_si32(_mm_set_ss(y));
+    }
+#else
+    for (; k < n; k++) {
+        float y = h[k] * inv;
+        y = y > (float)FL_HQ_MAX ? (float)FL_HQ_MAX : (y < -(float)FL_HQ_MAX ? -(float)FL_HQ_MAX : y);
+        q[k] = (int16_t)nearbyintf(y); /* the default rounding: nearest even */
+    }
+#endif
+    for (k = n; k < npad; k++) q[k] = 0;
 }
 
 /* ---------------------------------------------------------------- packing */
@@ -229,8 +299,9 @@ int fl_cell_set_whh_reduced(fl_cell *cell, int wtype, const void *w, const float
     cell->wtype = FL_W_F32;
     if (!w || (wtype == FL_W_I8 && !scale)) return -1;
     const int H = cell->H, Hout = cell->Hout;
+    const int Kp = wtype == FL_W_I8 ? (Hout + 1) / 2 * 2 : Hout; /* int8: whole k pairs */
     size_t es = wtype == FL_W_I8 ? 1 : 2;
-    size_t bytes = (size_t)cell->nb * Hout * FL_PW * es;
+    size_t bytes = (size_t)cell->nb * Kp * FL_PW * es;
     cell->whhq = fl_aligned_alloc(bytes);
     if (wtype == FL_W_I8) cell->whh_scale = (float *)fl_aligned_alloc((size_t)cell->nb * FL_PW * sizeof(float));
     if (!cell->whhq || (wtype == FL_W_I8 && !cell->whh_scale)) {
@@ -253,11 +324,14 @@ int fl_cell_set_whh_reduced(fl_cell *cell, int wtype, const void *w, const float
                 if (u >= H) continue;
                 size_t row = (size_t)g * H + u;
                 for (int k = 0; k < Hout; k++) {
-                    size_t dst = ((size_t)j * Hout + k) * FL_PW + col;
-                    if (es == 1)
+                    if (es == 1) { /* k-pair interleaved (fl_internal.h) */
+                        size_t dst = (size_t)j * Kp * FL_PW + (size_t)(k / 2) * 2 * FL_PW + 2 * col + k % 2;
                         ((int8_t *)cell->whhq)[dst] = ((const int8_t *)w)[row * Hout + k];
-                    else
+                    } else { /* bfloat16: columns interleaved (fl_internal.h) */
+                        size_t dst = ((size_t)j * Hout + k) * FL_PW +
+                                     (wtype == FL_W_BF16 ? FL_BF16_POS(col) : col);
                         ((uint16_t *)cell->whhq)[dst] = ((const uint16_t *)w)[row * Hout + k];
+                    }
                 }
                 if (cell->whh_scale) cell->whh_scale[(size_t)j * FL_PW + col] = scale[row];
             }
@@ -271,8 +345,9 @@ size_t fl_cell_packed_bytes(const fl_cell *cell)
     size_t b = cell->bytes;
     if (cell->wtype != FL_W_F32) {
         size_t es = cell->wtype == FL_W_I8 ? 1 : 2;
+        size_t Kp = cell->wtype == FL_W_I8 ? ((size_t)cell->Hout + 1) / 2 * 2 : (size_t)cell->Hout;
         size_t f32 = (size_t)cell->nb * cell->Hout * FL_PW * sizeof(float);
-        b = b - f32 + (size_t)cell->nb * cell->Hout * FL_PW * es;
+        b = b - f32 + (size_t)cell->nb * Kp * FL_PW * es;
         if (cell->whh_scale) b += (size_t)cell->nb * FL_PW * sizeof(float);
     }
     return b;
@@ -314,11 +389,11 @@ static int check_stack(fl_cell *const *cells, int L, int D)
 
 size_t fl_workspace_bytes(fl_cell *const *cells, int L, int D, int T, int N)
 {
-    int TC;
-    size_t a, b, c;
+    int TC, qc;
+    size_t a, b, c, q;
     if (check_stack(cells, L, D) != 0 || T < 0 || N < 0) return 0;
-    if (cells[0]->dtype == FL_F32) return plan_f32(cells, L, D, T, N, &TC, &a, &b, &c);
-    return plan_f64(cells, L, D, T, N, &TC, &a, &b, &c);
+    if (cells[0]->dtype == FL_F32) return plan_f32(cells, L, D, T, N, &TC, &a, &b, &c, &q, &qc);
+    return plan_f64(cells, L, D, T, N, &TC, &a, &b, &c, &q, &qc);
 }
 
 int fl_forward(fl_cell *const *cells, int L, int D, const fl_io *io, void *ws, int nthreads)

@@ -25,6 +25,9 @@ typedef struct {
     REAL *buf[2];     /* inter-layer outputs, T x N x (D*Hout) */
     REAL *hraw;       /* N x H, projection input */
     int *cnt;         /* T + 1 counts of active rows */
+    char *q;          /* int8 W_hh: qcopies x (N x ldq int16 h, N float scales) */
+    size_t qcopy;     /* bytes per copy */
+    int ldq, qcopies;
     int row_split[FL_MAX_THREADS + 1];
 } FN(ctx_);
 
@@ -197,6 +200,25 @@ static void FN(thread_)(void *arg, int tid, int nt)
                     REAL *Gt = cx->G + (ptrdiff_t)(t - tlo) * N * ldg;
                     REAL *hdst = P ? cx->hraw : ydir + (ptrdiff_t)t * yst;
                     ptrdiff_t ldh = P ? H : ysn;
+#ifdef FL_HAVE_LSTMQ
+                    /* int8 W_hh: h_{t-1} to int16, once per row and step, before
+                     * the blocks.  Threads that split the blocks each quantize
+                     * every row into their own copy (the same bits in each: no
+                     * barrier); threads that split the rows share copy 0. */
+                    int16_t *qh = NULL;
+                    float *qs = NULL;
+                    const int ldq = cx->ldq;
+                    if (cell->wtype == FL_W_I8) {
+                        char *qb = cx->q + (size_t)(sync ? tid : 0) * cx->qcopy;
+                        qh = (int16_t *)qb;
+                        qs = (float *)(qb + ((size_t)N * ldq * sizeof(int16_t) + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN);
+                        for (int n = n0; n < r1; n++) {
+                            const REAL *src = n < rs ? (Aprev ? Aprev + n * ysn : NULL)
+                                                     : (h0 ? h0 + (ptrdiff_t)n * Hout : NULL);
+                            if (src) fl_quantize_h(src, Hout, ldq, qh + (ptrdiff_t)n * ldq, qs + n);
+                        }
+                    }
+#endif
                     /* Zig-zag over the blocks: odd steps walk them backwards, so
                      * the panels read last (still in L2) are read first; when
                      * W_hh is larger than L2 about an L2's worth of it hits. */
@@ -205,15 +227,41 @@ static void FN(thread_)(void *arg, int tid, int nt)
                         int nvalid = FN(imin_)(FL_BW, H - j * FL_BW);
                         epi.peep = cell->peep ? (const REAL *)cell->peep + (size_t)j * 3 * FL_BW : NULL;
 #ifdef FL_HAVE_LSTMQ
+                        if (cell->wtype == FL_W_I8) {
+                            const int8_t *pq = (const int8_t *)cell->whhq + (size_t)j * ((Hout + 1) / 2 * 2) * FL_PW;
+                            const float *sc = cell->whh_scale + (size_t)j * FL_PW;
+                            for (int n = n0, R; n < r1; n += R) {
+                                R = FN(imin_)(rmax, (n < rs ? rs : r1) - n);
+                                int has = n < rs ? Aprev != NULL : h0 != NULL;
+                                kr->lstmi8(R, Hout, has ? qh + (ptrdiff_t)n * ldq : NULL, ldq, qs + n, pq, sc,
+                                           Gt + n * ldg + (ptrdiff_t)j * FL_PW, ldg,
+                                           cst + (ptrdiff_t)n * H + j * FL_BW, H,
+                                           hdst + n * ldh + j * FL_BW, ldh, nvalid, &epi);
+                            }
+                            continue;
+                        }
+                        if (cell->wtype != FL_W_F32 && kr->lstmq2 && r1 - n0 == 1 && jj + 1 < j1) {
+                            /* One row: blocks in adjacent pairs, (j, j+1) walking
+                             * forwards, (j-1, j) backwards; an odd last one alone. */
+                            int jf = (s & 1) ? j - 1 : j;
+                            const REAL *An = n0 < rs ? (Aprev ? Aprev + n0 * ysn : NULL)
+                                                     : (h0 ? h0 + (ptrdiff_t)n0 * Hout : NULL);
+                            epi.peep = cell->peep ? (const REAL *)cell->peep + (size_t)jf * 3 * FL_BW : NULL;
+                            kr->lstmq2(cell->wtype, Hout, An,
+                                       (const char *)cell->whhq + (size_t)jf * Hout * FL_PW * 2,
+                                       Gt + n0 * ldg + (ptrdiff_t)jf * FL_PW,
+                                       cst + (ptrdiff_t)n0 * H + jf * FL_BW, hdst + n0 * ldh + jf * FL_BW,
+                                       FN(imin_)(FL_BW, H - (jf + 1) * FL_BW), &epi);
+                            jj++;
+                            continue;
+                        }
                         if (cell->wtype != FL_W_F32) {
-                            size_t es = cell->wtype == FL_W_I8 ? 1 : 2;
-                            const char *pq = (const char *)cell->whhq + (size_t)j * Hout * FL_PW * es;
-                            const float *sc = cell->whh_scale ? cell->whh_scale + (size_t)j * FL_PW : NULL;
+                            const char *pq = (const char *)cell->whhq + (size_t)j * Hout * FL_PW * 2;
                             for (int n = n0, R; n < r1; n += R) {
                                 R = FN(imin_)(rmax, (n < rs ? rs : r1) - n);
                                 const REAL *An = n < rs ? (Aprev ? Aprev + n * ysn : NULL)
                                                         : (h0 ? h0 + (ptrdiff_t)n * Hout : NULL);
-                                kr->lstmq(cell->wtype, R, Hout, An, n < rs ? ysn : Hout, pq, sc,
+                                kr->lstmq(cell->wtype, R, Hout, An, n < rs ? ysn : Hout, pq, NULL,
                                           Gt + n * ldg + (ptrdiff_t)j * FL_PW, ldg,
                                           cst + (ptrdiff_t)n * H + j * FL_BW, H,
                                           hdst + n * ldh + j * FL_BW, ldh, nvalid, &epi);
@@ -284,7 +332,8 @@ static void FN(thread_)(void *arg, int tid, int nt)
 }
 
 static size_t FN(plan_)(fl_cell *const *cells, int L, int D, int T, int N, int *TC,
-                        size_t *off_buf, size_t *off_hraw, size_t *off_cnt)
+                        size_t *off_buf, size_t *off_hraw, size_t *off_cnt,
+                        size_t *off_q, int *qcopies)
 {
     const fl_cell *c = cells[0];
     size_t row = (size_t)c->nb * FL_PW * sizeof(REAL) * (size_t)(N > 0 ? N : 1);
@@ -303,15 +352,33 @@ static size_t FN(plan_)(fl_cell *const *cells, int L, int D, int T, int N, int *
     if (c->P) bytes += ((size_t)N * c->H * sizeof(REAL) + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN;
     *off_cnt = bytes;
     bytes += ((size_t)(T + 1) * sizeof(int) + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN;
+    /* int8 W_hh: int16 copies of h_{t-1} and their scales.  A thread of a
+     * hidden split needs a copy of its own: up to min(nb, FL_MAX_THREADS)
+     * copies within ~4 MB (forward_ uses no more threads than copies). */
+    *off_q = bytes;
+    *qcopies = 0;
+    int any_i8 = 0;
+    for (int k = 0; k < L * D; k++) any_i8 |= cells[k]->wtype == FL_W_I8;
+    if (any_i8) {
+        size_t n1 = (size_t)(N > 0 ? N : 1);
+        size_t ldq = ((size_t)c->Hout + 31) / 32 * 32;
+        size_t copy = (n1 * ldq * sizeof(int16_t) + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN
+                    + (n1 * sizeof(float) + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN;
+        size_t nc = (size_t)(c->nb < FL_MAX_THREADS ? c->nb : FL_MAX_THREADS);
+        if (nc * copy > ((size_t)4 << 20)) nc = ((size_t)4 << 20) / copy;
+        if (nc < 1) nc = 1;
+        *qcopies = (int)nc;
+        bytes += nc * copy;
+    }
     return bytes + FL_ALIGN;
 }
 
 static int FN(forward_)(fl_cell *const *cells, int L, int D, const fl_io *io, void *ws, int nthreads)
 {
     FN(ctx_) cx;
-    size_t off_buf, off_hraw, off_cnt;
+    size_t off_buf, off_hraw, off_cnt, off_q;
     int T = io->T, N = io->N;
-    FN(plan_)(cells, L, D, T, N, &cx.TC, &off_buf, &off_hraw, &off_cnt);
+    FN(plan_)(cells, L, D, T, N, &cx.TC, &off_buf, &off_hraw, &off_cnt, &off_q, &cx.qcopies);
     char *base = (char *)(((uintptr_t)ws + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN);
     const fl_cell *c = cells[0];
     size_t bufsz = ((size_t)T * N * D * c->Hout * sizeof(REAL) + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN;
@@ -321,6 +388,10 @@ static int FN(forward_)(fl_cell *const *cells, int L, int D, const fl_io *io, vo
     cx.buf[1] = L > 1 ? (REAL *)(base + off_buf + bufsz) : NULL;
     cx.hraw = c->P ? (REAL *)(base + off_hraw) : NULL;
     cx.cnt = (int *)(base + off_cnt);
+    cx.q = base + off_q;
+    cx.ldq = (c->Hout + 31) / 32 * 32;
+    cx.qcopy = ((size_t)(N > 0 ? N : 1) * cx.ldq * sizeof(int16_t) + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN
+             + ((size_t)(N > 0 ? N : 1) * sizeof(float) + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN;
 
     /* Active rows per time step; lengths must be sorted descending. */
     long total = 0;
@@ -382,6 +453,12 @@ static int FN(forward_)(fl_cell *const *cells, int L, int D, const fl_io *io, vo
     /* A whole call of less than ~20 us: waking sleeping workers costs more. */
     if (T == 0 || N == 0 || total == 0 || (!eager && step_us * (double)T * L * D < call_us))
         nt = 1;
+    /* int8 W_hh with a hidden split: one int16 copy of h per thread (plan_
+     * holds up to ~4 MB of copies); beyond that split the rows instead. */
+    if (cx.qcopies > 0 && !cx.split_batch && nt > cx.qcopies) {
+        if (N >= nt) cx.split_batch = 1;
+        else nt = cx.qcopies;
+    }
     if (cx.split_batch && nt > 1) {
         long acc = 0;
         int k = 1;

@@ -10,7 +10,21 @@
  * so one recurrent step streams each panel front to back.  The projection
  * W_hr (P, H) is packed the same way without gates: panel p holds output
  * columns p*64 .. p*64+63.
+ *
+ * int8 W_hh (FL_W_I8) is packed k-pair interleaved for integer dot products:
+ * with Kp = K rounded up to even (the pad row is zero),
+ *     panel_j[(k/2)*128 + col*2 + k%2] = q[row(col)][k]      (int8)
+ * so 32 bytes hold 16 columns x 2 k, which widen (vpmovsxbw) to the 16 int16
+ * pairs that one vpdpwssd / vpmaddwd lane multiplies with (q_h[k], q_h[k+1]).
+ * bfloat16 W_hh (FL_W_BF16) keeps the panel rows but interleaves the columns
+ * of each 32-column half-row:
+ *     panel_j[k*64 + 32*(col/32) + 2*(col%16) + (col%32)/16] = w[row(col)][k]
+ * so a 32-bit lane holds columns c (low half) and c + 16 (high half): a
+ * shift left by 16 makes the first a float32, clearing the low half makes
+ * the second one (one integer op per 16 weights instead of a widening move
+ * and a shift).  Every ISA reads these layouts.
  */
+#define FL_BF16_POS(col) (32 * ((col) / 32) + 2 * ((col) % 16) + ((col) % 32) / 16)
 #ifndef FL_INTERNAL_H
 #define FL_INTERNAL_H
 
@@ -23,6 +37,11 @@
 #define FL_PW 64            /* columns per panel (4 gates x FL_BW) */
 #define FL_ALIGN 64
 #define FL_MAX_THREADS 64
+/* int8 W_hh: h is quantized to int16 in [-FL_HQ_MAX, FL_HQ_MAX] per row and
+ * step; integer sums run over K chunks of FL_I8_KC (FL_I8_KC * 127 * 32767
+ * < 2^31, so the int32 sums are exact). */
+#define FL_HQ_MAX 32767
+#define FL_I8_KC 256
 #ifndef FL_KC
 #define FL_KC 128
 #endif
@@ -57,20 +76,44 @@ typedef void (*fl_lstm_f64)(int R, int K, const double *A, ptrdiff_t lda,
                             double *c, ptrdiff_t ldc, double *h, ptrdiff_t ldh,
                             int nvalid, const fl_epi *epi);
 
-/* lstmq: as lstm, with the panel in reduced precision `wtype` (fl_wtype):
- *   pre = G + (sum_k A[r][k] * w[k][col]) * scale[col]   (scale only for I8)
+/* lstmq: as lstm, with the panel in float16 or bfloat16 (wtype, fl_wtype)
+ * widened to float32 exactly: pre = G + sum_k A[r][k] * w[k][col].
  * No K chunking: called once with the whole K. */
 typedef void (*fl_lstmq_f32)(int wtype, int R, int K, const float *A, ptrdiff_t lda,
                              const void *panel, const float *scale,
                              const float *G, ptrdiff_t ldg,
                              float *c, ptrdiff_t ldc, float *h, ptrdiff_t ldh,
                              int nvalid, const fl_epi *epi);
+/* lstmq2: lstmq for one row (R = 1) and two adjacent blocks j, j+1 at once
+ * (panel: block j's, block j+1's follows; G, c, h: block j's, j+1's follow
+ * at +64, +16, +16; epi: block j's, nvalid2: block j+1's).  Twice the
+ * independent FMA chains; every column's sum is the same k-ordered chain,
+ * so the results are bitwise those of two lstmq calls.  NULL if the ISA
+ * has no such kernel. */
+typedef void (*fl_lstmq2_f32)(int wtype, int K, const float *A, const void *panel,
+                              const float *G, float *c, float *h, int nvalid2,
+                              const fl_epi *epi);
+/* lstmi8: int8 W_hh (k-pair panel above) times int16 h (Q, rows of ldq >= Kp
+ * int16, zero-padded to Kp; hs[r] = the row's h scale, see fl_quantize_h):
+ *     acc_c = sum over chunk c of FL_I8_KC k of qw[k][col] * Q[r][k]  (int32, exact)
+ *     accf  = ((0 + (float)acc_0) + (float)acc_1) + ...             (float32, chunk order)
+ *     pre   = fmaf(accf, scale[col] * hs[r], G[r][col])
+ * then the gate math.  Integer sums are exact and the float operations are
+ * this one sequence on every ISA, so every path gives bitwise the same
+ * pre-activations.  Q NULL means h_{t-1} = 0 (accf = 0, hs = 0). */
+typedef void (*fl_lstmi8_f32)(int R, int K, const int16_t *Q, ptrdiff_t ldq, const float *hs,
+                              const int8_t *panel, const float *scale,
+                              const float *G, ptrdiff_t ldg,
+                              float *c, ptrdiff_t ldc, float *h, ptrdiff_t ldh,
+                              int nvalid, const fl_epi *epi);
 
 typedef struct {
     int rmax;
     fl_gemm_f32 gemm;
     fl_lstm_f32 lstm;
     fl_lstmq_f32 lstmq;
+    fl_lstmq2_f32 lstmq2;
+    fl_lstmi8_f32 lstmi8;
     const char *name;
 } fl_kernels_f32;
 typedef struct { int rmax; fl_gemm_f64 gemm; fl_lstm_f64 lstm; const char *name; } fl_kernels_f64;
@@ -84,6 +127,17 @@ extern const fl_kernels_f32 fl_kernels_f32_avx512;
 #endif
 
 const fl_kernels_f32 *fl_kernels_f32_active(void);
+/* AVX512_VNNI (cpuid 7.0 ECX bit 11) seen and enabled: the AVX-512 int8
+ * kernel uses vpdpwssd, otherwise vpmaddwd + vpaddd (the same exact sums). */
+extern int fl_use_vnni;
+
+/* Quantize one row of h (n floats) to int16 for the int8 kernels:
+ *   m = max_k |h_k|;  non-finite m: q = 0, *hs = NaN (the row's
+ *   pre-activations become NaN);  m < FL_HQ_MIN: q = 0, *hs = 0;
+ *   else inv = 32767.0f / m, q_k = rne(clamp(h_k * inv, +-32767)),
+ *   *hs = m / 32767.0f.   q[n .. npad) is zeroed. */
+#define FL_HQ_MIN 0x1p-96f
+void fl_quantize_h(const float *h, int n, int npad, int16_t *q, float *hs);
 
 /* Scalar epilogue shared by every ISA for non-default cells.
  * pre is R x 64 (row stride 64), gate order i, f, g, o per 16 lanes. */
@@ -103,7 +157,8 @@ struct fl_cell {
     void *whr;              /* np panels of H x 64, or NULL */
     void *peep;             /* nb x 3 x 16, or NULL */
     int wtype;              /* fl_wtype of whhq (F32: whh is used) */
-    void *whhq;             /* nb panels of Hout x 64 in wtype, or NULL */
+    void *whhq;             /* nb panels of Hout x 64 in wtype (I8: Kp x 64, k-pair
+                               interleaved, Kp = Hout rounded up to even), or NULL */
     float *whh_scale;       /* nb x 64 (I8 only) */
     fl_cell_opts opts;
     int is_default;

@@ -48,6 +48,7 @@ cdef extern from "fastlstm.h" nogil:
     int fl_isa_active()
     int fl_isa_set(int isa)
     const char *fl_isa_name(int isa)
+    int fl_int8_vnni_set(int on)
     int fl_num_threads_get()
     void fl_num_threads_set(int n)
     int fl_num_cpus()
@@ -66,6 +67,13 @@ def isa_active():
 
 def isa_set(int isa):
     return ISA_NAMES[fl_isa_set(isa)]
+
+
+def int8_vnni_set(int on):
+    """AVX-512 int8 kernel: 1 uses vpdpwssd if the CPU has AVX512_VNNI, 0
+    forces vpmaddwd + vpaddd (same results), -1 only asks.  Returns whether
+    VNNI is used."""
+    return bool(fl_int8_vnni_set(on))
 
 
 def num_threads_get():

@@ -261,8 +261,10 @@ class LSTM:
     def astype(self, weights):
         """A copy of this model whose recurrent weights W_hh are stored in
         ``weights`` precision: "float32", "float16", "bfloat16" or "int8"
-        (per-row scales).  Compute and state stay float32; W_ih, biases and the
-        projection stay float32 (see README, "Reduced precision").  The copy's
+        (per-row scales).  State, W_ih, biases and the projection stay float32;
+        float16/bfloat16 weights are widened exactly and the arithmetic is
+        float32; with int8, h_{t-1} is also quantized to int16 per row and step
+        for integer dot products (see README, "Reduced precision").  The copy's
         state_dict() returns the dequantized weights, so ``reference()`` checks
         exactly what the engine runs.  float64 models stay float32-only."""
         prec = _check_precision(weights)
@@ -582,7 +584,9 @@ class LSTM:
 
     def reference(self, x, hx=None):
         """The float64 NumPy reference (fastlstm.reference) run on this model's
-        weights and configuration: the oracle the C engine is tested against."""
+        weights and configuration: the oracle the C engine is tested against.
+        With int8 weights it also quantizes h_{t-1} to int16 per row, as the
+        engine does (reference.quantize_h_int16)."""
         from .reference import lstm_forward
         peep = {k[len("peephole_"):]: v for k, v in self._params.items()
                 if k.startswith("peephole_")}
@@ -591,7 +595,8 @@ class LSTM:
                 "input_forget": self.input_forget}
         return lstm_forward(self._params, x, hx, num_layers=self.num_layers,
                             bidirectional=self.bidirectional, batch_first=self.batch_first,
-                            cell=cell, peepholes=peep or None)
+                            cell=cell, peepholes=peep or None,
+                            quantize_h="int16" if self.weights_precision == "int8" else None)
 
 
 _PRECISIONS = {"float32": 0, "float16": 1, "bfloat16": 2, "int8": 3}

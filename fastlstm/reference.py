@@ -13,6 +13,11 @@ variants):
     c_t = f_t ⊙ c_{t-1} + i_t ⊙ g_t                              (clamped if cell_clip)
     o_t = σ(W_io x_t + W_ho h_{t-1} + b_o [+ p_o ⊙ c_t])
     h_t = o_t ⊙ tanh(c_t);  h_t = W_hr h_t if projecting
+
+With quantize_h="int16" (what fastlstm runs for int8 W_hh), h_{t-1} enters
+W_hh h_{t-1} quantized per batch row: m = max_k |h_k|, q_k =
+round_half_even(h_k * 32767 / m), h_k <- q_k * m / 32767; a row with a NaN
+or Inf becomes all NaN, a row with m < 2**-96 all zero (quantize_h_int16).
 """
 import numpy as np
 
@@ -40,7 +45,25 @@ ACTIVATIONS = {
 }
 
 
-def _cell_step(x, h, c, w_ih, w_hh, b, w_hr, peep, cell):
+HQ_MAX = 32767
+HQ_MIN = 2.0 ** -96
+
+
+def quantize_h_int16(h):
+    """h (N, K) -> the per-row int16-quantized h, dequantized (float64)."""
+    h = np.asarray(h, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        a = np.abs(h)
+        finite = np.isfinite(h).all(axis=-1, keepdims=True)
+        m = np.where(finite, a, 0.0).max(axis=-1, keepdims=True, initial=0.0)
+        ok = finite & (m >= HQ_MIN)
+        safe = np.where(ok, m, 1.0)
+        q = np.where(ok, np.rint(h * HQ_MAX / np.where(ok, safe, 1.0)), 0.0)
+        out = q * safe / HQ_MAX
+    return np.where(finite, out, np.nan)
+
+
+def _cell_step(x, h, c, w_ih, w_hh, b, w_hr, peep, cell, quantize_h=None):
     acts = cell.get("activations", ("sigmoid", "tanh", "tanh"))
     alpha = cell.get("alpha", (0.0, 0.0, 0.0))
     beta = cell.get("beta", (0.0, 0.0, 0.0))
@@ -50,7 +73,8 @@ def _cell_step(x, h, c, w_ih, w_hh, b, w_hr, peep, cell):
     ga = lambda v: ACTIVATIONS[acts[1]](v, alpha[1], beta[1])  # noqa: E731
     ha = lambda v: ACTIVATIONS[acts[2]](v, alpha[2], beta[2])  # noqa: E731
     clipf = (lambda v: np.clip(v, -clip, clip)) if clip > 0 else (lambda v: v)  # noqa: E731
-    z = x @ w_ih.T + h @ w_hh.T
+    hq = quantize_h_int16(h) if quantize_h == "int16" else h
+    z = x @ w_ih.T + hq @ w_hh.T
     if b is not None:
         z = z + b
     H = w_hh.shape[0] // 4
@@ -74,13 +98,15 @@ def _cell_step(x, h, c, w_ih, w_hh, b, w_hr, peep, cell):
 
 
 def lstm_forward(params, x, hx=None, *, num_layers=1, bidirectional=False,
-                 batch_first=False, cell=None, peepholes=None):
+                 batch_first=False, cell=None, peepholes=None, quantize_h=None):
     """Run the LSTM described by `params` (PyTorch names) in float64.
 
     x: (T, N, In), (N, T, In) with batch_first, or unbatched (T, In).
     hx: None or (h0, c0) shaped (L*D, N, Hout) / (L*D, N, H) (unbatched: no N).
     cell: dict of variant options (activations, alpha, beta, clip, cell_clip,
     input_forget).  peepholes: dict name -> (3, H) for 'l{k}[_reverse]'.
+    quantize_h: None, or "int16" for the per-row int16 quantization of
+    h_{t-1} that fastlstm applies with int8 W_hh (see the module docstring).
     Returns out, (h_n, c_n) with torch.nn.LSTM's shapes, in float64.
     """
     cell = cell or {}
@@ -122,7 +148,8 @@ def lstm_forward(params, x, hx=None, *, num_layers=1, bidirectional=False,
             out = np.zeros((T, N, Hout))
             steps = range(T - 1, -1, -1) if d else range(T)
             for t in steps:
-                h, c = _cell_step(layer_in[t], h, c, w_ih, w_hh, b, w_hr, peep, cell)
+                h, c = _cell_step(layer_in[t], h, c, w_ih, w_hh, b, w_hr, peep, cell,
+                                  quantize_h)
                 out[t] = h
             hn[layer * D + d], cn[layer * D + d] = h, c
             outs.append(out)

@@ -13,7 +13,9 @@ import fastlstm
 from fastlstm import DTypeError, FormatError
 from fastlstm.io import native
 from fastlstm.io import safetensors as fst
-from tolerances import PRECISION_TOL, assert_close, assert_lstm_close, max_rel_err
+from fastlstm import _engine
+from fastlstm.reference import quantize_h_int16
+from tolerances import INT8_REF_TOL, PRECISION_TOL, TOL, assert_close, assert_lstm_close, max_rel_err
 
 PRECISIONS = ("float16", "bfloat16", "int8")
 ALL = ("float32",) + PRECISIONS
@@ -67,17 +69,183 @@ def _same_quantized(a, b):
 
 
 # ------------------------------------------------------------ accuracy
+def _assert_ref_close(got, ref, prec, what):
+    """float32 bound; int8 (h quantized to int16 on both sides): INT8_REF_TOL."""
+    tol = INT8_REF_TOL if prec == "int8" else TOL[np.dtype(np.float32)]
+    err = _err(got, ref)
+    assert err <= tol, f"{what}: error {err:.3e} > {tol:.0e}"
+
+
 @pytest.mark.parametrize("prec", ALL)
 @pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
 def test_matches_reference_of_dequantized_weights(isa, cfg, prec):
-    """The engine computes exactly with the weights state_dict() reports: the
-    float64 reference on them is within the float32 bound."""
+    """The engine computes exactly with the weights state_dict() reports (and,
+    for int8, with h_{t-1} quantized to int16 per row as the reference does):
+    the float64 reference on them is within the float32 bound."""
     m, x = _model(cfg)
     q = m.astype(prec)
     assert q.weights_precision == prec and q.dtype == np.float32
     for nt in (1, 2):
-        assert_lstm_close(q(x, num_threads=nt), q.reference(x.astype(np.float64)), np.float32,
-                          what=f"{prec} {isa} threads={nt}")
+        _assert_ref_close(q(x, num_threads=nt), q.reference(x.astype(np.float64)), prec,
+                          f"{prec} {isa} threads={nt}")
+
+
+@pytest.mark.parametrize("H,proj", [(300, 0), (520, 0), (600, 257)], ids=["H300", "H520", "H600_P257"])
+def test_int8_long_k(isa, H, proj):
+    """K > 256: the int32 sums run in chunks of 256 k (odd K too)."""
+    rng = np.random.default_rng(H)
+    q = fastlstm.LSTM(7, H, proj_size=proj, seed=H).astype("int8")
+    x = rng.standard_normal((6, 3, 7)).astype(np.float32)
+    h0 = rng.standard_normal((1, 3, proj or H)).astype(np.float32)
+    c0 = rng.standard_normal((1, 3, H)).astype(np.float32)
+    for nt in (1, 2):
+        _assert_ref_close(q(x, (h0, c0), num_threads=nt), q.reference(x, (h0, c0)), "int8",
+                          f"{isa} H={H} P={proj} threads={nt}")
+
+
+def test_int8_extreme_sums(isa):
+    """Every int8 weight at +-127 and every int16 h at 32767: the largest
+    integer sums a chunk can hold (256 * 127 * 32767 < 2**31), no overflow."""
+    H = 600
+    m = fastlstm.LSTM(1, H, seed=0, bias=False)
+    w = np.full((4 * H, H), 0.01, np.float32)
+    w[1::2] = -0.01
+    m.set_weights(0, 0, w_hh=w, w_ih=np.zeros((4 * H, 1), np.float32))
+    q = m.astype("int8")
+    assert np.abs(q.quantized_weights()["weight_hh_l0"][1]).min() == 127
+    x = np.zeros((2, 2, 1), np.float32)
+    h0 = np.ones((1, 2, H), np.float32)
+    h0[0, 1] = -1.0
+    c0 = np.zeros((1, 2, H), np.float32)
+    got = q(x, (h0, c0))
+    _assert_ref_close(got, q.reference(x, (h0, c0)), "int8", isa)
+    # the pre-activations are +-6 (600 * 0.01): the gates saturate visibly
+    assert np.abs(got[0][0]).max() > 0.5
+
+
+def test_int8_many_rows_threads():
+    """So many rows that the per-thread int16 copies of h of a hidden split
+    would not fit the workspace plan (~4 MB): the rows are split instead.
+    Bitwise the same for every thread count, and like the reference."""
+    rng = np.random.default_rng(5)
+    q = fastlstm.LSTM(3, 32, seed=5).astype("int8")
+    x = rng.standard_normal((3, 40000, 3)).astype(np.float32)
+    want = q(x, num_threads=1)
+    for nt in (2, 3):
+        _bitwise(q(x, num_threads=nt), want, f"threads={nt}")
+    rows = [0, 17, 39999]
+    ref = q.reference(x[:, rows])
+    _assert_ref_close((want[0][:, rows], (want[1][0][:, rows], want[1][1][:, rows])), ref, "int8",
+                      "rows")
+
+
+def _exact_input_model(opts, H=40, In=7, seed=0):
+    """An int8 model whose input projection x W_ih^T + b is computed exactly
+    (dyadic weights and inputs with few bits: every product and partial sum
+    is a float32 without rounding... except the adds to the bias, which all
+    paths do in the same k order), so any difference between ISA paths can
+    only come from the recurrent int8 product."""
+    rng = np.random.default_rng(seed)
+    m = fastlstm.LSTM(In, H, seed=seed, **opts)
+    for d in range(m.num_directions):
+        m.set_weights(0, d, w_ih=rng.integers(-8, 9, (4 * H, In)) / 64.0)
+    if opts.get("peepholes"):
+        m.set_weights(0, 0, peephole=rng.uniform(-0.5, 0.5, (3, H)))
+    x = (rng.integers(-4, 5, (9, 4, In)) / 2.0).astype(np.float32)
+    h0 = rng.standard_normal((m.num_directions, 4, H)).astype(np.float32)
+    c0 = rng.standard_normal((m.num_directions, 4, H)).astype(np.float32)
+    return m.astype("int8"), x, (h0, c0)
+
+
+@pytest.mark.parametrize("opts", [{"clip": 1e3}, {"peepholes": True, "bidirectional": True},
+                                  {"activations": ("hardsigmoid", "tanh", "softsign")}],
+                         ids=["clip", "peep_bidir", "acts"])
+@pytest.mark.parametrize("H", [40, 300])
+def test_int8_bitwise_across_isas(opts, H):
+    """int8 W_hh: the integer sums are exact and the float operations one fixed
+    sequence (fl_internal.h, fl_lstmi8_f32), so the pre-activations are
+    bitwise the same on avx512 (VNNI or not), avx2 and portable.  The default
+    cell's SIMD sigmoid/tanh differ from the scalar ones in the last bits, so
+    this runs cells that use the one scalar epilogue every path shares, with
+    an exactly computed input projection: the whole outputs must then be
+    bitwise equal, for every thread count and with lengths."""
+    q, x, hx = _exact_input_model(opts, H=H)
+    lens = [9, 4, 9, 1]
+    prev = fastlstm.cpu_info()["isa"]
+    results = {}
+    try:
+        for isa in fastlstm.cpu_info()["isas_available"]:
+            fastlstm.set_isa(isa)
+            for vnni in ((1, 0) if isa == "avx512" else (1,)):
+                _engine.int8_vnni_set(vnni)
+                for nt in (1, 2):
+                    results[(isa, vnni, nt)] = (q(x, hx, num_threads=nt),
+                                                q(x, hx, lengths=lens, num_threads=nt))
+    finally:
+        _engine.int8_vnni_set(1)
+        fastlstm.set_isa(prev)
+    want = results[("portable", 1, 1)]
+    for key, got in results.items():
+        _bitwise(got[0], want[0], f"{key}")
+        _bitwise(got[1], want[1], f"{key} lengths")
+    _assert_ref_close(want[0], q.reference(x, hx), "int8", "portable")
+
+
+def test_int8_vnni_or_not_bitwise():
+    """Default cells: the AVX-512 int8 kernel with vpdpwssd and with
+    vpmaddwd + vpaddd give the same bits (batch 1 and 8 row tiles, K > 256)."""
+    if "avx512" not in fastlstm.cpu_info()["isas_available"]:
+        pytest.skip("no AVX-512 path on this machine")
+    prev = fastlstm.cpu_info()["isa"]
+    rng = np.random.default_rng(3)
+    try:
+        fastlstm.set_isa("avx512")
+        for H, N in [(300, 1), (65, 8), (33, 13)]:
+            q = fastlstm.LSTM(5, H, num_layers=2, seed=H).astype("int8")
+            x = rng.standard_normal((7, N, 5)).astype(np.float32)
+            _engine.int8_vnni_set(1)
+            a = q(x)
+            _engine.int8_vnni_set(0)
+            assert fastlstm.cpu_info()["int8_dot"] == "vpmaddwd"
+            _bitwise(q(x), a, f"H={H} N={N}")
+    finally:
+        _engine.int8_vnni_set(1)
+        fastlstm.set_isa(prev)
+
+
+def test_quantize_h_int16_reference():
+    """The reference's int16 quantization of h (what the engine does per row)."""
+    h = np.array([[0.5, -1.0, 0.25, 0.0], [0.0, 0.0, 0.0, 0.0], [1.0, np.nan, 0.0, 0.0],
+                  [np.inf, 1.0, 0.0, 0.0], [1e-30, -1e-30, 0.0, 0.0], [3.0, 1.0, -2.0, 1e-9]])
+    got = quantize_h_int16(h)
+    np.testing.assert_array_equal(got[0], [16384 / 32767, -1.0, 8192 / 32767, 0.0])  # RNE ties
+    np.testing.assert_array_equal(got[1], 0.0)
+    assert np.isnan(got[2]).all() and np.isnan(got[3]).all()
+    np.testing.assert_array_equal(got[4], 0.0)  # m < 2**-96: zero
+    q = np.rint(h[5] * 32767 / 3.0)
+    np.testing.assert_array_equal(got[5], q * 3.0 / 32767)
+    assert np.abs(got[5] - h[5]).max() <= 3.0 / 32767 / 2
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_int8_non_finite_state(isa, value):
+    """A NaN or Inf in h_{t-1} makes its row's pre-activations NaN (the row
+    cannot be quantized), in the engine and the reference alike; other rows
+    are untouched."""
+    rng = np.random.default_rng(4)
+    q = fastlstm.LSTM(4, 20, seed=2).astype("int8")
+    x = rng.standard_normal((5, 3, 4)).astype(np.float32)
+    h0 = rng.standard_normal((1, 3, 20)).astype(np.float32)
+    c0 = rng.standard_normal((1, 3, 20)).astype(np.float32)
+    h0[0, 1, 3] = value
+    got = q(x, (h0, c0))
+    ref = q.reference(x, (h0, c0))
+    assert np.isnan(got[0][:, 1]).all() and np.isnan(ref[0][:, 1]).all()
+    clean = q(x[:, [0, 2]], (h0[:, [0, 2]], c0[:, [0, 2]]))
+    _bitwise((got[0][:, [0, 2]], (got[1][0][:, [0, 2]], got[1][1][:, [0, 2]])), clean, "other rows")
+    x[2, 0, 1] = np.nan  # a NaN input reaches h one step later
+    got = q(x, (h0, c0))
+    assert np.isnan(got[0][2:, 0]).all() and not np.isnan(got[0][:2, 0]).any()
 
 
 @pytest.mark.parametrize("prec", PRECISIONS)

@@ -118,6 +118,10 @@ int fl_isa_detected(void);  /* best ISA this CPU + OS + build supports */
 int fl_isa_active(void);
 int fl_isa_set(int isa);    /* clamps to detected; returns the ISA now active */
 const char *fl_isa_name(int isa);
+/* int8 W_hh on the AVX-512 path: vpdpwssd (AVX512_VNNI) when on = 1 and the
+ * CPU has it, else vpmaddwd + vpaddd (bitwise the same results).  on < 0
+ * only queries.  Returns whether VNNI is used. */
+int fl_int8_vnni_set(int on);
 
 /* Threads. */
 int fl_num_threads_get(void);

@@ -163,12 +163,13 @@ static void lstm_avx2(int R, int K, const float *A, ptrdiff_t lda, const float *
     }
 }
 
-/* Reduced-precision W_hh (F16 via F16C, BF16 by a shift, I8 widened). */
+/* float16 (F16C) / bfloat16 (a shift) W_hh widened to float32. */
 static void lstmq_avx2(int wtype, int R, int K, const float *A, ptrdiff_t lda,
                        const void *panel, const float *scale, const float *G, ptrdiff_t ldg,
                        float *c, ptrdiff_t ldc, float *h, ptrdiff_t ldh, int nvalid,
                        const fl_epi *epi)
 {
+    (void)scale;
     for (int r = 0; r < R; r++) {
         __m256 acc[8];
         for (int q = 0; q < 8; q++) acc[q] = _mm256_setzero_ps();
@@ -176,34 +177,75 @@ static void lstmq_avx2(int wtype, int R, int K, const float *A, ptrdiff_t lda,
             const float *a = A + r * lda;
             for (int k = 0; k < K; k++) {
                 __m256 b = _mm256_broadcast_ss(a + k);
+                const uint16_t *p = (const uint16_t *)panel + (size_t)k * FL_PW;
                 if (wtype == FL_W_F16) {
-                    const uint16_t *p = (const uint16_t *)panel + (size_t)k * FL_PW;
                     for (int q = 0; q < 8; q++)
                         acc[q] = _mm256_fmadd_ps(b, _mm256_cvtph_ps(_mm_load_si128((const __m128i *)(p + 8 * q))), acc[q]);
-                } else if (wtype == FL_W_BF16) {
-                    const uint16_t *p = (const uint16_t *)panel + (size_t)k * FL_PW;
-                    for (int q = 0; q < 8; q++)
-                        acc[q] = _mm256_fmadd_ps(b, _mm256_castsi256_ps(_mm256_slli_epi32(
-                            _mm256_cvtepu16_epi32(_mm_load_si128((const __m128i *)(p + 8 * q))), 16)), acc[q]);
-                } else {
-                    const int8_t *p = (const int8_t *)panel + (size_t)k * FL_PW;
-                    for (int q = 0; q < 8; q++)
-                        acc[q] = _mm256_fmadd_ps(b, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
-                            _mm_loadl_epi64((const __m128i *)(p + 8 * q)))), acc[q]);
+                } else { /* 32 bytes: columns 8u..8u+7 (low halves), 8u+16.. (high) */
+                    const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
+                    for (int u = 0; u < 8; u += 4)
+                        for (int v = 0; v < 2; v++) {
+                            __m256i x = _mm256_load_si256((const __m256i *)(p + 8 * u + 16 * v));
+                            acc[u + v] = _mm256_fmadd_ps(b, _mm256_castsi256_ps(_mm256_slli_epi32(x, 16)), acc[u + v]);
+                            acc[u + v + 2] = _mm256_fmadd_ps(b, _mm256_castsi256_ps(_mm256_and_si256(x, hi)), acc[u + v + 2]);
+                        }
                 }
             }
         }
         const float *g = G + r * ldg;
-        for (int q = 0; q < 8; q++) {
-            __m256 gq = _mm256_loadu_ps(g + 8 * q);
-            acc[q] = wtype == FL_W_I8 ? _mm256_fmadd_ps(acc[q], _mm256_loadu_ps(scale + 8 * q), gq)
-                                      : _mm256_add_ps(acc[q], gq);
-        }
+        for (int q = 0; q < 8; q++) acc[q] = _mm256_add_ps(acc[q], _mm256_loadu_ps(g + 8 * q));
         epilogue1(acc, c + r * ldc, ldc, h + r * ldh, ldh, nvalid, epi);
     }
 }
 
-const fl_kernels_f32 fl_kernels_f32_avx2 = {1, gemm_avx2, lstm_avx2, lstmq_avx2, "avx2"};
+static inline int32_t ld_pair(const int16_t *q)
+{
+    int32_t v;
+    memcpy(&v, q, sizeof v);
+    return v;
+}
+
+/* int8 W_hh times int16 h (fl_lstmi8_f32): vpmaddwd + vpaddd, exact. */
+static void lstmi8_avx2(int R, int K, const int16_t *Q, ptrdiff_t ldq, const float *hs,
+                        const int8_t *panel, const float *scale, const float *G, ptrdiff_t ldg,
+                        float *c, ptrdiff_t ldc, float *h, ptrdiff_t ldh, int nvalid,
+                        const fl_epi *epi)
+{
+    const int np = (K + 1) / 2;
+    for (int r = 0; r < R; r++) {
+        /* chunk sums in memory: the 8 int32 accumulators keep the registers */
+        float sums[FL_PW] __attribute__((aligned(32)));
+        __m256 accf[8];
+        for (int q = 0; q < 8; q++) _mm256_store_ps(sums + 8 * q, _mm256_setzero_ps());
+        if (Q) {
+            const int16_t *qr = Q + r * ldq;
+            for (int p0 = 0; p0 < np; p0 += FL_I8_KC / 2) {
+                const int p1 = p0 + FL_I8_KC / 2 < np ? p0 + FL_I8_KC / 2 : np;
+                __m256i acc[8];
+                for (int q = 0; q < 8; q++) acc[q] = _mm256_setzero_si256();
+                for (int p = p0; p < p1; p++) {
+                    const int8_t *w = panel + (size_t)p * 2 * FL_PW;
+                    const __m256i b = _mm256_set1_epi32(ld_pair(qr + 2 * p));
+                    for (int q = 0; q < 8; q++)
+                        acc[q] = _mm256_add_epi32(acc[q], _mm256_madd_epi16(
+                            _mm256_cvtepi8_epi16(_mm_load_si128((const __m128i *)(w + 16 * q))), b));
+                }
+                for (int q = 0; q < 8; q++)
+                    _mm256_store_ps(sums + 8 * q, _mm256_add_ps(_mm256_load_ps(sums + 8 * q),
+                                                                _mm256_cvtepi32_ps(acc[q])));
+            }
+        }
+        const __m256 s = _mm256_set1_ps(Q ? hs[r] : 0.0f);
+        const float *g = G + r * ldg;
+        for (int q = 0; q < 8; q++)
+            accf[q] = _mm256_fmadd_ps(_mm256_load_ps(sums + 8 * q), _mm256_mul_ps(_mm256_loadu_ps(scale + 8 * q), s),
+                                      _mm256_loadu_ps(g + 8 * q));
+        epilogue1(accf, c + r * ldc, ldc, h + r * ldh, ldh, nvalid, epi);
+    }
+}
+
+const fl_kernels_f32 fl_kernels_f32_avx2 = {1, gemm_avx2, lstm_avx2, lstmq_avx2, NULL, lstmi8_avx2,
+                                          "avx2"};
 
 #if defined(__clang__)
 #pragma clang attribute pop

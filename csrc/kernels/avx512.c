@@ -208,28 +208,26 @@ static void lstm_avx512(int R, int K, const float *A, ptrdiff_t lda, const float
     }
 }
 
-/* Reduced-precision W_hh: each panel row is widened to float32 once and
+/* float16 / bfloat16 W_hh: each panel row is widened to float32 once and
  * used for all R rows. */
 AI void load_wrow(const int WT, const void *panel, int k, __m512 w[4])
 {
+    const uint16_t *p = (const uint16_t *)panel + (size_t)k * FL_PW;
     if (WT == FL_W_F16) {
-        const uint16_t *p = (const uint16_t *)panel + (size_t)k * FL_PW;
         for (int q = 0; q < 4; q++)
             w[q] = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(p + 16 * q)));
-    } else if (WT == FL_W_BF16) {
-        const uint16_t *p = (const uint16_t *)panel + (size_t)k * FL_PW;
-        for (int q = 0; q < 4; q++)
-            w[q] = _mm512_castsi512_ps(_mm512_slli_epi32(
-                _mm512_cvtepu16_epi32(_mm256_load_si256((const __m256i *)(p + 16 * q))), 16));
-    } else {
-        const int8_t *p = (const int8_t *)panel + (size_t)k * FL_PW;
-        for (int q = 0; q < 4; q++)
-            w[q] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128((const __m128i *)(p + 16 * q))));
+    } else { /* 64 bytes: columns 32g..32g+15 (low halves), 32g+16.. (high) */
+        const __m512i hi = _mm512_set1_epi32((int)0xffff0000u);
+        for (int g = 0; g < 2; g++) {
+            __m512i x = _mm512_load_si512((const void *)(p + 32 * g));
+            w[2 * g] = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+            w[2 * g + 1] = _mm512_castsi512_ps(_mm512_and_si512(x, hi));
+        }
     }
 }
 
 AI void lstmq_r(const int WT, const int R, int K, const float *A, ptrdiff_t lda,
-                const void *panel, const float *scale, const float *G, ptrdiff_t ldg,
+                const void *panel, const float *G, ptrdiff_t ldg,
                 float *c, ptrdiff_t ldc, float *h, ptrdiff_t ldh, int nvalid, const fl_epi *epi)
 {
     __m512 acc[RMAX][4];
@@ -254,23 +252,19 @@ AI void lstmq_r(const int WT, const int R, int K, const float *A, ptrdiff_t lda,
     _Pragma("GCC unroll 6") for (int r = 0; r < R; r++)
     {
         const float *g = G + r * ldg;
-        for (int q = 0; q < 4; q++) {
-            __m512 gq = _mm512_loadu_ps(g + 16 * q);
-            acc[r][q] = WT == FL_W_I8 ? _mm512_fmadd_ps(acc[r][q], _mm512_loadu_ps(scale + 16 * q), gq)
-                                      : _mm512_add_ps(acc[r][q], gq);
-        }
+        for (int q = 0; q < 4; q++) acc[r][q] = _mm512_add_ps(acc[r][q], _mm512_loadu_ps(g + 16 * q));
     }
     epilogue(R, acc, c, ldc, h, ldh, nvalid, epi);
 }
 
-#define LSTMQ_CASES(WT)                                                                          \
-    switch (R) {                                                                                 \
-    case 1: lstmq_r(WT, 1, K, A, lda, panel, scale, G, ldg, c, ldc, h, ldh, nvalid, epi); break; \
-    case 2: lstmq_r(WT, 2, K, A, lda, panel, scale, G, ldg, c, ldc, h, ldh, nvalid, epi); break; \
-    case 3: lstmq_r(WT, 3, K, A, lda, panel, scale, G, ldg, c, ldc, h, ldh, nvalid, epi); break; \
-    case 4: lstmq_r(WT, 4, K, A, lda, panel, scale, G, ldg, c, ldc, h, ldh, nvalid, epi); break; \
-    case 5: lstmq_r(WT, 5, K, A, lda, panel, scale, G, ldg, c, ldc, h, ldh, nvalid, epi); break; \
-    default: lstmq_r(WT, 6, K, A, lda, panel, scale, G, ldg, c, ldc, h, ldh, nvalid, epi); break; \
+#define LSTMQ_CASES(WT)                                                                   \
+    switch (R) {                                                                          \
+    case 1: lstmq_r(WT, 1, K, A, lda, panel, G, ldg, c, ldc, h, ldh, nvalid, epi); break; \
+    case 2: lstmq_r(WT, 2, K, A, lda, panel, G, ldg, c, ldc, h, ldh, nvalid, epi); break; \
+    case 3: lstmq_r(WT, 3, K, A, lda, panel, G, ldg, c, ldc, h, ldh, nvalid, epi); break; \
+    case 4: lstmq_r(WT, 4, K, A, lda, panel, G, ldg, c, ldc, h, ldh, nvalid, epi); break; \
+    case 5: lstmq_r(WT, 5, K, A, lda, panel, G, ldg, c, ldc, h, ldh, nvalid, epi); break; \
+    default: lstmq_r(WT, 6, K, A, lda, panel, G, ldg, c, ldc, h, ldh, nvalid, epi); break; \
     }
 
 static void lstmq_avx512(int wtype, int R, int K, const float *A, ptrdiff_t lda,
@@ -278,12 +272,204 @@ static void lstmq_avx512(int wtype, int R, int K, const float *A, ptrdiff_t lda,
                          float *c, ptrdiff_t ldc, float *h, ptrdiff_t ldh, int nvalid,
                          const fl_epi *epi)
 {
+    (void)scale;
     if (wtype == FL_W_F16) { LSTMQ_CASES(FL_W_F16) }
-    else if (wtype == FL_W_BF16) { LSTMQ_CASES(FL_W_BF16) }
-    else { LSTMQ_CASES(FL_W_I8) }
+    else { LSTMQ_CASES(FL_W_BF16) }
 }
 
-const fl_kernels_f32 fl_kernels_f32_avx512 = {RMAX, gemm_avx512, lstm_avx512, lstmq_avx512, "avx512"};
+/* One row, two adjacent blocks (fl_lstmq2_f32): 8 FMA chains. */
+AI void lstmq2_r(const int WT, int K, const float *A, const void *panel, const float *G,
+                 float *c, float *h, int nvalid2, const fl_epi *epi)
+{
+    __m512 acc[2][4];
+    const void *panel1 = (const uint16_t *)panel + (size_t)K * FL_PW;
+    for (int q = 0; q < 4; q++) acc[0][q] = acc[1][q] = _mm512_setzero_ps();
+    if (A) {
+        for (int k = 0; k < K; k++) {
+            __m512 w0[4], w1[4];
+            load_wrow(WT, panel, k, w0);
+            load_wrow(WT, panel1, k, w1);
+            __m512 b = _mm512_set1_ps(A[k]);
+            acc[0][0] = _mm512_fmadd_ps(b, w0[0], acc[0][0]);
+            acc[0][1] = _mm512_fmadd_ps(b, w0[1], acc[0][1]);
+            acc[0][2] = _mm512_fmadd_ps(b, w0[2], acc[0][2]);
+            acc[0][3] = _mm512_fmadd_ps(b, w0[3], acc[0][3]);
+            acc[1][0] = _mm512_fmadd_ps(b, w1[0], acc[1][0]);
+            acc[1][1] = _mm512_fmadd_ps(b, w1[1], acc[1][1]);
+            acc[1][2] = _mm512_fmadd_ps(b, w1[2], acc[1][2]);
+            acc[1][3] = _mm512_fmadd_ps(b, w1[3], acc[1][3]);
+        }
+    }
+    for (int q = 0; q < 4; q++) {
+        acc[0][q] = _mm512_add_ps(acc[0][q], _mm512_loadu_ps(G + 16 * q));
+        acc[1][q] = _mm512_add_ps(acc[1][q], _mm512_loadu_ps(G + FL_PW + 16 * q));
+    }
+    epilogue(1, acc, c, 0, h, 0, FL_BW, epi);
+    fl_epi e2 = *epi;
+    if (epi->peep) e2.peep = (const float *)epi->peep + 3 * FL_BW;
+    epilogue(1, acc + 1, c + FL_BW, 0, h + FL_BW, 0, nvalid2, &e2);
+}
+
+static void lstmq2_avx512(int wtype, int K, const float *A, const void *panel, const float *G,
+                          float *c, float *h, int nvalid2, const fl_epi *epi)
+{
+    if (wtype == FL_W_F16) lstmq2_r(FL_W_F16, K, A, panel, G, c, h, nvalid2, epi);
+    else lstmq2_r(FL_W_BF16, K, A, panel, G, c, h, nvalid2, epi);
+}
+
+/* int8 W_hh times int16 h (fl_lstmi8_f32).  Per k pair, 32 bytes of the
+ * panel are 16 columns x 2 k: vpmovsxbw widens them to 16 int16 pairs, and
+ * one vpdpwssd (or vpmaddwd + vpaddd) adds w[k][col] q[k] + w[k+1][col] q[k+1]
+ * to each column's int32 sum, against the pair (q[k], q[k+1]) broadcast.
+ * Integer sums are exact, so their order is free: at R = 1 two sets of 4
+ * accumulators take alternate pairs (8 independent chains). */
+AI int32_t ld_pair(const int16_t *q)
+{
+    int32_t v;
+    memcpy(&v, q, sizeof v);
+    return v;
+}
+
+#define I8_W(w, q) _mm512_cvtepi8_epi16(_mm256_load_si256((const __m256i *)((w) + 32 * (q))))
+/* vpdpwssd through inline asm: with the intrinsic, GCC 12 copies every
+ * accumulator to another register (and to the stack) around each use. */
+AI __m512i dot_vnni(__m512i acc, __m512i w, __m512i b)
+{
+    __asm__("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(b));
+    return acc;
+}
+#define DOT_VNNI(acc, w, b) dot_vnni((acc), (w), (b))
+#define DOT_BW(acc, w, b) _mm512_add_epi32((acc), _mm512_madd_epi16((w), (b)))
+
+#define LSTMI8_R(NAME, DOT, ATTR)                                                                \
+    static inline __attribute__((always_inline)) ATTR void NAME(                                 \
+        const int R, int K, const int16_t *Q, ptrdiff_t ldq, const float *hs,                    \
+        const int8_t *panel, const float *scale, const float *G, ptrdiff_t ldg, float *c,        \
+        ptrdiff_t ldc, float *h, ptrdiff_t ldh, int nvalid, const fl_epi *epi)                   \
+    {                                                                                            \
+        /* chunk sums in memory: only the 4R int32 accumulators stay in registers */            \
+        float sums[RMAX * FL_PW] __attribute__((aligned(64)));                                   \
+        __m512 accf[RMAX][4];                                                                    \
+        __m512i acc[RMAX][4];                                                                    \
+        for (int i = 0; i < R * FL_PW; i += 16) _mm512_store_ps(sums + i, _mm512_setzero_ps());  \
+        if (Q) {                                                                                 \
+            const int np = (K + 1) / 2;                                                          \
+            for (int p0 = 0; p0 < np; p0 += FL_I8_KC / 2) {                                      \
+                const int p1 = p0 + FL_I8_KC / 2 < np ? p0 + FL_I8_KC / 2 : np;                  \
+                _Pragma("GCC unroll 6") for (int r = 0; r < R; r++)                              \
+                {                                                                                \
+                    acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm512_setzero_si512();      \
+                }                                                                                \
+                int p = p0;                                                                      \
+                if (R == 1) {                                                                    \
+                    __m512i e0 = _mm512_setzero_si512(), e1 = e0, e2 = e0, e3 = e0;              \
+                    for (; p + 1 < p1; p += 2) {                                                 \
+                        const int8_t *w = panel + (size_t)p * 2 * FL_PW;                         \
+                        const __m512i b0 = _mm512_set1_epi32(ld_pair(Q + 2 * p));                \
+                        const __m512i b1 = _mm512_set1_epi32(ld_pair(Q + 2 * p + 2));            \
+                        acc[0][0] = DOT(acc[0][0], I8_W(w, 0), b0);                              \
+                        acc[0][1] = DOT(acc[0][1], I8_W(w, 1), b0);                              \
+                        acc[0][2] = DOT(acc[0][2], I8_W(w, 2), b0);                              \
+                        acc[0][3] = DOT(acc[0][3], I8_W(w, 3), b0);                              \
+                        e0 = DOT(e0, I8_W(w, 4), b1);                                            \
+                        e1 = DOT(e1, I8_W(w, 5), b1);                                            \
+                        e2 = DOT(e2, I8_W(w, 6), b1);                                            \
+                        e3 = DOT(e3, I8_W(w, 7), b1);                                            \
+                    }                                                                            \
+                    acc[0][0] = _mm512_add_epi32(acc[0][0], e0);                                 \
+                    acc[0][1] = _mm512_add_epi32(acc[0][1], e1);                                 \
+                    acc[0][2] = _mm512_add_epi32(acc[0][2], e2);                                 \
+                    acc[0][3] = _mm512_add_epi32(acc[0][3], e3);                                 \
+                }                                                                                \
+                for (; p < p1; p++) {                                                            \
+                    const int8_t *w = panel + (size_t)p * 2 * FL_PW;                             \
+                    const __m512i w0 = I8_W(w, 0), w1 = I8_W(w, 1), w2 = I8_W(w, 2),             \
+                                  w3 = I8_W(w, 3);                                               \
+                    _Pragma("GCC unroll 6") for (int r = 0; r < R; r++)                          \
+                    {                                                                            \
+                        const __m512i b = _mm512_set1_epi32(ld_pair(Q + r * ldq + 2 * p));       \
+                        acc[r][0] = DOT(acc[r][0], w0, b);                                       \
+                        acc[r][1] = DOT(acc[r][1], w1, b);                                       \
+                        acc[r][2] = DOT(acc[r][2], w2, b);                                       \
+                        acc[r][3] = DOT(acc[r][3], w3, b);                                       \
+                    }                                                                            \
+                }                                                                                \
+                _Pragma("GCC unroll 6") for (int r = 0; r < R; r++)                              \
+                {                                                                                \
+                    float *sp = sums + r * FL_PW;                                                \
+                    _mm512_store_ps(sp, _mm512_add_ps(_mm512_load_ps(sp),                        \
+                                                      _mm512_cvtepi32_ps(acc[r][0])));           \
+                    _mm512_store_ps(sp + 16, _mm512_add_ps(_mm512_load_ps(sp + 16),              \
+                                                           _mm512_cvtepi32_ps(acc[r][1])));      \
+                    _mm512_store_ps(sp + 32, _mm512_add_ps(_mm512_load_ps(sp + 32),              \
+                                                           _mm512_cvtepi32_ps(acc[r][2])));      \
+                    _mm512_store_ps(sp + 48, _mm512_add_ps(_mm512_load_ps(sp + 48),              \
+                                                           _mm512_cvtepi32_ps(acc[r][3])));      \
+                }                                                                                \
+            }                                                                                    \
+        }                                                                                        \
+        _Pragma("GCC unroll 6") for (int r = 0; r < R; r++)                                      \
+        {                                                                                        \
+            const __m512 s = _mm512_set1_ps(Q ? hs[r] : 0.0f);                                   \
+            const float *g = G + r * ldg;                                                        \
+            for (int q = 0; q < 4; q++)                                                          \
+                accf[r][q] = _mm512_fmadd_ps(_mm512_load_ps(sums + r * FL_PW + 16 * q),          \
+                                             _mm512_mul_ps(_mm512_loadu_ps(scale + 16 * q), s),  \
+                                             _mm512_loadu_ps(g + 16 * q));                       \
+        }                                                                                        \
+        epilogue(R, accf, c, ldc, h, ldh, nvalid, epi);                                          \
+    }
+
+#define LSTMI8_CASES(NAME)                                                                            \
+    switch (R) {                                                                                      \
+    case 1: NAME(1, K, Q, ldq, hs, panel, scale, G, ldg, c, ldc, h, ldh, nvalid, epi); break;         \
+    case 2: NAME(2, K, Q, ldq, hs, panel, scale, G, ldg, c, ldc, h, ldh, nvalid, epi); break;         \
+    case 3: NAME(3, K, Q, ldq, hs, panel, scale, G, ldg, c, ldc, h, ldh, nvalid, epi); break;         \
+    case 4: NAME(4, K, Q, ldq, hs, panel, scale, G, ldg, c, ldc, h, ldh, nvalid, epi); break;         \
+    case 5: NAME(5, K, Q, ldq, hs, panel, scale, G, ldg, c, ldc, h, ldh, nvalid, epi); break;         \
+    default: NAME(6, K, Q, ldq, hs, panel, scale, G, ldg, c, ldc, h, ldh, nvalid, epi); break;        \
+    }
+
+#define VNNI_TARGET __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,f16c,avx512vnni")))
+LSTMI8_R(lstmi8_r_vnni, DOT_VNNI, VNNI_TARGET)
+LSTMI8_R(lstmi8_r_bw, DOT_BW, )
+
+static VNNI_TARGET void lstmi8_vnni(int R, int K, const int16_t *Q, ptrdiff_t ldq, const float *hs,
+                                    const int8_t *panel, const float *scale, const float *G,
+                                    ptrdiff_t ldg, float *c, ptrdiff_t ldc, float *h, ptrdiff_t ldh,
+                                    int nvalid, const fl_epi *epi)
+{
+    LSTMI8_CASES(lstmi8_r_vnni)
+}
+
+static void lstmi8_avx512(int R, int K, const int16_t *Q, ptrdiff_t ldq, const float *hs,
+                          const int8_t *panel, const float *scale, const float *G, ptrdiff_t ldg,
+                          float *c, ptrdiff_t ldc, float *h, ptrdiff_t ldh, int nvalid,
+                          const fl_epi *epi)
+{
+    if (fl_use_vnni) {
+        lstmi8_vnni(R, K, Q, ldq, hs, panel, scale, G, ldg, c, ldc, h, ldh, nvalid, epi);
+        return;
+    }
+    /* vpmaddwd needs a temporary per product: at most 3 rows per pass keep
+     * every accumulator in a register (rows are independent: same sums). */
+    for (int r0 = 0, n; r0 < R; r0 += n) {
+        n = R - r0 < 3 ? R - r0 : 3;
+        const int16_t *Qr = Q ? Q + r0 * ldq : NULL;
+        switch (n) {
+        case 1: lstmi8_r_bw(1, K, Qr, ldq, hs + r0, panel, scale, G + r0 * ldg, ldg, c + r0 * ldc, ldc,
+                            h + r0 * ldh, ldh, nvalid, epi); break;
+        case 2: lstmi8_r_bw(2, K, Qr, ldq, hs + r0, panel, scale, G + r0 * ldg, ldg, c + r0 * ldc, ldc,
+                            h + r0 * ldh, ldh, nvalid, epi); break;
+        default: lstmi8_r_bw(3, K, Qr, ldq, hs + r0, panel, scale, G + r0 * ldg, ldg, c + r0 * ldc, ldc,
+                             h + r0 * ldh, ldh, nvalid, epi); break;
+        }
+    }
+}
+
+const fl_kernels_f32 fl_kernels_f32_avx512 = {RMAX, gemm_avx512, lstm_avx512, lstmq_avx512, lstmq2_avx512,
+                                                lstmi8_avx512,
+                                                "avx512"};
 
 #if defined(__clang__)
 #pragma clang attribute pop

@@ -23,12 +23,13 @@
 #define EPI_GENERIC fl_epilogue_generic_f64
 #include "portable_impl.h"
 
-/* Reduced-precision W_hh: weights widened to float32 one at a time. */
+/* float16 / bfloat16 W_hh: weights widened to float32 one at a time. */
 static void lstmq_portable_f32(int wtype, int R, int K, const float *A, ptrdiff_t lda,
                                const void *panel, const float *scale, const float *G,
                                ptrdiff_t ldg, float *c, ptrdiff_t ldc, float *h, ptrdiff_t ldh,
                                int nvalid, const fl_epi *epi)
 {
+    (void)scale;
     for (int r = 0; r < R; r++) {
         float acc[FL_PW];
         for (int col = 0; col < FL_PW; col++) acc[col] = 0.0f;
@@ -36,26 +37,16 @@ static void lstmq_portable_f32(int wtype, int R, int K, const float *A, ptrdiff_
             const float *a = A + r * lda;
             for (int k = 0; k < K; k++) {
                 const float ak = a[k];
-                size_t o = (size_t)k * FL_PW;
-                switch (wtype) {
-                case FL_W_F16:
+                const uint16_t *w = (const uint16_t *)panel + (size_t)k * FL_PW;
+                if (wtype == FL_W_F16)
+                    for (int col = 0; col < FL_PW; col++) acc[col] += ak * fl_f16_to_f32(w[col]);
+                else
                     for (int col = 0; col < FL_PW; col++)
-                        acc[col] += ak * fl_f16_to_f32(((const uint16_t *)panel)[o + col]);
-                    break;
-                case FL_W_BF16:
-                    for (int col = 0; col < FL_PW; col++)
-                        acc[col] += ak * fl_bf16_to_f32(((const uint16_t *)panel)[o + col]);
-                    break;
-                default:
-                    for (int col = 0; col < FL_PW; col++)
-                        acc[col] += ak * (float)((const int8_t *)panel)[o + col];
-                    break;
-                }
+                        acc[col] += ak * fl_bf16_to_f32(w[FL_BF16_POS(col)]);
             }
         }
         const float *g = G + r * ldg;
-        for (int col = 0; col < FL_PW; col++)
-            acc[col] = wtype == FL_W_I8 ? acc[col] * scale[col] + g[col] : acc[col] + g[col];
+        for (int col = 0; col < FL_PW; col++) acc[col] = acc[col] + g[col];
         float *cr = c + r * ldc, *hr = h + r * ldh;
         if (!epi->is_default)
             fl_epilogue_generic_f32(1, acc, cr, ldc, hr, ldh, nvalid, epi);
@@ -64,6 +55,44 @@ static void lstmq_portable_f32(int wtype, int R, int K, const float *A, ptrdiff_
     }
 }
 
+/* int8 W_hh times int16 h in plain int32 C: the formula of fl_lstmi8_f32
+ * (fl_internal.h) that the SIMD paths reproduce bitwise. */
+static void lstmi8_portable_f32(int R, int K, const int16_t *Q, ptrdiff_t ldq, const float *hs,
+                                const int8_t *panel, const float *scale, const float *G,
+                                ptrdiff_t ldg, float *c, ptrdiff_t ldc, float *h, ptrdiff_t ldh,
+                                int nvalid, const fl_epi *epi)
+{
+    const int np = (K + 1) / 2; /* k pairs; the pad k of an odd K is zero on both sides */
+    for (int r = 0; r < R; r++) {
+        float accf[FL_PW], pre[FL_PW];
+        for (int col = 0; col < FL_PW; col++) accf[col] = 0.0f;
+        if (Q) {
+            const int16_t *q = Q + r * ldq;
+            for (int p0 = 0; p0 < np; p0 += FL_I8_KC / 2) {
+                int p1 = p0 + FL_I8_KC / 2 < np ? p0 + FL_I8_KC / 2 : np;
+                int32_t acc[FL_PW];
+                for (int col = 0; col < FL_PW; col++) acc[col] = 0;
+                for (int p = p0; p < p1; p++) {
+                    const int8_t *w = panel + (size_t)p * 2 * FL_PW;
+                    const int32_t q0 = q[2 * p], q1 = q[2 * p + 1];
+                    for (int col = 0; col < FL_PW; col++)
+                        acc[col] += (int32_t)w[2 * col] * q0 + (int32_t)w[2 * col + 1] * q1;
+                }
+                for (int col = 0; col < FL_PW; col++) accf[col] += (float)acc[col];
+            }
+        }
+        const float s = Q ? hs[r] : 0.0f;
+        const float *g = G + r * ldg;
+        for (int col = 0; col < FL_PW; col++) pre[col] = fmaf(accf[col], scale[col] * s, g[col]);
+        float *cr = c + r * ldc, *hr = h + r * ldh;
+        if (!epi->is_default)
+            fl_epilogue_generic_f32(1, pre, cr, ldc, hr, ldh, nvalid, epi);
+        else
+            epilogue_default_f32(pre, cr, hr, nvalid);
+    }
+}
+
 const fl_kernels_f32 fl_kernels_f32_portable = {1, gemm_portable_f32, lstm_portable_f32,
-                                                lstmq_portable_f32, "portable"};
+                                                lstmq_portable_f32, NULL, lstmi8_portable_f32,
+                                                "portable"};
 const fl_kernels_f64 fl_kernels_f64_portable = {1, gemm_portable_f64, lstm_portable_f64, "portable"};
