@@ -468,8 +468,19 @@ def result_header(argv=None):
 
 
 def note_load_end(machine):
-    """Record the load average at the end of a run in ``machine`` (where the OS has one)."""
+    """Record the load average at the end of a run in ``machine`` (where the OS has one),
+    and how many fastlstm calls found a worker descheduled mid-call (the pool then ran
+    calls alone for ~10 ms: cpu_info()["congested_calls"]); printed when nonzero."""
     try:
         machine["loadavg_end"] = list(os.getloadavg())
     except OSError:
         pass
+    try:
+        import fastlstm
+        n = fastlstm.cpu_info().get("congested_calls", 0)
+    except Exception:  # pragma: no cover - diagnostics only
+        return
+    machine["fastlstm_congested_calls"] = n
+    if n:
+        print(f"note: {n} fastlstm call(s) found a worker thread descheduled by other load "
+              "and ran the next ~10 ms of calls on one thread", file=sys.stderr)

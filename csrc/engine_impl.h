@@ -441,14 +441,17 @@ static int FN(forward_)(fl_cell *const *cells, int L, int D, const fl_io *io, vo
         if ((!eager && step_us / nt < split_us) || c->nb < nt) {
             if (N >= nt) cx.split_batch = 1;
             else nt = 1;
+        } else if (N >= 8 * nt) {
+            /* Enough rows per thread (>= 8) that each step is compute-bound
+             * even when every thread reads all of W_hh: no barriers at all.
+             * Also robust to a core shared with other spinning threads (e.g.
+             * another library's OpenMP pool right after its own call): with
+             * a barrier per step such a neighbour stalls every step.  Measured
+             * (batch 64, hidden 512, 2 threads, peers' calls interleaved in
+             * benchmarks/run_all.py): a hidden split ran 0.46x the best peer,
+             * the batch split ~1.0x; alone the two are within ~5%. */
+            cx.split_batch = 1;
         }
-        /* Large batches split hidden blocks too: each thread then streams only
-         * its share of W_ih and W_hh (a batch split makes every thread read all
-         * of them, which at hidden 512 outruns the shared L3), and a worker
-         * descheduled by other processes is noticed at the barriers (the pool
-         * then runs calls alone for a while: pool.c).  Measured at 2 threads,
-         * batch 32-64, hidden 512: hidden split 0.93-1.03x the time of the
-         * batch split on a quiet machine, about half with other load. */
     }
     /* A whole call of less than ~20 us: waking sleeping workers costs more. */
     if (T == 0 || N == 0 || total == 0 || (!eager && step_us * (double)T * L * D < call_us))
