@@ -61,7 +61,7 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 import peers  # noqa: E402
-from run_all import time_interleaved  # noqa: E402
+from run_all import SETTLE_S, time_interleaved  # noqa: E402
 
 PRECISIONS = ("float32", "float16", "bfloat16", "int8")
 ENGINES = tuple(f"fastlstm {p}" for p in PRECISIONS) + (
@@ -352,7 +352,8 @@ def main(argv=None):
                                          "max_abs_diff": d, "tolerance": TOL[e]})
                         print(f"   !!! {e}: max abs diff {d:.3g} from fastlstm float32 > "
                               f"{TOL[e]:g}", file=sys.stderr)
-                eng = time_interleaved(runners, x, args.repeats, args.min_calls, args.min_time)
+                eng = time_interleaved(runners, x, args.repeats, args.min_calls, args.min_time,
+                                       settle_s=0.0 if args.quick else SETTLE_S)
                 for e in args.engine_list:
                     if e in eng:
                         r = eng[e]

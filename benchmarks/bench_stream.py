@@ -30,7 +30,7 @@ carries (h, c) from one call to the next, as a real-time loop must:
 
 Before timing, each engine runs the same 32-step sequence from zero state and
 its outputs are compared with fastlstm's (max abs diff < 1e-4).  Timing:
-run_all.time_interleaved (rounds, engine order rotating, one untimed call
+run_all.time_interleaved (rounds, engine order rotating, 0.25 s idle and one untimed call
 after each switch, every call timed alone, GC off); medians reported.  Speedup
 is against the fastest of torch nn.LSTM (oneDNN on or off) and ORT; the
 target is >= 5x.
@@ -54,7 +54,7 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 import peers  # noqa: E402
-from run_all import time_interleaved  # noqa: E402
+from run_all import SETTLE_S, time_interleaved  # noqa: E402
 
 ENGINES = ("fastlstm", "fastlstm_call", "torch", "torch_nodnn", "torch_cell", "onnxruntime")
 PEERS = ("torch", "torch_nodnn", "onnxruntime")  # speedup: against the fastest of these
@@ -341,6 +341,7 @@ def main(argv=None):
                 x = r.prepare(xs[0])
                 timed[name] = peers.Runner(name, lambda _x, f=r.fn, x=x: f(x), r.threads)
             eng = time_interleaved(timed, None, args.repeats, args.min_calls, args.min_time,
+                                   settle_s=0.0 if args.quick else SETTLE_S,
                                    max_calls_per_round=args.max_calls_per_round)
         stats = {}
         for name, d in eng.items():

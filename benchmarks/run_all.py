@@ -46,7 +46,11 @@ def _time_call(fn, x):
     return (time.perf_counter_ns() - t0) / 1e6
 
 
-def time_interleaved(runners, x, repeats, min_calls, min_time, max_calls_per_round=2000):
+SETTLE_S = 0.25
+
+
+def time_interleaved(runners, x, repeats, min_calls, min_time, max_calls_per_round=2000,
+                     settle_s=SETTLE_S):
     """Time every runner on ``x``, interleaved over ``repeats`` rounds.
 
     Each runner has had its warm-up call (the cross-check).  In every round
@@ -54,10 +58,12 @@ def time_interleaved(runners, x, repeats, min_calls, min_time, max_calls_per_rou
     spent min_time / repeats seconds and made at least
     ceil(min_calls / repeats) calls in that round; so over all rounds at
     least ``min_calls`` calls and ``min_time`` seconds per engine.  Before
-    its timed calls in a round each engine makes one untimed call: the first
-    call after another engine ran is slowed by that engine's still-spinning
-    worker threads (OpenMP, ONNX Runtime, TBB), an artifact of hosting all
-    engines in one process.
+    its timed calls in a round each engine waits ``settle_s`` seconds idle and
+    makes one untimed call: the worker threads of the engine that ran before
+    (OpenMP spins ~200 ms after a parallel region, ONNX Runtime and TBB spin
+    too) would otherwise share the cores with the next engine's threads, an
+    artifact of hosting all engines in one process that hurts whichever
+    engine synchronises its threads most often.
 
     Returns {name: dict(times_ms=[all timed calls in order], calls_per_round,
     switch_warmup_ms, median_ms, q25_ms, q75_ms, min_ms, mean_ms, calls,
@@ -75,6 +81,8 @@ def time_interleaved(runners, x, repeats, min_calls, min_time, max_calls_per_rou
             k = r % len(names)
             for n in names[k:] + names[:k]:
                 fn = runners[n]
+                if settle_s > 0:
+                    time.sleep(settle_s)
                 res[n]["switch_warmup_ms"].append(round(_time_call(fn, x), 5))
                 ts = []
                 spent = 0
@@ -324,7 +332,8 @@ def main(argv=None):
                                   + ("  <-- MISMATCH" if peers.is_mismatch(d) else "  ok"))
                     print()
                     continue
-                eng = time_interleaved(runners, x, args.repeats, args.min_calls, args.min_time)
+                eng = time_interleaved(runners, x, args.repeats, args.min_calls, args.min_time,
+                                       settle_s=0.0 if args.quick else SETTLE_S)
                 met = derive(cfg, n, eng)
                 for e in args.engine_list:
                     if e not in eng:
@@ -377,6 +386,7 @@ def main(argv=None):
         "settings": {"quick": args.quick, "threads": args.thread_list,
                      "engines": args.engine_list, "repeats": args.repeats,
                      "min_calls": args.min_calls, "min_time_s": args.min_time,
+                     "settle_s": 0.0 if args.quick else SETTLE_S,
                      "tolerance": TOLERANCE, "configs": [c.label for c in configs]},
         "machine": machine, "versions": vers, "onnx_export": export_infos,
         "elapsed_s": elapsed, "mismatches": mismatches, "results": results,
