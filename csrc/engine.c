@@ -174,18 +174,12 @@ void fl_quantize_h(const float *h, int n, int npad, int16_t *q, float *hs)
         /* cvtps2dq rounds to nearest even (MXCSR, set by fl_fpenv_enter) */
         _mm_storeu_si128((__m128i *)(q + k), _mm_packs_epi32(_mm_cvtps_epi32(y0), _mm_cvtps_epi32(y1)));
     }
-    for (; k < n; k++) {
-        float y = h[k] * inv;
-        y = y > (float)FL_HQ_MAX ? (float)FL_HQ_MAX : (y < -(float)FL_HQ_MAX ? -(float)FL_HQ_MAX : y);
-        q[k] = (int16_t)_mm_cvtss_si32(_mm_set_ss(y));
-    }
-#else
-    for (; k < n; k++) {
-        float y = h[k] * inv;
-        y = y > (float)FL_HQ_MAX ? (float)FL_HQ_MAX : (y < -(float)FL_HQ_MAX ? -(float)FL_HQ_MAX : y);
-        q[k] = (int16_t)nearbyintf(y); /* the default rounding: nearest even */
-    }
 #endif
+    for (; k < n; k++) {
+        float y = h[k] * inv;
+        y = y > (float)FL_HQ_MAX ? (float)FL_HQ_MAX : (y < -(float)FL_HQ_MAX ? -(float)FL_HQ_MAX : y);
+        q[k] = (int16_t)nearbyintf(y); /* the current rounding: nearest even (fl_fpenv_enter) */
+    }
     for (k = n; k < npad; k++) q[k] = 0;
 }
 
@@ -299,7 +293,7 @@ int fl_cell_set_whh_reduced(fl_cell *cell, int wtype, const void *w, const float
     cell->wtype = FL_W_F32;
     if (!w || (wtype == FL_W_I8 && !scale)) return -1;
     const int H = cell->H, Hout = cell->Hout;
-    const int Kp = wtype == FL_W_I8 ? (Hout + 1) / 2 * 2 : Hout; /* int8: whole k pairs */
+    const int Kp = fl_whhq_rows(wtype, Hout);
     size_t es = wtype == FL_W_I8 ? 1 : 2;
     size_t bytes = (size_t)cell->nb * Kp * FL_PW * es;
     cell->whhq = fl_aligned_alloc(bytes);
@@ -345,7 +339,7 @@ size_t fl_cell_packed_bytes(const fl_cell *cell)
     size_t b = cell->bytes;
     if (cell->wtype != FL_W_F32) {
         size_t es = cell->wtype == FL_W_I8 ? 1 : 2;
-        size_t Kp = cell->wtype == FL_W_I8 ? ((size_t)cell->Hout + 1) / 2 * 2 : (size_t)cell->Hout;
+        size_t Kp = (size_t)fl_whhq_rows(cell->wtype, cell->Hout);
         size_t f32 = (size_t)cell->nb * cell->Hout * FL_PW * sizeof(float);
         b = b - f32 + (size_t)cell->nb * Kp * FL_PW * es;
         if (cell->whh_scale) b += (size_t)cell->nb * FL_PW * sizeof(float);

@@ -25,8 +25,8 @@ typedef struct {
     REAL *buf[2];     /* inter-layer outputs, T x N x (D*Hout) */
     REAL *hraw;       /* N x H, projection input */
     int *cnt;         /* T + 1 counts of active rows */
-    char *q;          /* int8 W_hh: qcopies x (N x ldq int16 h, N float scales) */
-    size_t qcopy;     /* bytes per copy */
+    char *q;          /* int8 W_hh: qcopies copies of h_{t-1} (fl_hq_copy_bytes) */
+    size_t qcopy, qscale_off; /* bytes per copy; offset of its scales */
     int ldq, qcopies;
     int row_split[FL_MAX_THREADS + 1];
 } FN(ctx_);
@@ -106,6 +106,15 @@ static inline void FN(step_block_)(const KERNELS_T *kr, int K, const REAL *A, pt
         kr->lstm(R, K - klast, A ? A + n * lda + klast : NULL, lda, panel + (size_t)klast * FL_PW,
                  Gj + n * ldg, ldg, c + n * ldc, ldc, h + n * ldh, ldh, nvalid, epi);
     }
+}
+
+/* h_{t-1} of row n: rows below rs continue from the previous step's output
+ * (Aprev, stride ysn), the others start from h0 (stride Hout); NULL = zero. */
+static inline const REAL *FN(hprev_row_)(int n, int rs, const REAL *Aprev, ptrdiff_t ysn,
+                                          const REAL *h0, int Hout)
+{
+    if (n < rs) return Aprev ? Aprev + n * ysn : NULL;
+    return h0 ? h0 + (ptrdiff_t)n * Hout : NULL;
 }
 
 static void FN(thread_)(void *arg, int tid, int nt)
@@ -211,10 +220,9 @@ static void FN(thread_)(void *arg, int tid, int nt)
                     if (cell->wtype == FL_W_I8) {
                         char *qb = cx->q + (size_t)(sync ? tid : 0) * cx->qcopy;
                         qh = (int16_t *)qb;
-                        qs = (float *)(qb + ((size_t)N * ldq * sizeof(int16_t) + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN);
+                        qs = (float *)(qb + cx->qscale_off);
                         for (int n = n0; n < r1; n++) {
-                            const REAL *src = n < rs ? (Aprev ? Aprev + n * ysn : NULL)
-                                                     : (h0 ? h0 + (ptrdiff_t)n * Hout : NULL);
+                            const REAL *src = FN(hprev_row_)(n, rs, Aprev, ysn, h0, Hout);
                             if (src) fl_quantize_h(src, Hout, ldq, qh + (ptrdiff_t)n * ldq, qs + n);
                         }
                     }
@@ -228,7 +236,7 @@ static void FN(thread_)(void *arg, int tid, int nt)
                         epi.peep = cell->peep ? (const REAL *)cell->peep + (size_t)j * 3 * FL_BW : NULL;
 #ifdef FL_HAVE_LSTMQ
                         if (cell->wtype == FL_W_I8) {
-                            const int8_t *pq = (const int8_t *)cell->whhq + (size_t)j * ((Hout + 1) / 2 * 2) * FL_PW;
+                            const int8_t *pq = (const int8_t *)cell->whhq + (size_t)j * fl_whhq_rows(FL_W_I8, Hout) * FL_PW;
                             const float *sc = cell->whh_scale + (size_t)j * FL_PW;
                             for (int n = n0, R; n < r1; n += R) {
                                 R = FN(imin_)(rmax, (n < rs ? rs : r1) - n);
@@ -244,8 +252,7 @@ static void FN(thread_)(void *arg, int tid, int nt)
                             /* One row: blocks in adjacent pairs, (j, j+1) walking
                              * forwards, (j-1, j) backwards; an odd last one alone. */
                             int jf = (s & 1) ? j - 1 : j;
-                            const REAL *An = n0 < rs ? (Aprev ? Aprev + n0 * ysn : NULL)
-                                                     : (h0 ? h0 + (ptrdiff_t)n0 * Hout : NULL);
+                            const REAL *An = FN(hprev_row_)(n0, rs, Aprev, ysn, h0, Hout);
                             epi.peep = cell->peep ? (const REAL *)cell->peep + (size_t)jf * 3 * FL_BW : NULL;
                             kr->lstmq2(cell->wtype, Hout, An,
                                        (const char *)cell->whhq + (size_t)jf * Hout * FL_PW * 2,
@@ -259,8 +266,7 @@ static void FN(thread_)(void *arg, int tid, int nt)
                             const char *pq = (const char *)cell->whhq + (size_t)j * Hout * FL_PW * 2;
                             for (int n = n0, R; n < r1; n += R) {
                                 R = FN(imin_)(rmax, (n < rs ? rs : r1) - n);
-                                const REAL *An = n < rs ? (Aprev ? Aprev + n * ysn : NULL)
-                                                        : (h0 ? h0 + (ptrdiff_t)n * Hout : NULL);
+                                const REAL *An = FN(hprev_row_)(n, rs, Aprev, ysn, h0, Hout);
                                 kr->lstmq(cell->wtype, R, Hout, An, n < rs ? ysn : Hout, pq, NULL,
                                           Gt + n * ldg + (ptrdiff_t)j * FL_PW, ldg,
                                           cst + (ptrdiff_t)n * H + j * FL_BW, H,
@@ -360,10 +366,8 @@ static size_t FN(plan_)(fl_cell *const *cells, int L, int D, int T, int N, int *
     int any_i8 = 0;
     for (int k = 0; k < L * D; k++) any_i8 |= cells[k]->wtype == FL_W_I8;
     if (any_i8) {
-        size_t n1 = (size_t)(N > 0 ? N : 1);
-        size_t ldq = ((size_t)c->Hout + 31) / 32 * 32;
-        size_t copy = (n1 * ldq * sizeof(int16_t) + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN
-                    + (n1 * sizeof(float) + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN;
+        int ldq;
+        size_t soff, copy = fl_hq_copy_bytes(N, c->Hout, &ldq, &soff);
         size_t nc = (size_t)(c->nb < FL_MAX_THREADS ? c->nb : FL_MAX_THREADS);
         if (nc * copy > ((size_t)4 << 20)) nc = ((size_t)4 << 20) / copy;
         if (nc < 1) nc = 1;
@@ -389,9 +393,7 @@ static int FN(forward_)(fl_cell *const *cells, int L, int D, const fl_io *io, vo
     cx.hraw = c->P ? (REAL *)(base + off_hraw) : NULL;
     cx.cnt = (int *)(base + off_cnt);
     cx.q = base + off_q;
-    cx.ldq = (c->Hout + 31) / 32 * 32;
-    cx.qcopy = ((size_t)(N > 0 ? N : 1) * cx.ldq * sizeof(int16_t) + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN
-             + ((size_t)(N > 0 ? N : 1) * sizeof(float) + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN;
+    cx.qcopy = fl_hq_copy_bytes(N, c->Hout, &cx.ldq, &cx.qscale_off);
 
     /* Active rows per time step; lengths must be sorted descending. */
     long total = 0;

@@ -24,9 +24,10 @@
  * the second one (one integer op per 16 weights instead of a widening move
  * and a shift).  Every ISA reads these layouts.
  */
-#define FL_BF16_POS(col) (32 * ((col) / 32) + 2 * ((col) % 16) + ((col) % 32) / 16)
 #ifndef FL_INTERNAL_H
 #define FL_INTERNAL_H
+
+#define FL_BF16_POS(col) (32 * ((col) / 32) + 2 * ((col) % 16) + ((col) % 32) / 16)
 
 #include <stddef.h>
 #include <stdint.h>
@@ -138,6 +139,21 @@ extern int fl_use_vnni;
  *   *hs = m / 32767.0f.   q[n .. npad) is zeroed. */
 #define FL_HQ_MIN 0x1p-96f
 void fl_quantize_h(const float *h, int n, int npad, int16_t *q, float *hs);
+
+/* Rows (k) of one reduced-precision W_hh panel: int8 panels hold whole k
+ * pairs (an odd K gets a zero row). */
+static inline int fl_whhq_rows(int wtype, int K) { return wtype == FL_W_I8 ? (K + 1) / 2 * 2 : K; }
+
+/* One int16 copy of h_{t-1} for the int8 kernels: N rows of ldq int16
+ * (Hout rounded up to 32), then N float scales at *scale_off, both aligned.
+ * Returns the bytes of the copy. */
+static inline size_t fl_hq_copy_bytes(int N, int Hout, int *ldq, size_t *scale_off)
+{
+    size_t n = (size_t)(N > 0 ? N : 1);
+    *ldq = (Hout + 31) / 32 * 32;
+    *scale_off = (n * (size_t)*ldq * sizeof(int16_t) + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN;
+    return *scale_off + (n * sizeof(float) + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN;
+}
 
 /* Scalar epilogue shared by every ISA for non-default cells.
  * pre is R x 64 (row stride 64), gate order i, f, g, o per 16 lanes. */

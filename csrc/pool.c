@@ -9,15 +9,14 @@
  *   oversubscribe the cores.
  * - Idle workers spin briefly (a back-to-back call starts in microseconds),
  *   then sleep on a condition variable (no CPU burnt between calls).
- * - fl_pool_barrier(): counter + generation, spin with pause for ~100 us,
+ * - fl_pool_barrier(): counter + generation, spin with pause for ~40 us,
  *   then sleep on a futex (Linux; sched_yield elsewhere), so a thread whose
  *   partner was descheduled on a busy machine stops burning the core.
  * - Congestion: the steps between two barriers are balanced, so a thread
  *   that waits there for more than FL_CONGESTED_NS (0.5 ms: a scheduler time
  *   slice, not noise) means a partner lost its core (other processes busy on
- *   the machine).  Each barrier then costs a
- *   scheduler time slice, and a hidden-split call runs several times slower
- *   than on one thread.  After such a call the pool runs calls on the
+ *   the machine).  Each barrier then costs a scheduler time slice, and a
+ *   hidden-split call runs several times slower than on one thread.  After such a call the pool runs calls on the
  *   calling thread alone for FL_SOLO_NS (10 ms), then tries again.  Results
  *   do not change: every thread split gives bitwise the same outputs.
  */
@@ -40,7 +39,7 @@
 #endif
 
 #define FL_IDLE_SPINS 4000     /* ~ tens of microseconds before sleeping */
-#define FL_BARRIER_SPINS 2000  /* ~100 us, then sleep in the kernel */
+#define FL_BARRIER_SPINS 2000  /* ~40 us (measured), then sleep in the kernel */
 #define FL_SOLO_NS 10000000LL  /* single-threaded this long after a congested call */
 #define FL_CONGESTED_NS 500000LL /* a barrier wait this long: a partner lost its core */
 
@@ -58,7 +57,7 @@ static atomic_int g_sleeping;
 static atomic_int g_bar_count;
 static atomic_uint g_bar_gen;
 static atomic_int g_bar_sleepers;
-static atomic_uint g_step_sleeps;     /* sleeps in barriers between steps */
+static atomic_uint g_congested_waits; /* between-step barrier waits > FL_CONGESTED_NS */
 static atomic_llong g_solo_until;     /* monotonic ns; calls run alone before it */
 static atomic_uint g_congested_calls; /* calls after which the pool went solo */
 
@@ -183,7 +182,7 @@ static void barrier_(int nthreads, int between_steps)
     /* Steps are balanced: a wait of a scheduler time slice means the partner
      * was descheduled (ordinary imbalance and noise stay far below 0.5 ms). */
     if (t_sleep && between_steps && mono_ns() - t_sleep >= FL_CONGESTED_NS)
-        atomic_fetch_add(&g_step_sleeps, 1);
+        atomic_fetch_add(&g_congested_waits, 1);
 }
 
 /* The barrier between steps (tasks call this one). */
@@ -242,12 +241,12 @@ int fl_pool_run(fl_task_fn fn, void *arg, int nthreads)
         pthread_cond_broadcast(&g_sleep_cond);
         pthread_mutex_unlock(&g_sleep_lock);
     }
-    unsigned sleeps0 = atomic_load(&g_step_sleeps);
+    unsigned waits0 = atomic_load(&g_congested_waits);
     fn(arg, 0, nthreads);
     /* Wait for the workers (this wait may be long when the split is uneven:
      * it does not count as congestion). */
     barrier_(nthreads, 0);
-    if (atomic_load(&g_step_sleeps) != sleeps0) {
+    if (atomic_load(&g_congested_waits) != waits0) {
         atomic_store(&g_solo_until, mono_ns() + FL_SOLO_NS);
         atomic_fetch_add(&g_congested_calls, 1);
     }
