@@ -33,46 +33,85 @@ typedef struct {
 
 static inline int FN(imin_)(int a, int b) { return a < b ? a : b; }
 
+/* K chunk for this REAL: fl_kc is in floats (a double panel row is twice
+ * the bytes).  At least 16. */
+static inline int FN(kc_)(void)
+{
+    int kc = fl_kc > 0 ? fl_kc : fl_tune_set(FL_TUNE_KC, 0);
+    kc = kc * (int)sizeof(float) / (int)sizeof(REAL);
+    return kc < 16 ? 16 : kc;
+}
+
+/* Rows of tile i when `rows` rows are cut into ntile = ceil(rows / rmax)
+ * tiles as evenly as possible (8 rows: 4 + 4, not 6 + 2; the kernels run
+ * 4-6 rows at ~the same speed, 2 rows ~15% slower).  A row's sums never
+ * depend on its tile. */
+static inline int FN(tile_rows_)(int rows, int ntile, int i)
+{
+    return rows / ntile + (i < rows % ntile);
+}
+
 /* Rows (o, i) for o in [o0, o1), i in [0, ni): A row at A + o*a_so + i*a_si,
  * G row at G + o*g_so + i*g_si.  Blocks [j0, j1).
  * Blocking: a chunk of rows whose A slice stays in L2, and K in chunks of
- * FL_KC so that the panel slice stays in L1 while every row tile of the chunk
- * streams over it; partial sums accumulate in G in place. */
+ * fl_kc so that the panel slice stays in cache while every row tile of the
+ * chunk streams over it; partial sums accumulate in G in place.  When the
+ * (o, i) rows are one evenly strided matrix (a contiguous x: time steps of
+ * whole batches) they are tiled as one, so every tile but the last has rmax
+ * rows (batch 8 would otherwise run tiles of 6 + 2 at every time step).
+ * A row's sum never depends on its tile, so the results do not either. */
 static void FN(input_gemm_)(const fl_cell *cell, const REAL *A, ptrdiff_t a_so, ptrdiff_t a_si,
                             REAL *G, ptrdiff_t g_so, ptrdiff_t g_si,
                             int o0, int o1, int ni, int j0, int j1)
 {
     const KERNELS_T *kr = KERNELS;
-    const int K = cell->in, rmax = kr->rmax;
+    const int K = cell->in, rmax = kr->rmax, kc_ = FN(kc_)();
     const REAL *wih = (const REAL *)cell->wih, *bias = (const REAL *)cell->bias;
-    size_t row_bytes = (size_t)ni * (K < FL_KC ? K : FL_KC) * sizeof(REAL);
-    int oc = row_bytes ? (int)((256u * 1024u) / row_bytes) : 1;
+    if (o1 - o0 > 1 && a_so == (ptrdiff_t)ni * a_si && g_so == (ptrdiff_t)ni * g_si
+        && (long)(o1 - o0) * ni <= 0x7fffffffL) {
+        A += (ptrdiff_t)o0 * a_so;
+        G += (ptrdiff_t)o0 * g_so;
+        ni *= o1 - o0;
+        o0 = 0;
+        o1 = 1;
+    }
+    /* rows per chunk: their A slices (one K chunk each) within ~256 KB */
+    size_t row_bytes = (size_t)(K < kc_ ? K : kc_) * sizeof(REAL);
+    int rc = row_bytes ? (int)((256u * 1024u) / row_bytes) / rmax * rmax : rmax;
+    if (rc < rmax) rc = rmax;
+    int ic = ni, oc = 1;
+    if (ni >= rc) ic = rc;
+    else oc = rc / (ni > 0 ? ni : 1);
     if (oc < 1) oc = 1;
     for (int c0 = o0; c0 < o1; c0 += oc) {
         int c1 = FN(imin_)(o1, c0 + oc);
-        for (int j = j0; j < j1; j++) {
-            const REAL *panel = wih + (size_t)j * K * FL_PW;
-            const REAL *bj = bias + (size_t)j * FL_PW;
-            int k0 = 0;
-            do {
-                int kc = FN(imin_)(FL_KC, K - k0);
-                for (int o = c0; o < c1; o++) {
-                    for (int i = 0; i < ni; i += rmax) {
-                        int R = FN(imin_)(rmax, ni - i);
-                        REAL *g = G + o * g_so + i * g_si + (ptrdiff_t)j * FL_PW;
-                        kr->gemm(R, kc, A + o * a_so + i * a_si + k0, a_si,
-                                 panel + (size_t)k0 * FL_PW, k0 ? g : bj, k0 ? g_si : 0,
-                                 g, g_si, FL_PW);
+        for (int i0 = 0; i0 < ni; i0 += ic) {
+            int i1 = FN(imin_)(ni, i0 + ic);
+            const int ntile = (i1 - i0 + rmax - 1) / rmax;
+            for (int j = j0; j < j1; j++) {
+                const REAL *panel = wih + (size_t)j * K * FL_PW;
+                const REAL *bj = bias + (size_t)j * FL_PW;
+                int k0 = 0;
+                do {
+                    int kc = FN(imin_)(kc_, K - k0);
+                    for (int o = c0; o < c1; o++) {
+                        for (int i = i0, it = 0, R; i < i1; i += R, it++) {
+                            R = FN(tile_rows_)(i1 - i0, ntile, it);
+                            REAL *g = G + o * g_so + i * g_si + (ptrdiff_t)j * FL_PW;
+                            kr->gemm(R, kc, A + o * a_so + i * a_si + k0, a_si,
+                                     panel + (size_t)k0 * FL_PW, k0 ? g : bj, k0 ? g_si : 0,
+                                     g, g_si, FL_PW);
+                        }
                     }
-                }
-                k0 += kc;
-            } while (k0 < K);
+                    k0 += kc;
+                } while (k0 < K);
+            }
         }
     }
 }
 
 /* One step for hidden block j and rows [n0, n1): gates = G + h_{t-1} W_hh^T,
- * then the epilogue.  K is cut in chunks of FL_KC (the panel slice stays in
+ * then the epilogue.  K is cut in chunks of fl_kc (the panel slice stays in
  * L1 across row tiles; partial sums accumulate in G in place) and only the
  * last chunk runs the fused LSTM kernel.  The chunking does not depend on
  * the rows, so every thread split gives bitwise the same sums. */
@@ -82,26 +121,26 @@ static inline void FN(step_block_)(const KERNELS_T *kr, int K, const REAL *A, pt
                                    int n0, int n1, int nvalid, const fl_epi *epi,
                                    const REAL *pf)
 {
-    const int rmax = kr->rmax;
+    const int rmax = kr->rmax, kc = FN(kc_)();
     int klast = 0;
     /* pf: the panel of the next block, prefetched into L2 slice by slice
      * between tile calls (compute-bound steps only: see the caller). */
     const int ntile = (n1 - n0 + rmax - 1) / rmax;
-    const int parts = ntile * ((A && K > FL_KC) ? (K - 1) / FL_KC + 1 : 1);
+    const int parts = ntile * ((A && K > kc) ? (K - 1) / kc + 1 : 1);
     const size_t pf_bytes = (size_t)K * FL_PW * sizeof(REAL);
     int part = 0;
-    if (A && K > FL_KC) { /* also with one tile: sums must not depend on the tiling */
-        klast = (K - 1) / FL_KC * FL_KC;
-        for (int k0 = 0; k0 < klast; k0 += FL_KC)
-            for (int n = n0; n < n1; n += rmax) {
-                int R = FN(imin_)(rmax, n1 - n);
+    if (A && K > kc) { /* also with one tile: sums must not depend on the tiling */
+        klast = (K - 1) / kc * kc;
+        for (int k0 = 0; k0 < klast; k0 += kc)
+            for (int n = n0, i = 0, R; n < n1; n += R, i++) {
+                R = FN(tile_rows_)(n1 - n0, ntile, i);
                 if (pf) fl_prefetch_l2_slice(pf, pf_bytes, part++, parts);
-                kr->gemm(R, FL_KC, A + n * lda + k0, lda, panel + (size_t)k0 * FL_PW,
+                kr->gemm(R, kc, A + n * lda + k0, lda, panel + (size_t)k0 * FL_PW,
                          Gj + n * ldg, ldg, Gj + n * ldg, ldg, FL_PW);
             }
     }
-    for (int n = n0; n < n1; n += rmax) {
-        int R = FN(imin_)(rmax, n1 - n);
+    for (int n = n0, i = 0, R; n < n1; n += R, i++) {
+        R = FN(tile_rows_)(n1 - n0, ntile, i);
         if (pf) fl_prefetch_l2_slice(pf, pf_bytes, part++, parts);
         kr->lstm(R, K - klast, A ? A + n * lda + klast : NULL, lda, panel + (size_t)klast * FL_PW,
                  Gj + n * ldg, ldg, c + n * ldc, ldc, h + n * ldh, ldh, nvalid, epi);
@@ -282,7 +321,7 @@ static void FN(thread_)(void *arg, int tid, int nt)
                          * K chunk on L3 latency).  Measured: ~1.5% at batch 32-64,
                          * hidden 512; a loss at batch 8, hence the threshold. */
                         const REAL *pf = NULL;
-                        if (r1 - n0 >= 4 * rmax && jj + 1 < j1) {
+                        if (fl_pf_panel && r1 - n0 >= 4 * rmax && jj + 1 < j1) {
                             int jn = (s & 1) ? j0 + j1 - 2 - jj : jj + 1;
                             pf = whh + (size_t)jn * Hout * FL_PW;
                         }

@@ -43,10 +43,15 @@
  * < 2^31, so the int32 sums are exact). */
 #define FL_HQ_MAX 32767
 #define FL_I8_KC 256
-#ifndef FL_KC
-#define FL_KC 128
-#endif
-//           /* K chunk: a 32 KB panel slice stays in L1 */
+/* K chunk of the recurrent and input GEMMs: a panel slice of fl_kc x 64
+ * floats must stay in L1 while every row tile of the step streams over it.
+ * Chosen once for the CPU (fl_kc_default in engine.c); a multiple of 16.  Sums accumulate sequentially through the
+ * chunks (partial sums are stored and reloaded, never re-associated), so
+ * the value never changes results. */
+extern int fl_kc;
+/* Prefetch the next W_hh panel into L2 in compute-bound steps (see
+ * fl_tune_default in engine.c). */
+extern int fl_pf_panel;
 
 /* What the epilogue of the recurrent kernel needs besides the GEMM. */
 typedef struct {

@@ -49,6 +49,7 @@ cdef extern from "fastlstm.h" nogil:
     int fl_isa_set(int isa)
     const char *fl_isa_name(int isa)
     int fl_int8_vnni_set(int on)
+    int fl_tune_set(int knob, int value)
     int fl_num_threads_get()
     void fl_num_threads_set(int n)
     int fl_num_cpus()
@@ -74,6 +75,20 @@ def int8_vnni_set(int on):
     forces vpmaddwd + vpaddd (same results), -1 only asks.  Returns whether
     VNNI is used."""
     return bool(fl_int8_vnni_set(on))
+
+
+_TUNE_KNOBS = {"kc": 0, "prefetch": 1}
+
+
+def tune(str knob, int value=-1):
+    """Cache-tuning knobs chosen for this CPU at import (csrc/engine.c,
+    fl_tune_default); results never depend on them.  "kc": the GEMMs' K chunk
+    in floats; "prefetch": 1/0, the next W_hh panel prefetched into L2 during
+    compute-bound steps.  value < 0 only asks; returns the value now used.
+    For benchmarks and tests: do not change them while calls run."""
+    if knob not in _TUNE_KNOBS:
+        raise ValueError(f"knob must be one of {sorted(_TUNE_KNOBS)}, got {knob!r}")
+    return fl_tune_set(_TUNE_KNOBS[knob], value)
 
 
 def num_threads_get():

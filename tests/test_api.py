@@ -222,3 +222,41 @@ def test_num_threads():
     with pytest.raises(ValueError, match="num_threads"):
         m(np.zeros((2, 1, 3), np.float32), num_threads=0)
     fastlstm.set_num_threads(prev)
+
+
+@pytest.mark.parametrize("isa", fastlstm.cpu_info()["isas_available"])
+def test_cache_tuning_never_changes_results(isa):
+    # The K chunk and the panel prefetch are chosen per CPU (csrc/engine.c,
+    # fl_tune_default); row tiles are balanced (batch 8 -> 4 + 4) and the
+    # input GEMM tiles time steps x batch as one matrix.  None of it may
+    # change a bit: every sum is one sequential chain per output.
+    from fastlstm import _engine
+    from tolerances import assert_lstm_close
+    kc0, pf0 = _engine.tune("kc"), _engine.tune("prefetch")
+    prev = fastlstm.cpu_info()["isa"]
+    try:
+        fastlstm.set_isa(isa)
+        rng = np.random.default_rng(5)
+        # K = 300 and 200: several chunks for small kc, an uneven last chunk
+        m = fastlstm.LSTM(300, 200, num_layers=2, seed=3)
+        for N in (1, 7, 8, 13, 32):
+            x = rng.standard_normal((9, N, 300)).astype(np.float32)
+            lengths = rng.integers(0, 10, N)
+            ref = None
+            for kc in (16, 48, 128, 512, 4096):
+                for pf in (0, 1):
+                    _engine.tune("kc", kc)
+                    _engine.tune("prefetch", pf)
+                    got = m(x, lengths=lengths, num_threads=2)
+                    if ref is None:
+                        ref = got
+                        assert_lstm_close(m(x), m.reference(x), np.float32, f"N={N}")
+                    else:
+                        assert np.array_equal(got[0], ref[0]), (N, kc, pf)
+                        assert np.array_equal(got[1][0], ref[1][0]) and np.array_equal(got[1][1], ref[1][1])
+        with pytest.raises(ValueError, match="knob"):
+            _engine.tune("blocking")
+    finally:
+        _engine.tune("kc", kc0)
+        _engine.tune("prefetch", pf0)
+        fastlstm.set_isa(prev)

@@ -122,6 +122,15 @@ const char *fl_isa_name(int isa);
  * CPU has it, else vpmaddwd + vpaddd (bitwise the same results).  on < 0
  * only queries.  Returns whether VNNI is used. */
 int fl_int8_vnni_set(int on);
+/* Cache tuning, chosen at first use for the CPU (engine.c, fl_tune_default);
+ * results never depend on it.  FL_TUNE_KC: the K chunk of the GEMMs in
+ * floats (set: rounded down to a multiple of 16, at least 16).
+ * FL_TUNE_PREFETCH: 1 prefetches the next block's W_hh panel into L2 during
+ * compute-bound steps, 0 leaves it to the hardware.  value < 0 (KC: <= 0)
+ * only asks.  Returns the value now used, -1 for an unknown knob.  For
+ * benchmarks and tests; not while calls run. */
+enum fl_tune { FL_TUNE_KC = 0, FL_TUNE_PREFETCH = 1 };
+int fl_tune_set(int knob, int value);
 
 /* Threads. */
 int fl_num_threads_get(void);
