@@ -27,6 +27,7 @@ SOURCES = [
     "csrc/kernels/avx2.c",
     "csrc/kernels/avx512.c",
     "csrc/generate.c",
+    "csrc/peak.c",
 ]
 
 debug = os.environ.get("FASTLSTM_DEBUG") == "1"

@@ -42,9 +42,20 @@ SHORT = {"fastlstm": "fastlstm", "torch": "torch", "onnxruntime": "ORT", "openvi
 
 # Max abs difference a peer's output may have from fastlstm's.
 TOLERANCE = 1e-4
-# Peak float32 FMA throughput of one core of the reference machine
-# (AVX-512, two FMA units), GFLOP/s; see shared/reference/PEERS.md.
-PEAK_GFLOPS_PER_CORE = 145.0
+_PEAK = []
+
+
+def peak_gflops_per_core():
+    """Float32 FMA peak of one core of *this* machine, GFLOP/s, measured once
+    per process (fastlstm._engine.fma_peak_gflops: register-only FMA chains on
+    fastlstm's active ISA path, best of 5).  Measured rather than assumed:
+    the machines this runs on differ (a Sapphire Rapids-class Xeon reached
+    ~145, an AMD Zen 4 EPYC ~115, where AVX-512 and AVX2 have the same FMA
+    width)."""
+    if not _PEAK:
+        from fastlstm import _engine
+        _PEAK.append(_engine.fma_peak_gflops(0.5))
+    return _PEAK[0]
 
 
 @dataclass(frozen=True)
@@ -165,7 +176,7 @@ def machine_info():
         "machine": platform.machine(),
         "python": sys.version.split()[0],
         "os_cpu_count": os.cpu_count(),
-        "peak_gflops_per_core": PEAK_GFLOPS_PER_CORE,
+        "peak_gflops_per_core": peak_gflops_per_core(),
     }
     try:
         info["affinity_cpus"] = len(os.sched_getaffinity(0))

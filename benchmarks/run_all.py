@@ -124,7 +124,7 @@ def derive(cfg, threads, eng):
         out["speedup_vs_best_peer"] = peer_ms[best] / f_ms
     gflops = cfg.flops() / (f_ms * 1e-3) / 1e9
     out["fastlstm_gflops"] = gflops
-    out["fastlstm_peak_fraction"] = gflops / (peers.PEAK_GFLOPS_PER_CORE * threads)
+    out["fastlstm_peak_fraction"] = gflops / (peers.peak_gflops_per_core() * threads)
     if cfg.batch == 1:
         out["fastlstm_weights_gbps"] = cfg.weight_bytes_read() / (f_ms * 1e-3) / 1e9
     return out
@@ -296,6 +296,7 @@ def main(argv=None):
     print(f"fastlstm {vers['fastlstm']} ({machine.get('fastlstm_cpu_info')})")
     print(f"peers: " + ", ".join(f"{e} {vers[e]}" for e in PEERS if e in args.engine_list))
     print(f"CPU: {machine.get('cpu_model', '?')}, {ncpu} CPUs, load {machine.get('loadavg')}")
+    print(f"measured FMA peak: {machine['peak_gflops_per_core']:.1f} GFLOP/s per core")
     load = machine.get("loadavg", [0.0])[0]
     if load > 0.5:
         print(f"warning: load average {load:.2f} before start: other work is running; "
@@ -350,7 +351,7 @@ def main(argv=None):
                                 f"{met['speedup_vs_best_peer']:.2f}x")
                 line.append(f"fastlstm {met['fastlstm_gflops']:.1f} GFLOP/s = "
                             f"{100 * met['fastlstm_peak_fraction']:.1f}% of "
-                            f"{peers.PEAK_GFLOPS_PER_CORE * n:.0f} GFLOP/s peak")
+                            f"{peers.peak_gflops_per_core() * n:.0f} GFLOP/s peak")
                 if met["fastlstm_weights_gbps"] is not None:
                     line.append(f"weights read {met['fastlstm_weights_gbps']:.1f} GB/s")
                 print("   " + " | ".join(line) + f"   [{time.time() - t_cfg:.1f} s]\n")

@@ -33,7 +33,10 @@ def cpu_info():
     at every step for a descheduled thread is slower than one thread alone)
     and ``int8_dot``: the instruction the active path computes int8-weight x
     int16-state dot products with ("vpdpwssd" with AVX512_VNNI, "vpmaddwd" on
-    AVX-512 without it and on AVX2, "c" on the portable path).
+    AVX-512 without it and on AVX2, "c" on the portable path), ``tuning``: the
+    cache-blocking choices made for this CPU at import (``kc``: the GEMMs'
+    K chunk; ``prefetch``: whether compute-bound steps prefetch the next
+    W_hh panel), which never change results.
     """
     best = _engine.isa_detected()
     active = _engine.isa_active()
@@ -49,6 +52,7 @@ def cpu_info():
         "num_cpus": _engine.num_cpus(),
         "num_threads": _engine.num_threads_get(),
         "congested_calls": _engine.congested_calls(),
+        "tuning": {"kc": _engine.tune("kc"), "prefetch": _engine.tune("prefetch")},
     }
 
 

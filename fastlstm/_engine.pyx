@@ -50,6 +50,7 @@ cdef extern from "fastlstm.h" nogil:
     const char *fl_isa_name(int isa)
     int fl_int8_vnni_set(int on)
     int fl_tune_set(int knob, int value)
+    double fl_fma_peak_gflops(double seconds) nogil
     int fl_num_threads_get()
     void fl_num_threads_set(int n)
     int fl_num_cpus()
@@ -75,6 +76,16 @@ def int8_vnni_set(int on):
     forces vpmaddwd + vpaddd (same results), -1 only asks.  Returns whether
     VNNI is used."""
     return bool(fl_int8_vnni_set(on))
+
+
+def fma_peak_gflops(double seconds=0.2):
+    """Measured float32 FMA throughput of one core on the active ISA path,
+    GFLOP/s (best of 5 runs; ~`seconds` in all).  The benchmarks' "fraction
+    of peak" divides by it."""
+    cdef double g
+    with nogil:
+        g = fl_fma_peak_gflops(seconds)
+    return g
 
 
 _TUNE_KNOBS = {"kc": 0, "prefetch": 1}

@@ -132,6 +132,10 @@ int fl_int8_vnni_set(int on);
 enum fl_tune { FL_TUNE_KC = 0, FL_TUNE_PREFETCH = 1 };
 int fl_tune_set(int knob, int value);
 
+/* Measured float32 FMA throughput of one core on the active ISA path, in
+ * GFLOP/s (best of 5 runs, ~seconds in all): for benchmarks' peak fraction. */
+double fl_fma_peak_gflops(double seconds);
+
 /* Threads. */
 int fl_num_threads_get(void);
 void fl_num_threads_set(int n); /* n <= 0: default (online CPUs) */
