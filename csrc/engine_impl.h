@@ -382,9 +382,11 @@ static size_t FN(plan_)(fl_cell *const *cells, int L, int D, int T, int N, int *
 {
     const fl_cell *c = cells[0];
     size_t row = (size_t)c->nb * FL_PW * sizeof(REAL) * (size_t)(N > 0 ? N : 1);
-    /* G chunk: about 1 MB, so the step reads its gate inputs from L2, but at
-     * least ~48 rows so the input GEMM keeps its panels busy. */
-    size_t tc = (size_t)(1u << 20) / row;
+    /* G chunk: about fl_gchunk bytes (1 MB or 512 KB by CPU), so the steps
+     * read their gate inputs from L2, but at least ~48 rows so the input
+     * GEMM keeps its panels busy. */
+    fl_tune_set(FL_TUNE_KC, 0); /* first use: the per-CPU choices */
+    size_t tc = fl_gchunk / row;
     size_t tmin = (size_t)(48 + (N > 0 ? N : 1) - 1) / (size_t)(N > 0 ? N : 1);
     if (tc < tmin) tc = tmin;
     if ((size_t)T < tc) tc = (size_t)(T > 0 ? T : 1);

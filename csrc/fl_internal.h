@@ -52,6 +52,8 @@ extern int fl_kc;
 /* Prefetch the next W_hh panel into L2 in compute-bound steps (see
  * fl_tune_default in engine.c). */
 extern int fl_pf_panel;
+/* Bytes of G (input projection) per time-step chunk; fixed at first use. */
+extern size_t fl_gchunk;
 
 /* What the epilogue of the recurrent kernel needs besides the GEMM. */
 typedef struct {

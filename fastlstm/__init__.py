@@ -36,7 +36,8 @@ def cpu_info():
     AVX-512 without it and on AVX2, "c" on the portable path), ``tuning``: the
     cache-blocking choices made for this CPU at import (``kc``: the GEMMs'
     K chunk; ``prefetch``: whether compute-bound steps prefetch the next
-    W_hh panel), which never change results.
+    W_hh panel; ``gchunk``: bytes of input projection computed ahead of the
+    steps), which never change results.
     """
     best = _engine.isa_detected()
     active = _engine.isa_active()
@@ -52,7 +53,7 @@ def cpu_info():
         "num_cpus": _engine.num_cpus(),
         "num_threads": _engine.num_threads_get(),
         "congested_calls": _engine.congested_calls(),
-        "tuning": {"kc": _engine.tune("kc"), "prefetch": _engine.tune("prefetch")},
+        "tuning": {k: _engine.tune(k) for k in ("kc", "prefetch", "gchunk")},
     }
 
 

@@ -88,14 +88,16 @@ def fma_peak_gflops(double seconds=0.2):
     return g
 
 
-_TUNE_KNOBS = {"kc": 0, "prefetch": 1}
+_TUNE_KNOBS = {"kc": 0, "prefetch": 1, "gchunk": 2}
 
 
 def tune(str knob, int value=-1):
     """Cache-tuning knobs chosen for this CPU at import (csrc/engine.c,
     fl_tune_default); results never depend on them.  "kc": the GEMMs' K chunk
     in floats; "prefetch": 1/0, the next W_hh panel prefetched into L2 during
-    compute-bound steps.  value < 0 only asks; returns the value now used.
+    compute-bound steps; "gchunk" (read-only, it sizes workspaces): bytes of
+    input projection computed ahead of the steps.  value < 0 only asks;
+    returns the value now used.
     For benchmarks and tests: do not change them while calls run."""
     if knob not in _TUNE_KNOBS:
         raise ValueError(f"knob must be one of {sorted(_TUNE_KNOBS)}, got {knob!r}")

@@ -126,10 +126,11 @@ int fl_int8_vnni_set(int on);
  * results never depend on it.  FL_TUNE_KC: the K chunk of the GEMMs in
  * floats (set: rounded down to a multiple of 16, at least 16).
  * FL_TUNE_PREFETCH: 1 prefetches the next block's W_hh panel into L2 during
- * compute-bound steps, 0 leaves it to the hardware.  value < 0 (KC: <= 0)
- * only asks.  Returns the value now used, -1 for an unknown knob.  For
+ * compute-bound steps, 0 leaves it to the hardware.  FL_TUNE_GCHUNK
+ * (read-only): bytes of input projection computed ahead of the steps.
+ * value < 0 (KC: <= 0) only asks.  Returns the value now used, -1 for an unknown knob.  For
  * benchmarks and tests; not while calls run. */
-enum fl_tune { FL_TUNE_KC = 0, FL_TUNE_PREFETCH = 1 };
+enum fl_tune { FL_TUNE_KC = 0, FL_TUNE_PREFETCH = 1, FL_TUNE_GCHUNK = 2 };
 int fl_tune_set(int knob, int value);
 
 /* Measured float32 FMA throughput of one core on the active ISA path, in
