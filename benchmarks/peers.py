@@ -480,8 +480,9 @@ def result_header(argv=None):
 
 def note_load_end(machine):
     """Record the load average at the end of a run in ``machine`` (where the OS has one),
-    and how many fastlstm calls found a worker descheduled mid-call (the pool then ran
-    calls alone for ~10 ms: cpu_info()["congested_calls"]); printed when nonzero."""
+    and how many fastlstm calls lost over a third of their time to a descheduled
+    worker (the pool then ran calls alone for ~10 ms: cpu_info()["congested_calls"]);
+    printed when nonzero."""
     try:
         machine["loadavg_end"] = list(os.getloadavg())
     except OSError:
@@ -493,5 +494,6 @@ def note_load_end(machine):
         return
     machine["fastlstm_congested_calls"] = n
     if n:
-        print(f"note: {n} fastlstm call(s) found a worker thread descheduled by other load "
-              "and ran the next ~10 ms of calls on one thread", file=sys.stderr)
+        print(f"note: {n} fastlstm call(s) lost over a third of their time to a worker "
+              "thread descheduled by other load; the next ~10 ms of calls ran on one thread",
+              file=sys.stderr)

@@ -28,9 +28,10 @@ def cpu_info():
     Returns a dict: ``isa`` (active path), ``isa_detected`` (best path this CPU,
     OS and build support), ``isas_available`` (every path that can be forced
     here), ``num_cpus``, ``num_threads``, ``congested_calls`` (how many
-    multi-threaded calls found a worker descheduled mid-call by other busy
-    processes; after each, calls run on one thread for ~10 ms, since waiting
-    at every step for a descheduled thread is slower than one thread alone)
+    multi-threaded calls spent over a third of their time waiting for a worker
+    descheduled by other busy processes; after each, calls run on one thread
+    for ~10 ms, since waiting at every step for a descheduled thread is slower
+    than one thread alone)
     and ``int8_dot``: the instruction the active path computes int8-weight x
     int16-state dot products with ("vpdpwssd" with AVX512_VNNI, "vpmaddwd" on
     AVX-512 without it and on AVX2, "c" on the portable path), ``tuning``: the

@@ -141,9 +141,10 @@ double fl_fma_peak_gflops(double seconds);
 int fl_num_threads_get(void);
 void fl_num_threads_set(int n); /* n <= 0: default (online CPUs) */
 int fl_num_cpus(void);
-/* Calls after which the pool found a partner thread descheduled mid-call
- * (a wait of over 0.5 ms at a barrier between steps) and ran the next ~10 ms of calls on
- * the calling thread alone.  Diagnostics only; results never depend on it. */
+/* Calls that spent over a third of their time waiting for a partner thread
+ * descheduled mid-call (waits of over 0.5 ms at barriers between steps), after
+ * which the pool ran the next ~10 ms of calls on the calling thread alone.
+ * Diagnostics only; results never depend on it. */
 unsigned fl_pool_congested_calls(void);
 
 #ifdef __cplusplus
