@@ -381,7 +381,7 @@ int fl_cell_set_whh_reduced(fl_cell *cell, int wtype, const void *w, const float
                 size_t row = (size_t)g * H + u;
                 for (int k = 0; k < Hout; k++) {
                     if (es == 1) { /* k-pair interleaved (fl_internal.h) */
-                        size_t dst = (size_t)j * Kp * FL_PW + (size_t)(k / 2) * 2 * FL_PW + FL_I8_POS(col, k % 2);
+                        size_t dst = (size_t)j * Kp * FL_PW + (size_t)(k / 2) * 2 * FL_PW + 2 * col + k % 2;
                         ((int8_t *)cell->whhq)[dst] = ((const int8_t *)w)[row * Hout + k];
                     } else { /* bfloat16: columns interleaved (fl_internal.h) */
                         size_t dst = ((size_t)j * Hout + k) * FL_PW +

@@ -13,16 +13,9 @@
  *
  * int8 W_hh (FL_W_I8) is packed k-pair interleaved for integer dot products:
  * with Kp = K rounded up to even (the pad row is zero),
- *     panel_j[(k/2)*128 + FL_I8_POS(col, k%2)] = q[row(col)][k]      (int8)
- *     FL_I8_POS(col, e) = 64*(col/32) + 4*(col%16) + 2*e + (col%32)/16
- * so, read as 16-bit words, 64 bytes hold columns c (low bytes) and c + 16
- * (high bytes) of a 32-column half, each word pair (k, k+1) of one column:
- * an arithmetic shift right by 8 sign-extends the high bytes in place, a
- * shift left by 8 first does the low ones -- the int16 pairs that one
- * vpdpwssd / vpmaddwd lane multiplies with (q_h[k], q_h[k+1]).  (In-lane
- * shifts instead of vpmovsxbw's cross-lane widening: a loop of widening +
- * vpdpwssd alone ran 0.8 instead of 1.5 cycles per 32 weights on Zen 4; the
- * one-row kernel stays at ~1.6, bound by its accumulator chains.)
+ *     panel_j[(k/2)*128 + col*2 + k%2] = q[row(col)][k]      (int8)
+ * so 32 bytes hold 16 columns x 2 k, which widen (vpmovsxbw) to the 16 int16
+ * pairs that one vpdpwssd / vpmaddwd lane multiplies with (q_h[k], q_h[k+1]).
  * bfloat16 W_hh (FL_W_BF16) keeps the panel rows but interleaves the columns
  * of each 32-column half-row:
  *     panel_j[k*64 + 32*(col/32) + 2*(col%16) + (col%32)/16] = w[row(col)][k]
@@ -34,7 +27,6 @@
 #ifndef FL_INTERNAL_H
 #define FL_INTERNAL_H
 
-#define FL_I8_POS(col, e) (64 * ((col) / 32) + 4 * ((col) % 16) + 2 * (e) + ((col) % 32) / 16)
 #define FL_BF16_POS(col) (32 * ((col) / 32) + 2 * ((col) % 16) + ((col) % 32) / 16)
 
 #include <stddef.h>

@@ -226,16 +226,9 @@ static void lstmi8_avx2(int R, int K, const int16_t *Q, ptrdiff_t ldq, const flo
                 for (int p = p0; p < p1; p++) {
                     const int8_t *w = panel + (size_t)p * 2 * FL_PW;
                     const __m256i b = _mm256_set1_epi32(ld_pair(qr + 2 * p));
-                    /* 32 bytes at 64*half + 32*s: low bytes are columns
-                     * 32*half + 8s + 0..7, high bytes 16 further (FL_I8_POS) */
-                    for (int half = 0; half < 2; half++)
-                        for (int s = 0; s < 2; s++) {
-                            const __m256i x = _mm256_load_si256((const __m256i *)(w + 64 * half + 32 * s));
-                            const __m256i lo = _mm256_srai_epi16(_mm256_slli_epi16(x, 8), 8);
-                            const __m256i hi = _mm256_srai_epi16(x, 8);
-                            acc[4 * half + s] = _mm256_add_epi32(acc[4 * half + s], _mm256_madd_epi16(lo, b));
-                            acc[4 * half + 2 + s] = _mm256_add_epi32(acc[4 * half + 2 + s], _mm256_madd_epi16(hi, b));
-                        }
+                    for (int q = 0; q < 8; q++)
+                        acc[q] = _mm256_add_epi32(acc[q], _mm256_madd_epi16(
+                            _mm256_cvtepi8_epi16(_mm_load_si128((const __m128i *)(w + 16 * q))), b));
                 }
                 for (int q = 0; q < 8; q++)
                     _mm256_store_ps(sums + 8 * q, _mm256_add_ps(_mm256_load_ps(sums + 8 * q),

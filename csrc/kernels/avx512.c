@@ -317,9 +317,9 @@ static void lstmq2_avx512(int wtype, int K, const float *A, const void *panel, c
     else lstmq2_r(FL_W_BF16, K, A, panel, G, c, h, nvalid2, epi);
 }
 
-/* int8 W_hh times int16 h (fl_lstmi8_f32).  Per k pair, 64 bytes of the
- * panel are 32 columns x 2 k: two shifts give two groups of 16 int16 pairs
- * (i8_w_), and one vpdpwssd (or vpmaddwd + vpaddd) adds w[k][col] q[k] + w[k+1][col] q[k+1]
+/* int8 W_hh times int16 h (fl_lstmi8_f32).  Per k pair, 32 bytes of the
+ * panel are 16 columns x 2 k: vpmovsxbw widens them to 16 int16 pairs, and
+ * one vpdpwssd (or vpmaddwd + vpaddd) adds w[k][col] q[k] + w[k+1][col] q[k+1]
  * to each column's int32 sum, against the pair (q[k], q[k+1]) broadcast.
  * Integer sums are exact, so their order is free: at R = 1 two sets of 4
  * accumulators take alternate pairs (8 independent chains). */
@@ -330,16 +330,7 @@ AI int32_t ld_pair(const int16_t *q)
     return v;
 }
 
-/* The q-th group of 16 columns' int16 pairs from the k-pair panel at w
- * (q = 0..3; 4..7 are the next k pair's): 64 bytes hold columns 32h..32h+15
- * in their low bytes and 32h+16.. in their high bytes (FL_I8_POS). */
-AI __m512i i8_w_(const int8_t *w, int q)
-{
-    __m512i x = _mm512_load_si512((const void *)(w + 128 * (q / 4) + 64 * ((q % 4) / 2)));
-    if (!(q & 1)) x = _mm512_slli_epi16(x, 8);
-    return _mm512_srai_epi16(x, 8);
-}
-#define I8_W(w, q) i8_w_((w), (q))
+#define I8_W(w, q) _mm512_cvtepi8_epi16(_mm256_load_si256((const __m256i *)((w) + 32 * (q))))
 /* vpdpwssd through inline asm: with the intrinsic, GCC 12 copies every
  * accumulator to another register (and to the stack) around each use. */
 AI __m512i dot_vnni(__m512i acc, __m512i w, __m512i b)

@@ -76,7 +76,7 @@ static void lstmi8_portable_f32(int R, int K, const int16_t *Q, ptrdiff_t ldq, c
                     const int8_t *w = panel + (size_t)p * 2 * FL_PW;
                     const int32_t q0 = q[2 * p], q1 = q[2 * p + 1];
                     for (int col = 0; col < FL_PW; col++)
-                        acc[col] += (int32_t)w[FL_I8_POS(col, 0)] * q0 + (int32_t)w[FL_I8_POS(col, 1)] * q1;
+                        acc[col] += (int32_t)w[2 * col] * q0 + (int32_t)w[2 * col + 1] * q1;
                 }
                 for (int col = 0; col < FL_PW; col++) accf[col] += (float)acc[col];
             }
