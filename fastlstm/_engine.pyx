@@ -58,6 +58,11 @@ cdef extern from "fastlstm.h" nogil:
 
 ISA_NAMES = ("portable", "avx2", "avx512")
 
+# CPU detection and the per-CPU cache tuning, once, at import (single-threaded
+# under the import lock), so concurrent first calls never race on them.
+fl_isa_detected()
+fl_tune_set(0, 0)
+
 
 def isa_detected():
     return ISA_NAMES[fl_isa_detected()]
@@ -101,6 +106,8 @@ def tune(str knob, int value=-1):
     For benchmarks and tests: do not change them while calls run."""
     if knob not in _TUNE_KNOBS:
         raise ValueError(f"knob must be one of {sorted(_TUNE_KNOBS)}, got {knob!r}")
+    if knob == "gchunk" and value >= 0:
+        raise ValueError("knob 'gchunk' is read-only (it sizes workspaces already allocated)")
     return fl_tune_set(_TUNE_KNOBS[knob], value)
 
 

@@ -256,7 +256,24 @@ def test_cache_tuning_never_changes_results(isa):
                         assert np.array_equal(got[1][0], ref[1][0]) and np.array_equal(got[1][1], ref[1][1])
         with pytest.raises(ValueError, match="knob"):
             _engine.tune("blocking")
+        with pytest.raises(ValueError, match="read-only"):
+            _engine.tune("gchunk", 1 << 20)
+        assert _engine.tune("gchunk") >= 1 << 16
     finally:
         _engine.tune("kc", kc0)
         _engine.tune("prefetch", pf0)
+        fastlstm.set_isa(prev)
+
+
+def test_fma_peak_runs_on_every_isa():
+    # the benchmarks' "% of peak" divides by this measurement (no timing is
+    # asserted here: only that every path runs and returns a rate)
+    from fastlstm import _engine
+    prev = fastlstm.cpu_info()["isa"]
+    try:
+        for isa in fastlstm.cpu_info()["isas_available"]:
+            fastlstm.set_isa(isa)
+            g = _engine.fma_peak_gflops(0.02)
+            assert np.isfinite(g) and g > 0, (isa, g)
+    finally:
         fastlstm.set_isa(prev)
