@@ -40,8 +40,9 @@ void fl_aligned_free(void *p) { free(p); }
  * those steps) is sized to stay in L2 beside the panels the steps stream:
  * 1 MB of the Xeon's 2 MB; on Zen 4's 1 MB L2 512 KB ran 2-4% faster than
  * 1 MB at batch 8-64 (fewer steps per chunk).
- * So: AMD (Zen: cpuid family >= 0x17) 512 without prefetch and a 512 KB G
- * chunk, otherwise 128 with prefetch and 1 MB.  The G chunk sizes the
+ * So: AMD (Zen: cpuid family >= 0x17) 512 without prefetch and a G chunk of
+ * half the L2 (cpuid 0x80000006: 512 KB on Zen 4's 1 MB, 256 KB on Zen 2/3's
+ * 512 KB), otherwise 128 with prefetch and 1 MB.  The G chunk sizes the
  * workspace, so it is fixed at the first use and cannot be set. */
 int fl_kc = 0;
 int fl_pf_panel = 1;
@@ -58,7 +59,13 @@ static void fl_tune_default(void)
         && __get_cpuid(1, &a, &b, &c, &d)) {
         unsigned fam = (a >> 8) & 0xf;
         if (fam == 0xf) fam += (a >> 20) & 0xff;
-        if (fam >= 0x17) { kc = 512; pf = 0; gchunk = (size_t)512 << 10; }
+        if (fam >= 0x17) {
+            kc = 512;
+            pf = 0;
+            gchunk = (size_t)512 << 10;
+            if (__get_cpuid(0x80000006u, &a, &b, &c, &d) && (c >> 16) >= 256)
+                gchunk = (size_t)(c >> 16) << 9; /* L2 KB (ECX[31:16]) / 2, in bytes */
+        }
     }
 #endif
     fl_kc = kc;
