@@ -51,6 +51,17 @@ static inline int FN(tile_rows_)(int rows, int ntile, int i)
     return rows / ntile + (i < rows % ntile);
 }
 
+/* Rows of the tile starting at row n when rows [a, b) and [b, c) (those
+ * continuing from the previous step and those starting from h0) are each
+ * cut into balanced tiles (tile_rows_); n is a tile start. */
+static inline int FN(seg_tile_)(int n, int a, int b, int c, int rmax)
+{
+    if (n >= b) a = b, b = c;
+    const int rows = b - a, ntile = (rows + rmax - 1) / rmax;
+    const int base = rows / ntile, extra = rows % ntile;
+    return n - a < extra * (base + 1) ? base + 1 : base;
+}
+
 /* Rows (o, i) for o in [o0, o1), i in [0, ni): A row at A + o*a_so + i*a_si,
  * G row at G + o*g_so + i*g_si.  Blocks [j0, j1).
  * Blocking: a chunk of rows whose A slice stays in L2, and K in chunks of
@@ -278,7 +289,7 @@ static void FN(thread_)(void *arg, int tid, int nt)
                             const int8_t *pq = (const int8_t *)cell->whhq + (size_t)j * fl_whhq_rows(FL_W_I8, Hout) * FL_PW;
                             const float *sc = cell->whh_scale + (size_t)j * FL_PW;
                             for (int n = n0, R; n < r1; n += R) {
-                                R = FN(imin_)(rmax, (n < rs ? rs : r1) - n);
+                                R = FN(seg_tile_)(n, n0, rs, r1, rmax);
                                 int has = n < rs ? Aprev != NULL : h0 != NULL;
                                 kr->lstmi8(R, Hout, has ? qh + (ptrdiff_t)n * ldq : NULL, ldq, qs + n, pq, sc,
                                            Gt + n * ldg + (ptrdiff_t)j * FL_PW, ldg,
@@ -304,7 +315,7 @@ static void FN(thread_)(void *arg, int tid, int nt)
                         if (cell->wtype != FL_W_F32) {
                             const char *pq = (const char *)cell->whhq + (size_t)j * Hout * FL_PW * 2;
                             for (int n = n0, R; n < r1; n += R) {
-                                R = FN(imin_)(rmax, (n < rs ? rs : r1) - n);
+                                R = FN(seg_tile_)(n, n0, rs, r1, rmax);
                                 const REAL *An = FN(hprev_row_)(n, rs, Aprev, ysn, h0, Hout);
                                 kr->lstmq(cell->wtype, R, Hout, An, n < rs ? ysn : Hout, pq, NULL,
                                           Gt + n * ldg + (ptrdiff_t)j * FL_PW, ldg,

@@ -644,3 +644,20 @@ def test_safetensors_bf16_writer_checks():
     back = fst.load(fst.save({"a": bits}, dtypes={"a": "BF16"}))["a"]
     assert back.dtype == np.float32 and np.array_equal(back[:2], [1.0, -2.0])
     assert np.isnan(back[2])
+
+
+@pytest.mark.parametrize("prec", ("float32",) + PRECISIONS)
+def test_rows_independent_of_their_tile(isa, prec):
+    # Row tiles are balanced (8 rows: 4 + 4, 13: 5 + 4 + 4), so a row's tile
+    # depends on the batch; its result must not (one sequential chain per
+    # output, integer sums exact).  Each row alone must give the same bits.
+    rng = np.random.default_rng(11)
+    q = fastlstm.LSTM(40, 70, seed=11)
+    q = q if prec == "float32" else q.astype(prec)
+    for N in (7, 8, 13):
+        x = rng.standard_normal((6, N, 40)).astype(np.float32)
+        out, (h, c) = q(x, num_threads=1)
+        for n in range(N):
+            o1, (h1, c1) = q(x[:, n:n + 1], num_threads=1)
+            assert np.array_equal(o1[:, 0], out[:, n]), f"{prec} N={N} row {n}"
+            assert np.array_equal(h1[:, 0], h[:, n]) and np.array_equal(c1[:, 0], c[:, n])
