@@ -88,6 +88,8 @@ def fma_peak_gflops(double seconds=0.2):
     GFLOP/s (best of 5 runs; ~`seconds` in all).  The benchmarks' "fraction
     of peak" divides by it."""
     cdef double g
+    if not (0 < seconds <= 10):
+        raise ValueError(f"seconds must be in (0, 10], got {seconds!r}")
     with nogil:
         g = fl_fma_peak_gflops(seconds)
     return g

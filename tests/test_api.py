@@ -275,5 +275,8 @@ def test_fma_peak_runs_on_every_isa():
             fastlstm.set_isa(isa)
             g = _engine.fma_peak_gflops(0.02)
             assert np.isfinite(g) and g > 0, (isa, g)
+        for bad in (0, -1, 11, float("nan")):
+            with pytest.raises(ValueError, match="seconds"):
+                _engine.fma_peak_gflops(bad)
     finally:
         fastlstm.set_isa(prev)
