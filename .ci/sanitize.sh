@@ -19,10 +19,12 @@ py="${PYTHON:-python}"
 cc="${CC:-gcc}"
 
 if [ "$#" -eq 0 ]; then
-    # The core tests; the two slowest reference sweeps (over a minute under
-    # ASan, same code paths as their siblings) are left out.
+    # The core tests and the reduced-precision kernels (~1 minute); the two
+    # slowest reference sweeps (over a minute under ASan, same code paths as
+    # their siblings) are left out.
     set -- tests/test_lstm_reference.py tests/test_api.py tests/test_lengths.py \
         tests/test_robustness.py tests/test_concurrency.py tests/test_stream.py \
+        tests/test_precision.py \
         --deselect "tests/test_lstm_reference.py::test_random_large_float32[portable-3]" \
         --deselect "tests/test_lstm_reference.py::test_random_large_float64[1]"
 fi
