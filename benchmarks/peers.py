@@ -25,6 +25,7 @@ A peer that cannot be imported or built is skipped; the reason is returned.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import math
@@ -42,9 +43,7 @@ SHORT = {"fastlstm": "fastlstm", "torch": "torch", "onnxruntime": "ORT", "openvi
 
 # Max abs difference a peer's output may have from fastlstm's.
 TOLERANCE = 1e-4
-_PEAK = []
-
-
+@functools.lru_cache(maxsize=None)
 def peak_gflops_per_core():
     """Float32 FMA peak of one core of *this* machine, GFLOP/s, measured once
     per process (fastlstm._engine.fma_peak_gflops: register-only FMA chains on
@@ -52,10 +51,8 @@ def peak_gflops_per_core():
     the machines this runs on differ (a Sapphire Rapids-class Xeon reached
     ~145, an AMD Zen 4 EPYC ~115, where AVX-512 and AVX2 have the same FMA
     width)."""
-    if not _PEAK:
-        from fastlstm import _engine
-        _PEAK.append(_engine.fma_peak_gflops(0.5))
-    return _PEAK[0]
+    from fastlstm import _engine
+    return _engine.fma_peak_gflops(0.5)
 
 
 @dataclass(frozen=True)

@@ -49,8 +49,9 @@ int fl_pf_panel = 1;
 size_t fl_gchunk = (size_t)1 << 20;
 static int g_tuned = 0;
 
-static void fl_tune_default(void)
+void fl_tune_init(void)
 {
+    if (g_tuned) return;
     int kc = 128, pf = 1;
     size_t gchunk = (size_t)1 << 20;
 #if defined(FL_X86)
@@ -76,7 +77,7 @@ static void fl_tune_default(void)
 
 int fl_tune_set(int knob, int value)
 {
-    if (!g_tuned) fl_tune_default();
+    fl_tune_init();
     switch (knob) {
     case FL_TUNE_KC:
         if (value > 0) fl_kc = value < 16 ? 16 : value / 16 * 16;
@@ -130,7 +131,7 @@ int fl_isa_detected(void)
     }
 #endif
     g_isa_detected = isa;
-    if (!g_tuned) fl_tune_default();
+    fl_tune_init();
     return isa;
 }
 

@@ -28,38 +28,27 @@ typedef struct {
     char *q;          /* int8 W_hh: qcopies copies of h_{t-1} (fl_hq_copy_bytes) */
     size_t qcopy, qscale_off; /* bytes per copy; offset of its scales */
     int ldq, qcopies;
+    int kc;           /* K chunk of the GEMMs for this REAL, read once per call */
     int row_split[FL_MAX_THREADS + 1];
 } FN(ctx_);
 
 static inline int FN(imin_)(int a, int b) { return a < b ? a : b; }
 
-/* K chunk for this REAL: fl_kc is in floats (a double panel row is twice
- * the bytes).  At least 16. */
-static inline int FN(kc_)(void)
+/* Rows of the tile that starts `off` rows into a run of `rows` rows cut into
+ * ceil(rows / rmax) tiles as evenly as possible (8 rows: 4 + 4, not 6 + 2;
+ * the kernels run 4-6 rows at ~the same speed, 2 rows ~15% slower); `off`
+ * is a tile start.  A row's sums never depend on its tile. */
+static inline int FN(tile_at_)(int rows, int rmax, int off)
 {
-    int kc = fl_kc > 0 ? fl_kc : fl_tune_set(FL_TUNE_KC, 0);
-    kc = kc * (int)sizeof(float) / (int)sizeof(REAL);
-    return kc < 16 ? 16 : kc;
+    const int ntile = (rows + rmax - 1) / rmax, base = rows / ntile, extra = rows % ntile;
+    return off < extra * (base + 1) ? base + 1 : base;
 }
 
-/* Rows of tile i when `rows` rows are cut into ntile = ceil(rows / rmax)
- * tiles as evenly as possible (8 rows: 4 + 4, not 6 + 2; the kernels run
- * 4-6 rows at ~the same speed, 2 rows ~15% slower).  A row's sums never
- * depend on its tile. */
-static inline int FN(tile_rows_)(int rows, int ntile, int i)
-{
-    return rows / ntile + (i < rows % ntile);
-}
-
-/* Rows of the tile starting at row n when rows [a, b) and [b, c) (those
- * continuing from the previous step and those starting from h0) are each
- * cut into balanced tiles (tile_rows_); n is a tile start. */
+/* The same for the tile starting at row n when rows [a, b) (continuing from
+ * the previous step) and [b, c) (starting from h0) are tiled apart. */
 static inline int FN(seg_tile_)(int n, int a, int b, int c, int rmax)
 {
-    if (n >= b) a = b, b = c;
-    const int rows = b - a, ntile = (rows + rmax - 1) / rmax;
-    const int base = rows / ntile, extra = rows % ntile;
-    return n - a < extra * (base + 1) ? base + 1 : base;
+    return n < b ? FN(tile_at_)(b - a, rmax, n - a) : FN(tile_at_)(c - b, rmax, n - b);
 }
 
 /* Rows (o, i) for o in [o0, o1), i in [0, ni): A row at A + o*a_so + i*a_si,
@@ -71,12 +60,12 @@ static inline int FN(seg_tile_)(int n, int a, int b, int c, int rmax)
  * whole batches) they are tiled as one, so every tile but the last has rmax
  * rows (batch 8 would otherwise run tiles of 6 + 2 at every time step).
  * A row's sum never depends on its tile, so the results do not either. */
-static void FN(input_gemm_)(const fl_cell *cell, const REAL *A, ptrdiff_t a_so, ptrdiff_t a_si,
+static void FN(input_gemm_)(const fl_cell *cell, int kc_, const REAL *A, ptrdiff_t a_so, ptrdiff_t a_si,
                             REAL *G, ptrdiff_t g_so, ptrdiff_t g_si,
                             int o0, int o1, int ni, int j0, int j1)
 {
     const KERNELS_T *kr = KERNELS;
-    const int K = cell->in, rmax = kr->rmax, kc_ = FN(kc_)();
+    const int K = cell->in, rmax = kr->rmax;
     const REAL *wih = (const REAL *)cell->wih, *bias = (const REAL *)cell->bias;
     if (o1 - o0 > 1 && a_so == (ptrdiff_t)ni * a_si && g_so == (ptrdiff_t)ni * g_si
         && (long)(o1 - o0) * ni <= 0x7fffffffL) {
@@ -98,7 +87,6 @@ static void FN(input_gemm_)(const fl_cell *cell, const REAL *A, ptrdiff_t a_so, 
         int c1 = FN(imin_)(o1, c0 + oc);
         for (int i0 = 0; i0 < ni; i0 += ic) {
             int i1 = FN(imin_)(ni, i0 + ic);
-            const int ntile = (i1 - i0 + rmax - 1) / rmax;
             for (int j = j0; j < j1; j++) {
                 const REAL *panel = wih + (size_t)j * K * FL_PW;
                 const REAL *bj = bias + (size_t)j * FL_PW;
@@ -106,8 +94,8 @@ static void FN(input_gemm_)(const fl_cell *cell, const REAL *A, ptrdiff_t a_so, 
                 do {
                     int kc = FN(imin_)(kc_, K - k0);
                     for (int o = c0; o < c1; o++) {
-                        for (int i = i0, it = 0, R; i < i1; i += R, it++) {
-                            R = FN(tile_rows_)(i1 - i0, ntile, it);
+                        for (int i = i0, R; i < i1; i += R) {
+                            R = FN(tile_at_)(i1 - i0, rmax, i - i0);
                             REAL *g = G + o * g_so + i * g_si + (ptrdiff_t)j * FL_PW;
                             kr->gemm(R, kc, A + o * a_so + i * a_si + k0, a_si,
                                      panel + (size_t)k0 * FL_PW, k0 ? g : bj, k0 ? g_si : 0,
@@ -126,13 +114,13 @@ static void FN(input_gemm_)(const fl_cell *cell, const REAL *A, ptrdiff_t a_so, 
  * L1 across row tiles; partial sums accumulate in G in place) and only the
  * last chunk runs the fused LSTM kernel.  The chunking does not depend on
  * the rows, so every thread split gives bitwise the same sums. */
-static inline void FN(step_block_)(const KERNELS_T *kr, int K, const REAL *A, ptrdiff_t lda,
+static inline void FN(step_block_)(const KERNELS_T *kr, int kc, int K, const REAL *A, ptrdiff_t lda,
                                    const REAL *panel, REAL *Gj, ptrdiff_t ldg,
                                    REAL *c, ptrdiff_t ldc, REAL *h, ptrdiff_t ldh,
                                    int n0, int n1, int nvalid, const fl_epi *epi,
                                    const REAL *pf)
 {
-    const int rmax = kr->rmax, kc = FN(kc_)();
+    const int rmax = kr->rmax;
     int klast = 0;
     /* pf: the panel of the next block, prefetched into L2 slice by slice
      * between tile calls (compute-bound steps only: see the caller). */
@@ -143,15 +131,15 @@ static inline void FN(step_block_)(const KERNELS_T *kr, int K, const REAL *A, pt
     if (A && K > kc) { /* also with one tile: sums must not depend on the tiling */
         klast = (K - 1) / kc * kc;
         for (int k0 = 0; k0 < klast; k0 += kc)
-            for (int n = n0, i = 0, R; n < n1; n += R, i++) {
-                R = FN(tile_rows_)(n1 - n0, ntile, i);
+            for (int n = n0, R; n < n1; n += R) {
+                R = FN(tile_at_)(n1 - n0, rmax, n - n0);
                 if (pf) fl_prefetch_l2_slice(pf, pf_bytes, part++, parts);
                 kr->gemm(R, kc, A + n * lda + k0, lda, panel + (size_t)k0 * FL_PW,
                          Gj + n * ldg, ldg, Gj + n * ldg, ldg, FL_PW);
             }
     }
-    for (int n = n0, i = 0, R; n < n1; n += R, i++) {
-        R = FN(tile_rows_)(n1 - n0, ntile, i);
+    for (int n = n0, R; n < n1; n += R) {
+        R = FN(tile_at_)(n1 - n0, rmax, n - n0);
         if (pf) fl_prefetch_l2_slice(pf, pf_bytes, part++, parts);
         kr->lstm(R, K - klast, A ? A + n * lda + klast : NULL, lda, panel + (size_t)klast * FL_PW,
                  Gj + n * ldg, ldg, c + n * ldc, ldc, h + n * ldh, ldh, nvalid, epi);
@@ -172,7 +160,7 @@ static void FN(thread_)(void *arg, int tid, int nt)
     FN(ctx_) *cx = (FN(ctx_) *)arg;
     const fl_io *io = cx->io;
     const KERNELS_T *kr = KERNELS;
-    const int L = cx->L, D = cx->D, T = cx->T, N = cx->N, TC = cx->TC, rmax = kr->rmax;
+    const int L = cx->L, D = cx->D, T = cx->T, N = cx->N, TC = cx->TC, rmax = kr->rmax, kc = cx->kc;
     const fl_cell *c0cell = cx->cells[0];
     const int H = c0cell->H, P = c0cell->P, Hout = c0cell->Hout, nb = c0cell->nb, np = c0cell->np;
     const ptrdiff_t ldg = (ptrdiff_t)nb * FL_PW;
@@ -239,10 +227,10 @@ static void FN(thread_)(void *arg, int tid, int nt)
                     const REAL *xa = xin + (ptrdiff_t)tlo * xst + (ptrdiff_t)n0 * xsn;
                     REAL *ga = cx->G + (ptrdiff_t)n0 * ldg;
                     if (nrows >= rmax || nts == 1)
-                        FN(input_gemm_)(cell, xa, xst, xsn, ga, (ptrdiff_t)N * ldg, ldg,
+                        FN(input_gemm_)(cell, kc, xa, xst, xsn, ga, (ptrdiff_t)N * ldg, ldg,
                                         0, nts, nrows, j0, j1);
                     else
-                        FN(input_gemm_)(cell, xa, xsn, xst, ga, ldg, (ptrdiff_t)N * ldg,
+                        FN(input_gemm_)(cell, kc, xa, xsn, xst, ga, ldg, (ptrdiff_t)N * ldg,
                                         0, nrows, nts, j0, j1);
                 }
                 for (int s = s0; s < s1; s++) {
@@ -337,11 +325,11 @@ static void FN(thread_)(void *arg, int tid, int nt)
                             pf = whh + (size_t)jn * Hout * FL_PW;
                         }
                         if (rs > n0)
-                            FN(step_block_)(kr, Hout, Aprev, ysn, panel, Gt + (ptrdiff_t)j * FL_PW, ldg,
+                            FN(step_block_)(kr, kc, Hout, Aprev, ysn, panel, Gt + (ptrdiff_t)j * FL_PW, ldg,
                                             cst + j * FL_BW, H, hdst + j * FL_BW, ldh, n0, rs,
                                             nvalid, &epi, pf);
                         if (r1 > rs)
-                            FN(step_block_)(kr, Hout, h0, Hout, panel, Gt + (ptrdiff_t)j * FL_PW, ldg,
+                            FN(step_block_)(kr, kc, Hout, h0, Hout, panel, Gt + (ptrdiff_t)j * FL_PW, ldg,
                                             cst + j * FL_BW, H, hdst + j * FL_BW, ldh, rs, r1,
                                             nvalid, &epi, rs > n0 ? NULL : pf);
                     }
@@ -396,7 +384,7 @@ static size_t FN(plan_)(fl_cell *const *cells, int L, int D, int T, int N, int *
     /* G chunk: about fl_gchunk bytes (1 MB or 512 KB by CPU), so the steps
      * read their gate inputs from L2, but at least ~48 rows so the input
      * GEMM keeps its panels busy. */
-    fl_tune_set(FL_TUNE_KC, 0); /* first use: the per-CPU choices */
+    fl_tune_init(); /* plan_ runs first in every entry point */
     size_t tc = fl_gchunk / row;
     size_t tmin = (size_t)(48 + (N > 0 ? N : 1) - 1) / (size_t)(N > 0 ? N : 1);
     if (tc < tmin) tc = tmin;
@@ -439,6 +427,9 @@ static int FN(forward_)(fl_cell *const *cells, int L, int D, const fl_io *io, vo
     const fl_cell *c = cells[0];
     size_t bufsz = ((size_t)T * N * D * c->Hout * sizeof(REAL) + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN;
     cx.cells = cells; cx.L = L; cx.D = D; cx.T = T; cx.N = N; cx.io = io;
+    /* fl_kc is in floats: a double panel row is twice the bytes */
+    cx.kc = fl_kc * (int)sizeof(float) / (int)sizeof(REAL);
+    if (cx.kc < 16) cx.kc = 16;
     cx.G = (REAL *)base;
     cx.buf[0] = L > 1 ? (REAL *)(base + off_buf) : NULL;
     cx.buf[1] = L > 1 ? (REAL *)(base + off_buf + bufsz) : NULL;

@@ -43,17 +43,19 @@
  * < 2^31, so the int32 sums are exact). */
 #define FL_HQ_MAX 32767
 #define FL_I8_KC 256
-/* K chunk of the recurrent and input GEMMs: a panel slice of fl_kc x 64
- * floats must stay in L1 while every row tile of the step streams over it.
- * Chosen once for the CPU (fl_kc_default in engine.c); a multiple of 16.  Sums accumulate sequentially through the
- * chunks (partial sums are stored and reloaded, never re-associated), so
- * the value never changes results. */
+/* Cache tuning, chosen once for the CPU by fl_tune_init (engine.c; called
+ * by CPU detection and by every forward plan, idempotent):
+ * fl_kc: K chunk of the recurrent and input GEMMs in floats (a multiple of
+ *   16; each row tile streams a panel slice of fl_kc x 64 floats).  Sums
+ *   accumulate sequentially through the chunks (partial sums are stored
+ *   and reloaded, never re-associated), so the value never changes results.
+ * fl_pf_panel: prefetch the next W_hh panel into L2 in compute-bound steps.
+ * fl_gchunk: bytes of G (input projection) per time-step chunk; it sizes
+ *   workspaces, so it never changes after the first use. */
 extern int fl_kc;
-/* Prefetch the next W_hh panel into L2 in compute-bound steps (see
- * fl_tune_default in engine.c). */
 extern int fl_pf_panel;
-/* Bytes of G (input projection) per time-step chunk; fixed at first use. */
 extern size_t fl_gchunk;
+void fl_tune_init(void);
 
 /* What the epilogue of the recurrent kernel needs besides the GEMM. */
 typedef struct {

@@ -32,9 +32,9 @@ static double fl_now_(void)
     }                                                                            \
     V s = ADD(ADD(ADD(a0, a1), ADD(a2, a3)), ADD(ADD(a4, a5), ADD(a6, a7)));     \
     s = ADD(s, ADD(ADD(a8, a9), ADD(a10, a11)));                                 \
-    float out[16];                                                               \
-    memcpy(out, &s, sizeof(float));                                              \
-    return out[0];
+    float lane0;                                                                 \
+    memcpy(&lane0, &s, sizeof lane0);                                            \
+    return lane0;
 
 #if defined(FL_X86)
 __attribute__((target("avx512f"))) static float peak512_(long iters)

@@ -58,10 +58,10 @@ cdef extern from "fastlstm.h" nogil:
 
 ISA_NAMES = ("portable", "avx2", "avx512")
 
-# CPU detection and the per-CPU cache tuning, once, at import (single-threaded
-# under the import lock), so concurrent first calls never race on them.
+# CPU detection (which also chooses the per-CPU cache tuning), once, at import
+# (single-threaded under the import lock), so concurrent first calls never
+# race on it.
 fl_isa_detected()
-fl_tune_set(0, 0)
 
 
 def isa_detected():
@@ -100,7 +100,7 @@ _TUNE_KNOBS = {"kc": 0, "prefetch": 1, "gchunk": 2}
 
 def tune(str knob, int value=-1):
     """Cache-tuning knobs chosen for this CPU at import (csrc/engine.c,
-    fl_tune_default); results never depend on them.  "kc": the GEMMs' K chunk
+    fl_tune_init); results never depend on them.  "kc": the GEMMs' K chunk
     in floats; "prefetch": 1/0, the next W_hh panel prefetched into L2 during
     compute-bound steps; "gchunk" (read-only, it sizes workspaces): bytes of
     input projection computed ahead of the steps.  value < 0 only asks;

@@ -122,7 +122,7 @@ const char *fl_isa_name(int isa);
  * CPU has it, else vpmaddwd + vpaddd (bitwise the same results).  on < 0
  * only queries.  Returns whether VNNI is used. */
 int fl_int8_vnni_set(int on);
-/* Cache tuning, chosen at first use for the CPU (engine.c, fl_tune_default);
+/* Cache tuning, chosen at first use for the CPU (engine.c, fl_tune_init);
  * results never depend on it.  FL_TUNE_KC: the K chunk of the GEMMs in
  * floats (set: rounded down to a multiple of 16, at least 16).
  * FL_TUNE_PREFETCH: 1 prefetches the next block's W_hh panel into L2 during
