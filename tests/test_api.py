@@ -227,7 +227,7 @@ def test_num_threads():
 @pytest.mark.parametrize("isa", fastlstm.cpu_info()["isas_available"])
 def test_cache_tuning_never_changes_results(isa):
     # The K chunk and the panel prefetch are chosen per CPU (csrc/engine.c,
-    # fl_tune_default); row tiles are balanced (batch 8 -> 4 + 4) and the
+    # fl_tune_init); row tiles are balanced (batch 8 -> 4 + 4) and the
     # input GEMM tiles time steps x batch as one matrix.  None of it may
     # change a bit: every sum is one sequential chain per output.
     from fastlstm import _engine
