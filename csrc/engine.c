@@ -203,6 +203,18 @@ void fl_fpenv_leave(unsigned saved)
 }
 
 /* ------------------------------------------------- int16 quantization of h */
+/* The byte planes of fl_quantize_h: hi = high byte + 128 (as unsigned: the
+ * high byte xor 0x80), lo = low byte. */
+static void quantize_h_planes_(const int16_t *q, int npad)
+{
+    uint8_t *hi = (uint8_t *)(q + npad), *lo = hi + npad;
+    for (int k = 0; k < npad; k++) {
+        uint16_t u = (uint16_t)q[k];
+        hi[k] = (uint8_t)((u >> 8) ^ 0x80u);
+        lo[k] = (uint8_t)(u & 0xffu);
+    }
+}
+
 void fl_quantize_h(const float *h, int n, int npad, int16_t *q, float *hs)
 {
     float m = 0.0f;
@@ -230,6 +242,7 @@ void fl_quantize_h(const float *h, int n, int npad, int16_t *q, float *hs)
     if (bad || !(m >= FL_HQ_MIN)) {
         memset(q, 0, (size_t)npad * sizeof *q);
         *hs = bad ? NAN : 0.0f;
+        quantize_h_planes_(q, npad);
         return;
     }
     const float inv = (float)FL_HQ_MAX / m;
@@ -251,6 +264,7 @@ void fl_quantize_h(const float *h, int n, int npad, int16_t *q, float *hs)
         q[k] = (int16_t)nearbyintf(y); /* the current rounding: nearest even (fl_fpenv_enter) */
     }
     for (k = n; k < npad; k++) q[k] = 0;
+    quantize_h_planes_(q, npad);
 }
 
 /* ---------------------------------------------------------------- packing */
@@ -349,6 +363,7 @@ void fl_cell_free(fl_cell *cell)
     fl_aligned_free(cell->peep);
     fl_aligned_free(cell->whhq);
     fl_aligned_free(cell->whh_scale);
+    fl_aligned_free(cell->whh_corr);
     free(cell);
 }
 
@@ -358,21 +373,30 @@ int fl_cell_set_whh_reduced(fl_cell *cell, int wtype, const void *w, const float
     if (!cell->whh) return -1; /* reduced once already */
     fl_aligned_free(cell->whhq);
     fl_aligned_free(cell->whh_scale);
+    fl_aligned_free(cell->whh_corr);
     cell->whhq = NULL;
     cell->whh_scale = NULL;
+    cell->whh_corr = NULL;
     cell->wtype = FL_W_F32;
     if (!w || (wtype == FL_W_I8 && !scale)) return -1;
     const int H = cell->H, Hout = cell->Hout;
     const int Kp = fl_whhq_rows(wtype, Hout);
     size_t es = wtype == FL_W_I8 ? 1 : 2;
     size_t bytes = (size_t)cell->nb * Kp * FL_PW * es;
+    const int nch = fl_i8_chunks(Hout);
+    const size_t corr_n = (size_t)cell->nb * nch * FL_PW;
     cell->whhq = fl_aligned_alloc(bytes);
-    if (wtype == FL_W_I8) cell->whh_scale = (float *)fl_aligned_alloc((size_t)cell->nb * FL_PW * sizeof(float));
-    if (!cell->whhq || (wtype == FL_W_I8 && !cell->whh_scale)) {
+    if (wtype == FL_W_I8) {
+        cell->whh_scale = (float *)fl_aligned_alloc((size_t)cell->nb * FL_PW * sizeof(float));
+        cell->whh_corr = (int32_t *)fl_aligned_alloc(corr_n * sizeof(int32_t));
+    }
+    if (!cell->whhq || (wtype == FL_W_I8 && (!cell->whh_scale || !cell->whh_corr))) {
         fl_aligned_free(cell->whhq);
         fl_aligned_free(cell->whh_scale);
+        fl_aligned_free(cell->whh_corr);
         cell->whhq = NULL;
         cell->whh_scale = NULL;
+        cell->whh_corr = NULL;
         return -2;
     }
     /* The float32 panels are no longer needed: free them (a cell goes back
@@ -381,6 +405,7 @@ int fl_cell_set_whh_reduced(fl_cell *cell, int wtype, const void *w, const float
     cell->whh = NULL;
     memset(cell->whhq, 0, bytes);
     if (cell->whh_scale) memset(cell->whh_scale, 0, (size_t)cell->nb * FL_PW * sizeof(float));
+    if (cell->whh_corr) memset(cell->whh_corr, 0, corr_n * sizeof(int32_t));
     for (int j = 0; j < cell->nb; j++)
         for (int g = 0; g < 4; g++)
             for (int l = 0; l < FL_BW; l++) {
@@ -388,9 +413,12 @@ int fl_cell_set_whh_reduced(fl_cell *cell, int wtype, const void *w, const float
                 if (u >= H) continue;
                 size_t row = (size_t)g * H + u;
                 for (int k = 0; k < Hout; k++) {
-                    if (es == 1) { /* k-pair interleaved (fl_internal.h) */
-                        size_t dst = (size_t)j * Kp * FL_PW + (size_t)(k / 2) * 2 * FL_PW + 2 * col + k % 2;
-                        ((int8_t *)cell->whhq)[dst] = ((const int8_t *)w)[row * Hout + k];
+                    if (es == 1) { /* k-quad interleaved (fl_internal.h) */
+                        size_t dst = (size_t)j * Kp * FL_PW + (size_t)(k / 4) * 4 * FL_PW + 4 * col + k % 4;
+                        int8_t v = ((const int8_t *)w)[row * Hout + k];
+                        ((int8_t *)cell->whhq)[dst] = v;
+                        /* |sum| <= 128 * FL_I8_KC, times 32768: within int32 */
+                        cell->whh_corr[((size_t)j * nch + k / FL_I8_KC) * FL_PW + col] -= 32768 * (int32_t)v;
                     } else { /* bfloat16: columns interleaved (fl_internal.h) */
                         size_t dst = ((size_t)j * Hout + k) * FL_PW +
                                      (wtype == FL_W_BF16 ? FL_BF16_POS(col) : col);
@@ -413,6 +441,7 @@ size_t fl_cell_packed_bytes(const fl_cell *cell)
         size_t f32 = (size_t)cell->nb * cell->Hout * FL_PW * sizeof(float);
         b = b - f32 + (size_t)cell->nb * Kp * FL_PW * es;
         if (cell->whh_scale) b += (size_t)cell->nb * FL_PW * sizeof(float);
+        if (cell->whh_corr) b += (size_t)cell->nb * fl_i8_chunks(cell->Hout) * FL_PW * sizeof(int32_t);
     }
     return b;
 }

@@ -248,7 +248,7 @@ static void FN(thread_)(void *arg, int tid, int nt)
                     REAL *hdst = P ? cx->hraw : ydir + (ptrdiff_t)t * yst;
                     ptrdiff_t ldh = P ? H : ysn;
 #ifdef FL_HAVE_LSTMQ
-                    /* int8 W_hh: h_{t-1} to int16, once per row and step, before
+                    /* int8 W_hh: h_{t-1} to int16 (and its byte planes), once per row and step, before
                      * the blocks.  Threads that split the blocks each quantize
                      * every row into their own copy (the same bits in each: no
                      * barrier); threads that split the rows share copy 0. */
@@ -261,7 +261,7 @@ static void FN(thread_)(void *arg, int tid, int nt)
                         qs = (float *)(qb + cx->qscale_off);
                         for (int n = n0; n < r1; n++) {
                             const REAL *src = FN(hprev_row_)(n, rs, Aprev, ysn, h0, Hout);
-                            if (src) fl_quantize_h(src, Hout, ldq, qh + (ptrdiff_t)n * ldq, qs + n);
+                            if (src) fl_quantize_h(src, Hout, ldq / 2, qh + (ptrdiff_t)n * ldq, qs + n);
                         }
                     }
 #endif
@@ -276,10 +276,11 @@ static void FN(thread_)(void *arg, int tid, int nt)
                         if (cell->wtype == FL_W_I8) {
                             const int8_t *pq = (const int8_t *)cell->whhq + (size_t)j * fl_whhq_rows(FL_W_I8, Hout) * FL_PW;
                             const float *sc = cell->whh_scale + (size_t)j * FL_PW;
+                            const int32_t *corr = cell->whh_corr + (size_t)j * fl_i8_chunks(Hout) * FL_PW;
                             for (int n = n0, R; n < r1; n += R) {
                                 R = FN(seg_tile_)(n, n0, rs, r1, rmax);
                                 int has = n < rs ? Aprev != NULL : h0 != NULL;
-                                kr->lstmi8(R, Hout, has ? qh + (ptrdiff_t)n * ldq : NULL, ldq, qs + n, pq, sc,
+                                kr->lstmi8(R, Hout, has ? qh + (ptrdiff_t)n * ldq : NULL, ldq, qs + n, pq, corr, sc,
                                            Gt + n * ldg + (ptrdiff_t)j * FL_PW, ldg,
                                            cst + (ptrdiff_t)n * H + j * FL_BW, H,
                                            hdst + n * ldh + j * FL_BW, ldh, nvalid, &epi);

@@ -11,11 +11,13 @@
  * W_hr (P, H) is packed the same way without gates: panel p holds output
  * columns p*64 .. p*64+63.
  *
- * int8 W_hh (FL_W_I8) is packed k-pair interleaved for integer dot products:
- * with Kp = K rounded up to even (the pad row is zero),
- *     panel_j[(k/2)*128 + col*2 + k%2] = q[row(col)][k]      (int8)
- * so 32 bytes hold 16 columns x 2 k, which widen (vpmovsxbw) to the 16 int16
- * pairs that one vpdpwssd / vpmaddwd lane multiplies with (q_h[k], q_h[k+1]).
+ * int8 W_hh (FL_W_I8) is packed k-quad interleaved for integer dot products:
+ * with Kp = K rounded up to a multiple of 4 (pad rows are zero),
+ *     panel_j[(k/4)*256 + col*4 + k%4] = q[row(col)][k]      (int8)
+ * so 64 bytes hold 16 columns x 4 k: the operand of one vpdpbusd, whose
+ * 32-bit lane multiplies them with 4 unsigned bytes of h (k .. k+3); the
+ * paths without AVX512_VNNI widen 16 or 32 bytes (vpmovsxbw) to int16 and
+ * multiply pairs (vpmaddwd), adding the two pair sums of a column at the end.
  * bfloat16 W_hh (FL_W_BF16) keeps the panel rows but interleaves the columns
  * of each 32-column half-row:
  *     panel_j[k*64 + 32*(col/32) + 2*(col%16) + (col%32)/16] = w[row(col)][k]
@@ -39,7 +41,7 @@
 #define FL_ALIGN 64
 #define FL_MAX_THREADS 64
 /* int8 W_hh: h is quantized to int16 in [-FL_HQ_MAX, FL_HQ_MAX] per row and
- * step; integer sums run over K chunks of FL_I8_KC (FL_I8_KC * 127 * 32767
+ * step; integer sums run over K chunks of FL_I8_KC (FL_I8_KC * 128 * 32767
  * < 2^31, so the int32 sums are exact). */
 #define FL_HQ_MAX 32767
 #define FL_I8_KC 256
@@ -103,16 +105,20 @@ typedef void (*fl_lstmq_f32)(int wtype, int R, int K, const float *A, ptrdiff_t 
 typedef void (*fl_lstmq2_f32)(int wtype, int K, const float *A, const void *panel,
                               const float *G, float *c, float *h, int nvalid2,
                               const fl_epi *epi);
-/* lstmi8: int8 W_hh (k-pair panel above) times int16 h (Q, rows of ldq >= Kp
- * int16, zero-padded to Kp; hs[r] = the row's h scale, see fl_quantize_h):
+/* lstmi8: int8 W_hh (k-quad panel above) times int16 h.  Q: rows of ldq
+ * int16; a row is the int16 h (ldq/2 of them, zero-padded, ldq/2 >= Kp) then
+ * the same values split into bytes for vpdpbusd, hi plane then lo plane
+ * (ldq/2 bytes each; fl_quantize_h).  hs[r] = the row's h scale.
  *     acc_c = sum over chunk c of FL_I8_KC k of qw[k][col] * Q[r][k]  (int32, exact)
  *     accf  = ((0 + (float)acc_0) + (float)acc_1) + ...             (float32, chunk order)
  *     pre   = fmaf(accf, scale[col] * hs[r], G[r][col])
  * then the gate math.  Integer sums are exact and the float operations are
  * this one sequence on every ISA, so every path gives bitwise the same
- * pre-activations.  Q NULL means h_{t-1} = 0 (accf = 0, hs = 0). */
+ * pre-activations.  Q NULL means h_{t-1} = 0 (accf = 0, hs = 0).
+ * corr[c*64 + col] = -32768 * (sum over chunk c of qw[k][col]): the offset
+ * the byte split adds (only the vpdpbusd kernel reads it). */
 typedef void (*fl_lstmi8_f32)(int R, int K, const int16_t *Q, ptrdiff_t ldq, const float *hs,
-                              const int8_t *panel, const float *scale,
+                              const int8_t *panel, const int32_t *corr, const float *scale,
                               const float *G, ptrdiff_t ldg,
                               float *c, ptrdiff_t ldc, float *h, ptrdiff_t ldh,
                               int nvalid, const fl_epi *epi);
@@ -138,28 +144,35 @@ extern const fl_kernels_f32 fl_kernels_f32_avx512;
 
 const fl_kernels_f32 *fl_kernels_f32_active(void);
 /* AVX512_VNNI (cpuid 7.0 ECX bit 11) seen and enabled: the AVX-512 int8
- * kernel uses vpdpwssd, otherwise vpmaddwd + vpaddd (the same exact sums). */
+ * kernel uses vpdpbusd, otherwise vpmaddwd + vpaddd (the same exact sums). */
 extern int fl_use_vnni;
 
 /* Quantize one row of h (n floats) to int16 for the int8 kernels:
  *   m = max_k |h_k|;  non-finite m: q = 0, *hs = NaN (the row's
  *   pre-activations become NaN);  m < FL_HQ_MIN: q = 0, *hs = 0;
  *   else inv = 32767.0f / m, q_k = rne(clamp(h_k * inv, +-32767)),
- *   *hs = m / 32767.0f.   q[n .. npad) is zeroed. */
+ *   *hs = m / 32767.0f.   q[n .. npad) is zeroed.
+ * Then the byte planes after q[npad] (npad bytes each) for vpdpbusd, which
+ * multiplies unsigned bytes by signed ones:
+ *   hi_k = (q_k >> 8) + 128 (0 .. 255),  lo_k = q_k & 255 (0 .. 255),
+ * so q_k = 256 * hi_k + lo_k - 32768. */
 #define FL_HQ_MIN 0x1p-96f
 void fl_quantize_h(const float *h, int n, int npad, int16_t *q, float *hs);
 
 /* Rows (k) of one reduced-precision W_hh panel: int8 panels hold whole k
- * pairs (an odd K gets a zero row). */
-static inline int fl_whhq_rows(int wtype, int K) { return wtype == FL_W_I8 ? (K + 1) / 2 * 2 : K; }
+ * quads (K not a multiple of 4 gets zero rows). */
+static inline int fl_whhq_rows(int wtype, int K) { return wtype == FL_W_I8 ? (K + 3) / 4 * 4 : K; }
+/* K chunks of an int8 panel (each has 64 corr values). */
+static inline int fl_i8_chunks(int K) { return (fl_whhq_rows(FL_W_I8, K) + FL_I8_KC - 1) / FL_I8_KC; }
 
 /* One int16 copy of h_{t-1} for the int8 kernels: N rows of ldq int16
- * (Hout rounded up to 32), then N float scales at *scale_off, both aligned.
- * Returns the bytes of the copy. */
+ * (int16 h then its two byte planes, each Hout rounded up to 32: see
+ * lstmi8), then N float scales at *scale_off, both aligned.  Returns the
+ * bytes of the copy. */
 static inline size_t fl_hq_copy_bytes(int N, int Hout, int *ldq, size_t *scale_off)
 {
     size_t n = (size_t)(N > 0 ? N : 1);
-    *ldq = (Hout + 31) / 32 * 32;
+    *ldq = 2 * ((Hout + 31) / 32 * 32);
     *scale_off = (n * (size_t)*ldq * sizeof(int16_t) + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN;
     return *scale_off + (n * sizeof(float) + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN;
 }
@@ -182,9 +195,10 @@ struct fl_cell {
     void *whr;              /* np panels of H x 64, or NULL */
     void *peep;             /* nb x 3 x 16, or NULL */
     int wtype;              /* fl_wtype of whhq (F32: whh is used) */
-    void *whhq;             /* nb panels of Hout x 64 in wtype (I8: Kp x 64, k-pair
-                               interleaved, Kp = Hout rounded up to even), or NULL */
+    void *whhq;             /* nb panels of Hout x 64 in wtype (I8: Kp x 64, k-quad
+                               interleaved, Kp = Hout rounded up to 4), or NULL */
     float *whh_scale;       /* nb x 64 (I8 only) */
+    int32_t *whh_corr;      /* nb x fl_i8_chunks(Hout) x 64 (I8 only; see lstmi8) */
     fl_cell_opts opts;
     int is_default;
     size_t bytes;

@@ -77,7 +77,7 @@ def isa_set(int isa):
 
 
 def int8_vnni_set(int on):
-    """AVX-512 int8 kernel: 1 uses vpdpwssd if the CPU has AVX512_VNNI, 0
+    """AVX-512 int8 kernel: 1 uses vpdpbusd (h split into bytes) if the CPU has AVX512_VNNI, 0
     forces vpmaddwd + vpaddd (same results), -1 only asks.  Returns whether
     VNNI is used."""
     return bool(fl_int8_vnni_set(on))

@@ -90,9 +90,11 @@ def test_matches_reference_of_dequantized_weights(isa, cfg, prec):
                           f"{prec} {isa} threads={nt}")
 
 
-@pytest.mark.parametrize("H,proj", [(300, 0), (520, 0), (600, 257)], ids=["H300", "H520", "H600_P257"])
+@pytest.mark.parametrize("H,proj", [(302, 0), (520, 0), (600, 257), (280, 259)],
+                         ids=["H302", "H520", "H600_P257", "H280_P259"])
 def test_int8_long_k(isa, H, proj):
-    """K > 256: the int32 sums run in chunks of 256 k (odd K too)."""
+    """K > 256: the int32 sums run in chunks of 256 k; K = 0, 1, 2, 3 mod 4
+    (the panels hold whole k quads, zero-padded)."""
     rng = np.random.default_rng(H)
     q = fastlstm.LSTM(7, H, proj_size=proj, seed=H).astype("int8")
     x = rng.standard_normal((6, 3, 7)).astype(np.float32)
@@ -192,7 +194,7 @@ def test_int8_bitwise_across_isas(opts, H):
 
 
 def test_int8_vnni_or_not_bitwise():
-    """Default cells: the AVX-512 int8 kernel with vpdpwssd and with
+    """Default cells: the AVX-512 int8 kernel with vpdpbusd and with
     vpmaddwd + vpaddd give the same bits (batch 1 and 8 row tiles, K > 256)."""
     if "avx512" not in fastlstm.cpu_info()["isas_available"]:
         pytest.skip("no AVX-512 path on this machine")

@@ -198,20 +198,25 @@ static void lstmq_avx2(int wtype, int R, int K, const float *A, ptrdiff_t lda,
     }
 }
 
-static inline int32_t ld_pair(const int16_t *q)
+static inline int64_t ld_quad(const int16_t *q)
 {
-    int32_t v;
+    int64_t v;
     memcpy(&v, q, sizeof v);
     return v;
 }
 
-/* int8 W_hh times int16 h (fl_lstmi8_f32): vpmaddwd + vpaddd, exact. */
+/* int8 W_hh times int16 h (fl_lstmi8_f32): vpmaddwd + vpaddd, exact.  16
+ * bytes of a k quad are 4 columns x 4 k; widened and multiplied with
+ * (q[k] .. q[k+3]) they give each column two pair sums in adjacent lanes,
+ * added at the end of the chunk (vphaddd, then vpermq to column order).
+ * 32 columns per pass keep the 8 accumulators in registers. */
 static void lstmi8_avx2(int R, int K, const int16_t *Q, ptrdiff_t ldq, const float *hs,
-                        const int8_t *panel, const float *scale, const float *G, ptrdiff_t ldg,
-                        float *c, ptrdiff_t ldc, float *h, ptrdiff_t ldh, int nvalid,
-                        const fl_epi *epi)
+                        const int8_t *panel, const int32_t *corr, const float *scale,
+                        const float *G, ptrdiff_t ldg, float *c, ptrdiff_t ldc, float *h,
+                        ptrdiff_t ldh, int nvalid, const fl_epi *epi)
 {
-    const int np = (K + 1) / 2;
+    (void)corr; /* the byte split's offset: this kernel multiplies the int16 h */
+    const int nq = (K + 3) / 4;
     for (int r = 0; r < R; r++) {
         /* chunk sums in memory: the 8 int32 accumulators keep the registers */
         float sums[FL_PW] __attribute__((aligned(32)));
@@ -219,20 +224,25 @@ static void lstmi8_avx2(int R, int K, const int16_t *Q, ptrdiff_t ldq, const flo
         for (int q = 0; q < 8; q++) _mm256_store_ps(sums + 8 * q, _mm256_setzero_ps());
         if (Q) {
             const int16_t *qr = Q + r * ldq;
-            for (int p0 = 0; p0 < np; p0 += FL_I8_KC / 2) {
-                const int p1 = p0 + FL_I8_KC / 2 < np ? p0 + FL_I8_KC / 2 : np;
-                __m256i acc[8];
-                for (int q = 0; q < 8; q++) acc[q] = _mm256_setzero_si256();
-                for (int p = p0; p < p1; p++) {
-                    const int8_t *w = panel + (size_t)p * 2 * FL_PW;
-                    const __m256i b = _mm256_set1_epi32(ld_pair(qr + 2 * p));
-                    for (int q = 0; q < 8; q++)
-                        acc[q] = _mm256_add_epi32(acc[q], _mm256_madd_epi16(
-                            _mm256_cvtepi8_epi16(_mm_load_si128((const __m128i *)(w + 16 * q))), b));
+            for (int p0 = 0; p0 < nq; p0 += FL_I8_KC / 4) {
+                const int p1 = p0 + FL_I8_KC / 4 < nq ? p0 + FL_I8_KC / 4 : nq;
+                for (int half = 0; half < 2; half++) {
+                    __m256i acc[8];
+                    for (int q = 0; q < 8; q++) acc[q] = _mm256_setzero_si256();
+                    for (int p = p0; p < p1; p++) {
+                        const int8_t *w = panel + (size_t)p * 4 * FL_PW + half * 2 * FL_PW;
+                        const __m256i b = _mm256_set1_epi64x(ld_quad(qr + 4 * p));
+                        for (int q = 0; q < 8; q++)
+                            acc[q] = _mm256_add_epi32(acc[q], _mm256_madd_epi16(
+                                _mm256_cvtepi8_epi16(_mm_load_si128((const __m128i *)(w + 16 * q))), b));
+                    }
+                    for (int m = 0; m < 4; m++) {
+                        /* acc[2m]: columns 8m+0..3, acc[2m+1]: 8m+4..7, two lanes each */
+                        __m256i v = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[2 * m], acc[2 * m + 1]), 0xD8);
+                        float *sp = sums + half * 32 + 8 * m;
+                        _mm256_store_ps(sp, _mm256_add_ps(_mm256_load_ps(sp), _mm256_cvtepi32_ps(v)));
+                    }
                 }
-                for (int q = 0; q < 8; q++)
-                    _mm256_store_ps(sums + 8 * q, _mm256_add_ps(_mm256_load_ps(sums + 8 * q),
-                                                                _mm256_cvtepi32_ps(acc[q])));
             }
         }
         const __m256 s = _mm256_set1_ps(Q ? hs[r] : 0.0f);

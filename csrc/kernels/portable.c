@@ -58,25 +58,27 @@ static void lstmq_portable_f32(int wtype, int R, int K, const float *A, ptrdiff_
 /* int8 W_hh times int16 h in plain int32 C: the formula of fl_lstmi8_f32
  * (fl_internal.h) that the SIMD paths reproduce bitwise. */
 static void lstmi8_portable_f32(int R, int K, const int16_t *Q, ptrdiff_t ldq, const float *hs,
-                                const int8_t *panel, const float *scale, const float *G,
-                                ptrdiff_t ldg, float *c, ptrdiff_t ldc, float *h, ptrdiff_t ldh,
-                                int nvalid, const fl_epi *epi)
+                                const int8_t *panel, const int32_t *corr, const float *scale,
+                                const float *G, ptrdiff_t ldg, float *c, ptrdiff_t ldc, float *h,
+                                ptrdiff_t ldh, int nvalid, const fl_epi *epi)
 {
-    const int np = (K + 1) / 2; /* k pairs; the pad k of an odd K is zero on both sides */
+    (void)corr; /* the byte split's offset: this kernel multiplies the int16 h */
+    const int nq = (K + 3) / 4; /* k quads; pad k are zero on both sides */
     for (int r = 0; r < R; r++) {
         float accf[FL_PW], pre[FL_PW];
         for (int col = 0; col < FL_PW; col++) accf[col] = 0.0f;
         if (Q) {
             const int16_t *q = Q + r * ldq;
-            for (int p0 = 0; p0 < np; p0 += FL_I8_KC / 2) {
-                int p1 = p0 + FL_I8_KC / 2 < np ? p0 + FL_I8_KC / 2 : np;
+            for (int p0 = 0; p0 < nq; p0 += FL_I8_KC / 4) {
+                int p1 = p0 + FL_I8_KC / 4 < nq ? p0 + FL_I8_KC / 4 : nq;
                 int32_t acc[FL_PW];
                 for (int col = 0; col < FL_PW; col++) acc[col] = 0;
                 for (int p = p0; p < p1; p++) {
-                    const int8_t *w = panel + (size_t)p * 2 * FL_PW;
-                    const int32_t q0 = q[2 * p], q1 = q[2 * p + 1];
+                    const int8_t *w = panel + (size_t)p * 4 * FL_PW;
+                    const int32_t q0 = q[4 * p], q1 = q[4 * p + 1], q2 = q[4 * p + 2], q3 = q[4 * p + 3];
                     for (int col = 0; col < FL_PW; col++)
-                        acc[col] += (int32_t)w[2 * col] * q0 + (int32_t)w[2 * col + 1] * q1;
+                        acc[col] += (int32_t)w[4 * col] * q0 + (int32_t)w[4 * col + 1] * q1 +
+                                    (int32_t)w[4 * col + 2] * q2 + (int32_t)w[4 * col + 3] * q3;
                 }
                 for (int col = 0; col < FL_PW; col++) accf[col] += (float)acc[col];
             }
