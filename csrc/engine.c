@@ -364,70 +364,98 @@ void fl_cell_free(fl_cell *cell)
     fl_aligned_free(cell->whhq);
     fl_aligned_free(cell->whh_scale);
     fl_aligned_free(cell->whh_corr);
+    fl_aligned_free(cell->wihq);
+    fl_aligned_free(cell->wih_scale);
+    fl_aligned_free(cell->wih_corr);
     free(cell);
 }
 
-int fl_cell_set_whh_reduced(fl_cell *cell, int wtype, const void *w, const float *scale)
+/* int8 panels of a (4H, K) row-major matrix with per-row scales, k-quad
+ * interleaved (fl_internal.h), with their per-chunk offsets for vpdpbusd.
+ * Returns 0 or -2 (out of memory; nothing allocated). */
+static int pack_i8_(const fl_cell *cell, int K, const int8_t *w, const float *scale,
+                    void **panels, float **pscale, int32_t **pcorr)
 {
-    if (!cell || cell->dtype != FL_F32 || wtype < FL_W_F16 || wtype > FL_W_I8) return -1;
-    if (!cell->whh) return -1; /* reduced once already */
-    fl_aligned_free(cell->whhq);
-    fl_aligned_free(cell->whh_scale);
-    fl_aligned_free(cell->whh_corr);
-    cell->whhq = NULL;
-    cell->whh_scale = NULL;
-    cell->whh_corr = NULL;
-    cell->wtype = FL_W_F32;
-    if (!w || (wtype == FL_W_I8 && !scale)) return -1;
-    const int H = cell->H, Hout = cell->Hout;
-    const int Kp = fl_whhq_rows(wtype, Hout);
-    size_t es = wtype == FL_W_I8 ? 1 : 2;
-    size_t bytes = (size_t)cell->nb * Kp * FL_PW * es;
-    const int nch = fl_i8_chunks(Hout);
+    const int H = cell->H, Kp = fl_whhq_rows(FL_W_I8, K), nch = fl_i8_chunks(K);
+    const size_t bytes = (size_t)cell->nb * Kp * FL_PW;
     const size_t corr_n = (size_t)cell->nb * nch * FL_PW;
-    cell->whhq = fl_aligned_alloc(bytes);
-    if (wtype == FL_W_I8) {
-        cell->whh_scale = (float *)fl_aligned_alloc((size_t)cell->nb * FL_PW * sizeof(float));
-        cell->whh_corr = (int32_t *)fl_aligned_alloc(corr_n * sizeof(int32_t));
-    }
-    if (!cell->whhq || (wtype == FL_W_I8 && (!cell->whh_scale || !cell->whh_corr))) {
-        fl_aligned_free(cell->whhq);
-        fl_aligned_free(cell->whh_scale);
-        fl_aligned_free(cell->whh_corr);
-        cell->whhq = NULL;
-        cell->whh_scale = NULL;
-        cell->whh_corr = NULL;
+    int8_t *q = (int8_t *)fl_aligned_alloc(bytes > 0 ? bytes : 1);
+    float *sc = (float *)fl_aligned_alloc((size_t)cell->nb * FL_PW * sizeof(float));
+    int32_t *corr = (int32_t *)fl_aligned_alloc((corr_n > 0 ? corr_n : 1) * sizeof(int32_t));
+    if (!q || !sc || !corr) {
+        fl_aligned_free(q);
+        fl_aligned_free(sc);
+        fl_aligned_free(corr);
         return -2;
     }
-    /* The float32 panels are no longer needed: free them (a cell goes back
-     * to float32 by being created again from the canonical weights). */
-    fl_aligned_free(cell->whh);
-    cell->whh = NULL;
-    memset(cell->whhq, 0, bytes);
-    if (cell->whh_scale) memset(cell->whh_scale, 0, (size_t)cell->nb * FL_PW * sizeof(float));
-    if (cell->whh_corr) memset(cell->whh_corr, 0, corr_n * sizeof(int32_t));
+    memset(q, 0, bytes);
+    memset(sc, 0, (size_t)cell->nb * FL_PW * sizeof(float));
+    memset(corr, 0, corr_n * sizeof(int32_t));
     for (int j = 0; j < cell->nb; j++)
         for (int g = 0; g < 4; g++)
             for (int l = 0; l < FL_BW; l++) {
                 int u = j * FL_BW + l, col = g * FL_BW + l;
                 if (u >= H) continue;
                 size_t row = (size_t)g * H + u;
-                for (int k = 0; k < Hout; k++) {
-                    if (es == 1) { /* k-quad interleaved (fl_internal.h) */
-                        size_t dst = (size_t)j * Kp * FL_PW + (size_t)(k / 4) * 4 * FL_PW + 4 * col + k % 4;
-                        int8_t v = ((const int8_t *)w)[row * Hout + k];
-                        ((int8_t *)cell->whhq)[dst] = v;
-                        /* |sum| <= 128 * FL_I8_KC, times 32768: within int32 */
-                        cell->whh_corr[((size_t)j * nch + k / FL_I8_KC) * FL_PW + col] -= 32768 * (int32_t)v;
-                    } else { /* bfloat16: columns interleaved (fl_internal.h) */
+                for (int k = 0; k < K; k++) {
+                    int8_t v = w[row * K + k];
+                    q[(size_t)j * Kp * FL_PW + (size_t)(k / 4) * 4 * FL_PW + 4 * col + k % 4] = v;
+                    /* |sum| <= 128 * FL_I8_KC, times 32768: within int32 */
+                    corr[((size_t)j * nch + k / FL_I8_KC) * FL_PW + col] -= 32768 * (int32_t)v;
+                }
+                sc[(size_t)j * FL_PW + col] = scale[row];
+            }
+    *panels = q;
+    *pscale = sc;
+    *pcorr = corr;
+    return 0;
+}
+
+int fl_cell_set_whh_reduced(fl_cell *cell, int wtype, const void *w, const float *scale)
+{
+    if (!cell || cell->dtype != FL_F32 || wtype < FL_W_F16 || wtype > FL_W_I8) return -1;
+    if (!cell->whh) return -1; /* reduced once already */
+    if (!w || (wtype == FL_W_I8 && !scale)) return -1;
+    const int H = cell->H, Hout = cell->Hout;
+    if (wtype == FL_W_I8) {
+        int rc = pack_i8_(cell, Hout, (const int8_t *)w, scale, &cell->whhq, &cell->whh_scale,
+                          &cell->whh_corr);
+        if (rc) return rc;
+    } else {
+        size_t bytes = (size_t)cell->nb * Hout * FL_PW * 2;
+        cell->whhq = fl_aligned_alloc(bytes);
+        if (!cell->whhq) return -2;
+        memset(cell->whhq, 0, bytes);
+        for (int j = 0; j < cell->nb; j++)
+            for (int g = 0; g < 4; g++)
+                for (int l = 0; l < FL_BW; l++) {
+                    int u = j * FL_BW + l, col = g * FL_BW + l;
+                    if (u >= H) continue;
+                    size_t row = (size_t)g * H + u;
+                    for (int k = 0; k < Hout; k++) { /* bfloat16: columns interleaved (fl_internal.h) */
                         size_t dst = ((size_t)j * Hout + k) * FL_PW +
                                      (wtype == FL_W_BF16 ? FL_BF16_POS(col) : col);
                         ((uint16_t *)cell->whhq)[dst] = ((const uint16_t *)w)[row * Hout + k];
                     }
                 }
-                if (cell->whh_scale) cell->whh_scale[(size_t)j * FL_PW + col] = scale[row];
-            }
+    }
+    /* The float32 panels are no longer needed: free them (a cell goes back
+     * to float32 by being created again from the canonical weights). */
+    fl_aligned_free(cell->whh);
+    cell->whh = NULL;
     cell->wtype = wtype;
+    return 0;
+}
+
+int fl_cell_set_wih_reduced(fl_cell *cell, int wtype, const void *w, const float *scale)
+{
+    if (!cell || cell->dtype != FL_F32 || wtype != FL_W_I8 || !w || !scale) return -1;
+    if (!cell->wih || cell->in < 1) return -1; /* reduced once already, or no input */
+    int rc = pack_i8_(cell, cell->in, (const int8_t *)w, scale, &cell->wihq, &cell->wih_scale,
+                      &cell->wih_corr);
+    if (rc) return rc;
+    fl_aligned_free(cell->wih);
+    cell->wih = NULL;
     return 0;
 }
 
@@ -442,6 +470,11 @@ size_t fl_cell_packed_bytes(const fl_cell *cell)
         b = b - f32 + (size_t)cell->nb * Kp * FL_PW * es;
         if (cell->whh_scale) b += (size_t)cell->nb * FL_PW * sizeof(float);
         if (cell->whh_corr) b += (size_t)cell->nb * fl_i8_chunks(cell->Hout) * FL_PW * sizeof(int32_t);
+    }
+    if (cell->wihq) {
+        b -= (size_t)cell->nb * cell->in * FL_PW * sizeof(float);
+        b += (size_t)cell->nb * (fl_whhq_rows(FL_W_I8, cell->in) + sizeof(float) +
+                                 (size_t)fl_i8_chunks(cell->in) * sizeof(int32_t)) * FL_PW;
     }
     return b;
 }
@@ -485,8 +518,10 @@ size_t fl_workspace_bytes(fl_cell *const *cells, int L, int D, int T, int N)
     int TC, qc;
     size_t a, b, c, q;
     if (check_stack(cells, L, D) != 0 || T < 0 || N < 0) return 0;
-    if (cells[0]->dtype == FL_F32) return plan_f32(cells, L, D, T, N, &TC, &a, &b, &c, &q, &qc);
-    return plan_f64(cells, L, D, T, N, &TC, &a, &b, &c, &q, &qc);
+    size_t xq;
+    int ldx;
+    if (cells[0]->dtype == FL_F32) return plan_f32(cells, L, D, T, N, &TC, &a, &b, &c, &q, &qc, &xq, &ldx);
+    return plan_f64(cells, L, D, T, N, &TC, &a, &b, &c, &q, &qc, &xq, &ldx);
 }
 
 int fl_forward(fl_cell *const *cells, int L, int D, const fl_io *io, void *ws, int nthreads)

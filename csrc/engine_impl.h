@@ -28,6 +28,9 @@ typedef struct {
     char *q;          /* int8 W_hh: qcopies copies of h_{t-1} (fl_hq_copy_bytes) */
     size_t qcopy, qscale_off; /* bytes per copy; offset of its scales */
     int ldq, qcopies;
+    int16_t *xq;      /* int8 W_ih: the chunk's input rows quantized (rows of ldx int16) */
+    float *xqs;       /* and their scales */
+    int ldx;
     int kc;           /* K chunk of the GEMMs for this REAL, read once per call */
     int row_split[FL_MAX_THREADS + 1];
 } FN(ctx_);
@@ -108,6 +111,43 @@ static void FN(input_gemm_)(const fl_cell *cell, int kc_, const REAL *A, ptrdiff
         }
     }
 }
+
+#ifdef FL_HAVE_LSTMQ
+/* int8 W_ih: G rows (o, i), o < no, i < ni (at G + o*g_so + i*g_si) from the
+ * quantized input rows m = o*ni + i (Q + m*ldx, scales qs[m]), blocks
+ * [j0, j1): G = bias + dequantized (x W_ih^T), each row's sum the exact
+ * int32 chunk sums of fl_lstmi8_f32.  Rows in chunks whose Q slice stays in
+ * L2 while every block streams its panel over them. */
+static void input_gemm_i8_(const fl_cell *cell, const int16_t *Q, ptrdiff_t ldx, const float *qs,
+                           float *G, ptrdiff_t g_so, ptrdiff_t g_si, int no, int ni, int j0, int j1)
+{
+    const fl_kernels_f32 *kr = fl_kernels_f32_active();
+    const int K = cell->in, rmax = kr->rmax, nch = fl_i8_chunks(K);
+    const size_t pstride = (size_t)fl_whhq_rows(FL_W_I8, K) * FL_PW;
+    if (no > 1 && g_so == (ptrdiff_t)ni * g_si && (long)no * ni <= 0x7fffffffL) {
+        ni *= no;
+        no = 1;
+    }
+    int rc = (int)((256u * 1024u) / ((size_t)ldx * sizeof(int16_t))) / rmax * rmax;
+    if (rc < rmax) rc = rmax;
+    for (int o = 0; o < no; o++)
+        for (int i0 = 0; i0 < ni; i0 += rc) {
+            int i1 = i0 + rc < ni ? i0 + rc : ni;
+            for (int j = j0; j < j1; j++) {
+                const int8_t *panel = (const int8_t *)cell->wihq + (size_t)j * pstride;
+                for (int i = i0, R; i < i1; i += R) {
+                    R = tile_at_f32(i1 - i0, rmax, i - i0);
+                    ptrdiff_t m = (ptrdiff_t)o * ni + i;
+                    kr->lstmi8(R, K, Q + m * ldx, ldx, qs + m, panel,
+                               cell->wih_corr + (size_t)j * nch * FL_PW,
+                               cell->wih_scale + (size_t)j * FL_PW,
+                               (const float *)cell->bias + (size_t)j * FL_PW, 0, NULL, 0,
+                               G + o * g_so + i * g_si + (ptrdiff_t)j * FL_PW, g_si, FL_PW, NULL);
+                }
+            }
+        }
+}
+#endif
 
 /* One step for hidden block j and rows [n0, n1): gates = G + h_{t-1} W_hh^T,
  * then the epilogue.  K is cut in chunks of fl_kc (the panel slice stays in
@@ -223,6 +263,36 @@ static void FN(thread_)(void *arg, int tid, int nt)
                     continue;
                 }
                 int nrows = rows_hi - n0;
+#ifdef FL_HAVE_LSTMQ
+                if (cell->wihq) {
+                    /* int8 W_ih: quantize the chunk's input rows once, like h
+                     * (fl_quantize_h), into rows m of the GEMM's order: time
+                     * major (m = t*nrows + i) when it tiles batch rows, batch
+                     * major when it tiles time steps (few rows).  A batch
+                     * split: each thread its own rows at its own offset; a
+                     * hidden split: the threads share the rows out, then
+                     * wait for each other (once per chunk). */
+                    const int tmaj = nrows >= rmax || nts == 1, M = nrows > 0 ? nts * nrows : 0;
+                    const int ldx = cx->ldx;
+                    int16_t *Qx = cx->xq + (ptrdiff_t)n0 * nts * ldx;
+                    float *qxs = cx->xqs + (ptrdiff_t)n0 * nts;
+                    const REAL *xa = xin + (ptrdiff_t)tlo * xst + (ptrdiff_t)n0 * xsn;
+                    int m0 = sync ? (int)((long)M * tid / nt) : 0, m1 = sync ? (int)((long)M * (tid + 1) / nt) : M;
+                    for (int m = m0; m < m1; m++) {
+                        int tr = tmaj ? m / nrows : m % nts, i = tmaj ? m % nrows : m / nts;
+                        fl_quantize_h(xa + (ptrdiff_t)tr * xst + (ptrdiff_t)i * xsn, cell->in, ldx / 2,
+                                      Qx + (ptrdiff_t)m * ldx, qxs + m);
+                    }
+                    if (sync) fl_pool_barrier(nt);
+                    REAL *ga = cx->G + (ptrdiff_t)n0 * ldg;
+                    if (M > 0) {
+                        if (tmaj)
+                            input_gemm_i8_(cell, Qx, ldx, qxs, ga, (ptrdiff_t)N * ldg, ldg, nts, nrows, j0, j1);
+                        else
+                            input_gemm_i8_(cell, Qx, ldx, qxs, ga, ldg, (ptrdiff_t)N * ldg, nrows, nts, j0, j1);
+                    }
+                } else
+#endif
                 if (nrows > 0) {
                     const REAL *xa = xin + (ptrdiff_t)tlo * xst + (ptrdiff_t)n0 * xsn;
                     REAL *ga = cx->G + (ptrdiff_t)n0 * ldg;
@@ -378,7 +448,7 @@ static void FN(thread_)(void *arg, int tid, int nt)
 
 static size_t FN(plan_)(fl_cell *const *cells, int L, int D, int T, int N, int *TC,
                         size_t *off_buf, size_t *off_hraw, size_t *off_cnt,
-                        size_t *off_q, int *qcopies)
+                        size_t *off_q, int *qcopies, size_t *off_xq, int *ldx)
 {
     const fl_cell *c = cells[0];
     size_t row = (size_t)c->nb * FL_PW * sizeof(REAL) * (size_t)(N > 0 ? N : 1);
@@ -415,15 +485,29 @@ static size_t FN(plan_)(fl_cell *const *cells, int L, int D, int T, int N, int *
         *qcopies = (int)nc;
         bytes += nc * copy;
     }
+    /* int8 W_ih: the quantized input rows of one chunk (TC x N rows, each
+     * the int16 row and its byte planes, as for h) and their scales. */
+    *off_xq = bytes;
+    *ldx = 0;
+    int kin = 0;
+    for (int k = 0; k < L * D; k++)
+        if (cells[k]->wihq && cells[k]->in > kin) kin = cells[k]->in;
+    if (kin > 0) {
+        size_t rows = (size_t)*TC * (size_t)(N > 0 ? N : 1);
+        *ldx = 2 * ((kin + 31) / 32 * 32);
+        bytes += (rows * (size_t)*ldx * sizeof(int16_t) + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN;
+        bytes += (rows * sizeof(float) + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN;
+    }
     return bytes + FL_ALIGN;
 }
 
 static int FN(forward_)(fl_cell *const *cells, int L, int D, const fl_io *io, void *ws, int nthreads)
 {
     FN(ctx_) cx;
-    size_t off_buf, off_hraw, off_cnt, off_q;
+    size_t off_buf, off_hraw, off_cnt, off_q, off_xq;
     int T = io->T, N = io->N;
-    FN(plan_)(cells, L, D, T, N, &cx.TC, &off_buf, &off_hraw, &off_cnt, &off_q, &cx.qcopies);
+    FN(plan_)(cells, L, D, T, N, &cx.TC, &off_buf, &off_hraw, &off_cnt, &off_q, &cx.qcopies,
+              &off_xq, &cx.ldx);
     char *base = (char *)(((uintptr_t)ws + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN);
     const fl_cell *c = cells[0];
     size_t bufsz = ((size_t)T * N * D * c->Hout * sizeof(REAL) + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN;
@@ -438,6 +522,9 @@ static int FN(forward_)(fl_cell *const *cells, int L, int D, const fl_io *io, vo
     cx.cnt = (int *)(base + off_cnt);
     cx.q = base + off_q;
     cx.qcopy = fl_hq_copy_bytes(N, c->Hout, &cx.ldq, &cx.qscale_off);
+    cx.xq = (int16_t *)(base + off_xq);
+    cx.xqs = (float *)(base + off_xq + ((size_t)cx.TC * (size_t)(N > 0 ? N : 1) * (size_t)cx.ldx *
+                                        sizeof(int16_t) + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN);
 
     /* Active rows per time step; lengths must be sorted descending. */
     long total = 0;

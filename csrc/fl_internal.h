@@ -116,7 +116,10 @@ typedef void (*fl_lstmq2_f32)(int wtype, int K, const float *A, const void *pane
  * this one sequence on every ISA, so every path gives bitwise the same
  * pre-activations.  Q NULL means h_{t-1} = 0 (accf = 0, hs = 0).
  * corr[c*64 + col] = -32768 * (sum over chunk c of qw[k][col]): the offset
- * the byte split adds (only the vpdpbusd kernel reads it). */
+ * the byte split adds (only the vpdpbusd kernel reads it).
+ * epi NULL: an input projection (int8 W_ih, Q the quantized input rows,
+ * G the bias with ldg = 0): no gate math, h[r*ldh + col] = pre for all 64
+ * columns (c unused). */
 typedef void (*fl_lstmi8_f32)(int R, int K, const int16_t *Q, ptrdiff_t ldq, const float *hs,
                               const int8_t *panel, const int32_t *corr, const float *scale,
                               const float *G, ptrdiff_t ldg,
@@ -199,6 +202,10 @@ struct fl_cell {
                                interleaved, Kp = Hout rounded up to 4), or NULL */
     float *whh_scale;       /* nb x 64 (I8 only) */
     int32_t *whh_corr;      /* nb x fl_i8_chunks(Hout) x 64 (I8 only; see lstmi8) */
+    void *wihq;             /* int8 W_ih: nb panels of Kp x 64 (k-quad, Kp = in rounded
+                               up to 4), or NULL (then wih holds float32 panels) */
+    float *wih_scale;       /* nb x 64 with wihq */
+    int32_t *wih_corr;      /* nb x fl_i8_chunks(in) x 64 with wihq */
     fl_cell_opts opts;
     int is_default;
     size_t bytes;

@@ -41,6 +41,7 @@ cdef extern from "fastlstm.h" nogil:
                             const void *w_hr, const void *peep, const fl_cell_opts *opts)
     void fl_cell_free(fl_cell *cell)
     int fl_cell_set_whh_reduced(fl_cell *cell, int wtype, const void *w, const float *scale)
+    int fl_cell_set_wih_reduced(fl_cell *cell, int wtype, const void *w, const float *scale)
     size_t fl_cell_packed_bytes(const fl_cell *cell)
     size_t fl_workspace_bytes(fl_cell **cells, int layers, int dirs, int T, int N)
     int fl_forward(fl_cell **cells, int layers, int dirs, const fl_io *io, void *ws, int nthreads)
@@ -188,6 +189,13 @@ cdef class Stack:
         w (4H, Hout) uint16 bit patterns or int8, C-contiguous; scale (4H,)
         float32 for int8, else None."""
         cdef int rc = fl_cell_set_whh_reduced(self.cells[index], wtype, _ptr(w), <const float *>_ptr(scale))
+        if rc != 0:
+            raise MemoryError(f"fastlstm: could not store reduced weights (code {rc})")
+
+    def set_wih_reduced(self, int index, int wtype, w, scale):
+        """Store cell `index`'s W_ih as int8 (wtype 3): w (4H, input) int8,
+        C-contiguous; scale (4H,) float32."""
+        cdef int rc = fl_cell_set_wih_reduced(self.cells[index], wtype, _ptr(w), <const float *>_ptr(scale))
         if rc != 0:
             raise MemoryError(f"fastlstm: could not store reduced weights (code {rc})")
 

@@ -148,6 +148,7 @@ class LSTM:
         self.cell_clip = _nonneg_float(cell_clip, "cell_clip")
         self.input_forget = bool(input_forget)
         self.weights_precision = "float32"
+        self.input_weights_precision = "float32"
         self._qforms = {}
         self._stack = _engine.Stack(self.num_layers, self.num_directions, _DTYPES[self.dtype],
                                     self.input_size, self.hidden_size, self.proj_size)
@@ -242,10 +243,14 @@ class LSTM:
                        c(p["weight_hr_" + s]) if self.proj_size else None,
                        c(p["peephole_" + s]) if self.peepholes else None,
                        self._engine_opts())
-        qf = (self._qforms if qforms is None else qforms).get("weight_hh_" + s)
+        qforms = self._qforms if qforms is None else qforms
+        qf = qforms.get("weight_hh_" + s)
         if qf is not None:
             stack.set_whh_reduced(layer * self.num_directions + d, _PRECISIONS[qf[0]], qf[1],
                                   qf[2] if len(qf) > 2 else None)
+        qf = qforms.get("weight_ih_" + s)
+        if qf is not None:
+            stack.set_wih_reduced(layer * self.num_directions + d, _PRECISIONS[qf[0]], qf[1], qf[2])
 
     def _new_stack(self, params, qforms=None):
         """A new engine Stack with every cell packed from ``params`` (and the
@@ -258,16 +263,33 @@ class LSTM:
         return stack
 
     # ------------------------------------------------------ weight precision
-    def astype(self, weights):
-        """A copy of this model whose recurrent weights W_hh are stored in
-        ``weights`` precision: "float32", "float16", "bfloat16" or "int8"
-        (per-row scales).  State, W_ih, biases and the projection stay float32;
-        float16/bfloat16 weights are widened exactly and the arithmetic is
-        float32; with int8, h_{t-1} is also quantized to int16 per row and step
-        for integer dot products (see README, "Reduced precision").  The copy's
-        state_dict() returns the dequantized weights, so ``reference()`` checks
-        exactly what the engine runs.  float64 models stay float32-only."""
+    def astype(self, weights, *, input_weights=None):
+        """A copy of this model whose weights are stored in ``weights``
+        precision: "float32", "float16", "bfloat16" or "int8" (per-row
+        scales).  float16/bfloat16 store the recurrent weights W_hh, widened
+        exactly, the arithmetic float32.  int8 stores W_hh and, by default,
+        W_ih too, as torch's and ONNX Runtime's dynamic quantization do: each
+        input row (x_t, or the layer below's output) and h_{t-1} are then
+        quantized to int16 per row for integer dot products (see README,
+        "Reduced precision").  ``input_weights="float32"`` keeps W_ih (and the
+        input projection) float32 with int8 W_hh: exact in the inputs, e.g.
+        for inputs whose features differ in scale by more than ~10^4.
+        State, biases and the projection stay float32.  The copy's
+        state_dict() returns the dequantized weights, so ``reference()``
+        checks exactly what the engine runs.  float64 models stay
+        float32-only."""
         prec = _check_precision(weights)
+        if input_weights is None:
+            in_prec = "int8" if prec == "int8" else "float32"
+        else:
+            try:
+                in_prec = _check_precision(input_weights)
+            except ValueError:
+                in_prec = None
+            allowed = ("float32", "int8") if prec == "int8" else ("float32",)
+            if in_prec not in allowed:
+                raise ValueError(f"input_weights: expected one of {list(allowed)} with "
+                                 f"weights={prec!r}, got {input_weights!r}")
         if prec != "float32" and self.dtype != np.float32:
             raise DTypeError(f"weights: {prec} storage needs a float32 model, this one is {self.dtype}")
         state = self.__getstate__()  # takes the lock itself
@@ -276,24 +298,28 @@ class LSTM:
         new._lock = threading.Lock()
         params = {k: v.copy() for k, v in self._params.items()}
         qforms = {}
-        if prec != "float32":
-            for k in params:
-                if k.startswith("weight_hh_"):
-                    src = self._qforms.get(k)
-                    if src is not None and src[0] == prec:
-                        qforms[k] = src
-                        continue
-                    qforms[k], params[k] = _quantize(params[k], prec)
+        for k in params:
+            p = prec if k.startswith("weight_hh_") else (
+                in_prec if k.startswith("weight_ih_") and params[k].shape[1] > 0 else "float32")
+            if p == "float32":
+                continue
+            src = self._qforms.get(k)
+            if src is not None and src[0] == p:
+                qforms[k] = src
+                continue
+            qforms[k], params[k] = _quantize(params[k], p, _matrix_name(k))
         new.weights_precision = prec
+        new.input_weights_precision = in_prec
         new._qforms = qforms
         new._params = params
         new._stack = new._new_stack(params, qforms)
         return new
 
     def quantized_weights(self):
-        """The stored reduced-precision W_hh: name -> (precision, data[, scale]),
-        data as uint16 bit patterns (float16/bfloat16) or int8 with float32
-        per-row scales.  Empty for a float32 model."""
+        """The stored reduced-precision weights (W_hh, and W_ih with int8
+        inputs): name -> (precision, data[, scale]), data as uint16 bit
+        patterns (float16/bfloat16) or int8 with float32 per-row scales.
+        Empty for a float32 model."""
         return dict(self._qforms)
 
     def state_dict(self):
@@ -333,14 +359,21 @@ class LSTM:
             # never sees a freed or half-packed cell.
             params = dict(self._params)
             qforms = dict(self._qforms)
-            if self.weights_precision != "float32":
-                for k in new:
-                    if k.startswith("weight_hh_"):
-                        qforms[k], new[k] = _quantize(new[k], self.weights_precision)
+            for k in new:
+                p = self._stored_precision(k)
+                if p != "float32":
+                    qforms[k], new[k] = _quantize(new[k], p, _matrix_name(k))
             params.update(new)
             self._stack = self._new_stack(params, qforms)
             self._params = params
             self._qforms = qforms
+
+    def _stored_precision(self, name):
+        if name.startswith("weight_hh_"):
+            return self.weights_precision
+        if name.startswith("weight_ih_") and self._param_shapes()[name][1] > 0:
+            return self.input_weights_precision
+        return "float32"
 
     def set_weights(self, layer, direction=0, *, w_ih=None, w_hh=None, b_ih=None, b_hh=None,
                     w_hr=None, peephole=None):
@@ -386,6 +419,8 @@ class LSTM:
         return state
 
     def __setstate__(self, state):
+        state = dict(state)
+        state.setdefault("input_weights_precision", "float32")  # pickles before int8 W_ih
         self.__dict__.update(state)
         self._lock = threading.Lock()
         shapes = self._param_shapes()
@@ -585,8 +620,9 @@ class LSTM:
     def reference(self, x, hx=None):
         """The float64 NumPy reference (fastlstm.reference) run on this model's
         weights and configuration: the oracle the C engine is tested against.
-        With int8 weights it also quantizes h_{t-1} to int16 per row, as the
-        engine does (reference.quantize_h_int16)."""
+        With int8 weights it also quantizes h_{t-1} (and, with int8 W_ih, each
+        input row) to int16 per row, as the engine does
+        (reference.quantize_h_int16)."""
         from .reference import lstm_forward
         peep = {k[len("peephole_"):]: v for k, v in self._params.items()
                 if k.startswith("peephole_")}
@@ -596,7 +632,8 @@ class LSTM:
         return lstm_forward(self._params, x, hx, num_layers=self.num_layers,
                             bidirectional=self.bidirectional, batch_first=self.batch_first,
                             cell=cell, peepholes=peep or None,
-                            quantize_h="int16" if self.weights_precision == "int8" else None)
+                            quantize_h="int16" if self.weights_precision == "int8" else None,
+                            quantize_x="int16" if self.input_weights_precision == "int8" else None)
 
 
 _PRECISIONS = {"float32": 0, "float16": 1, "bfloat16": 2, "int8": 3}
@@ -611,8 +648,13 @@ def _check_precision(weights):
     return name
 
 
-def _quantize(w, prec):
-    """float32 (4H, Hout) -> (qform, dequantized float32 values).
+def _matrix_name(key):
+    """'weight_hh_l0' -> 'W_hh (weight_hh_l0)' for messages."""
+    return ("W_hh" if key.startswith("weight_hh_") else "W_ih") + f" ({key})"
+
+
+def _quantize(w, prec, name="W_hh"):
+    """float32 (4H, K) -> (qform, dequantized float32 values).
 
     float16: IEEE round to nearest even (values beyond its range refused).
     bfloat16: the upper 16 bits of float32, rounded to nearest even.
@@ -624,7 +666,7 @@ def _quantize(w, prec):
         with np.errstate(over="ignore"):
             h = w.astype(np.float16)
         if np.isinf(h).any() and not np.isinf(w[np.isinf(h)]).all():
-            raise WeightsError("weights: W_hh has values beyond float16's range (65504)")
+            raise WeightsError(f"weights: {name} has values beyond float16's range (65504)")
         return ("float16", h.view(np.uint16)), h.astype(np.float32)
     if prec == "bfloat16":
         bits = w.view(np.uint32).astype(np.uint64)
@@ -633,7 +675,7 @@ def _quantize(w, prec):
         deq = (rounded.astype(np.uint32) << 16).view(np.float32)
         return ("bfloat16", np.ascontiguousarray(rounded)), deq
     if not np.isfinite(w).all():
-        raise WeightsError("weights: int8 storage needs finite W_hh")
+        raise WeightsError(f"weights: int8 storage needs finite {name}")
     amax = np.abs(w).max(axis=1)
     scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
     q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)

@@ -18,6 +18,8 @@ With quantize_h="int16" (what fastlstm runs for int8 W_hh), h_{t-1} enters
 W_hh h_{t-1} quantized per batch row: m = max_k |h_k|, q_k =
 round_half_even(h_k * 32767 / m), h_k <- q_k * m / 32767; a row with a NaN
 or Inf becomes all NaN, a row with m < 2**-96 all zero (quantize_h_int16).
+With quantize_x="int16" (fastlstm's int8 W_ih) each input row x_t (the layer
+below's output for deeper layers) enters W_ih x_t quantized the same way.
 """
 import numpy as np
 
@@ -50,20 +52,30 @@ HQ_MIN = 2.0 ** -96
 
 
 def quantize_h_int16(h):
-    """h (N, K) -> the per-row int16-quantized h, dequantized (float64)."""
-    h = np.asarray(h, dtype=np.float64)
-    with np.errstate(invalid="ignore"):
-        a = np.abs(h)
-        finite = np.isfinite(h).all(axis=-1, keepdims=True)
-        m = np.where(finite, a, 0.0).max(axis=-1, keepdims=True, initial=0.0)
-        ok = finite & (m >= HQ_MIN)
-        safe = np.where(ok, m, 1.0)
-        q = np.where(ok, np.rint(h * HQ_MAX / np.where(ok, safe, 1.0)), 0.0)
-        out = q * safe / HQ_MAX
+    """h (N, K) -> the per-row int16-quantized h, dequantized (float64).
+
+    The codes are computed as the engine computes them, in float32 (h is
+    the engine's float32 state or input): m = max_k |h_k|, inv = 32767 / m,
+    q_k = round_half_even(clip(h_k * inv, +-32767)), each operation rounded
+    to float32 -- so a float32 input row gets exactly the engine's codes
+    (no code lands one step apart from a float64 rounding).  The dequantized
+    value q_k * m / 32767 is float64."""
+    h32 = np.asarray(h, dtype=np.float32)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        a = np.abs(h32)
+        finite = np.isfinite(h32).all(axis=-1, keepdims=True)
+        m = np.where(finite, a, np.float32(0)).max(axis=-1, keepdims=True,
+                                                   initial=np.float32(0))
+        ok = finite & (m >= np.float32(HQ_MIN))
+        safe = np.where(ok, m, np.float32(1)).astype(np.float32)
+        inv = (np.float32(HQ_MAX) / safe).astype(np.float32)
+        y = np.clip((h32 * inv).astype(np.float32), -HQ_MAX, HQ_MAX)
+        q = np.where(ok, np.rint(y), np.float32(0)).astype(np.float64)
+        out = q * safe.astype(np.float64) / HQ_MAX
     return np.where(finite, out, np.nan)
 
 
-def _cell_step(x, h, c, w_ih, w_hh, b, w_hr, peep, cell, quantize_h=None):
+def _cell_step(x, h, c, w_ih, w_hh, b, w_hr, peep, cell, quantize_h=None, quantize_x=None):
     acts = cell.get("activations", ("sigmoid", "tanh", "tanh"))
     alpha = cell.get("alpha", (0.0, 0.0, 0.0))
     beta = cell.get("beta", (0.0, 0.0, 0.0))
@@ -74,7 +86,8 @@ def _cell_step(x, h, c, w_ih, w_hh, b, w_hr, peep, cell, quantize_h=None):
     ha = lambda v: ACTIVATIONS[acts[2]](v, alpha[2], beta[2])  # noqa: E731
     clipf = (lambda v: np.clip(v, -clip, clip)) if clip > 0 else (lambda v: v)  # noqa: E731
     hq = quantize_h_int16(h) if quantize_h == "int16" else h
-    z = x @ w_ih.T + hq @ w_hh.T
+    xq = quantize_h_int16(x) if quantize_x == "int16" and x.shape[-1] > 0 else x
+    z = xq @ w_ih.T + hq @ w_hh.T
     if b is not None:
         z = z + b
     H = w_hh.shape[0] // 4
@@ -98,7 +111,8 @@ def _cell_step(x, h, c, w_ih, w_hh, b, w_hr, peep, cell, quantize_h=None):
 
 
 def lstm_forward(params, x, hx=None, *, num_layers=1, bidirectional=False,
-                 batch_first=False, cell=None, peepholes=None, quantize_h=None):
+                 batch_first=False, cell=None, peepholes=None, quantize_h=None,
+                 quantize_x=None):
     """Run the LSTM described by `params` (PyTorch names) in float64.
 
     x: (T, N, In), (N, T, In) with batch_first, or unbatched (T, In).
@@ -106,7 +120,8 @@ def lstm_forward(params, x, hx=None, *, num_layers=1, bidirectional=False,
     cell: dict of variant options (activations, alpha, beta, clip, cell_clip,
     input_forget).  peepholes: dict name -> (3, H) for 'l{k}[_reverse]'.
     quantize_h: None, or "int16" for the per-row int16 quantization of
-    h_{t-1} that fastlstm applies with int8 W_hh (see the module docstring).
+    h_{t-1} that fastlstm applies with int8 W_hh (see the module docstring);
+    quantize_x: the same for each input row (int8 W_ih).
     Returns out, (h_n, c_n) with torch.nn.LSTM's shapes, in float64.
     """
     cell = cell or {}
@@ -149,7 +164,7 @@ def lstm_forward(params, x, hx=None, *, num_layers=1, bidirectional=False,
             steps = range(T - 1, -1, -1) if d else range(T)
             for t in steps:
                 h, c = _cell_step(layer_in[t], h, c, w_ih, w_hh, b, w_hr, peep, cell,
-                                  quantize_h)
+                                  quantize_h, quantize_x)
                 out[t] = h
             hn[layer * D + d], cn[layer * D + d] = h, c
             outs.append(out)

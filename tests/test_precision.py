@@ -19,6 +19,15 @@ from tolerances import INT8_REF_TOL, PRECISION_TOL, TOL, assert_close, assert_ls
 
 PRECISIONS = ("float16", "bfloat16", "int8")
 ALL = ("float32",) + PRECISIONS
+# int8 W_hh with float32 W_ih (astype("int8", input_weights="float32")): the
+# int8 model before int8 input weights, still supported and saved as version 2
+I8_F32IN = "int8_f32in"
+
+
+def _astype(m, prec):
+    if prec == I8_F32IN:
+        return m.astype("int8", input_weights="float32")
+    return m.astype(prec)
 
 CONFIGS = [  # (input, hidden, batch, T, options)
     (5, 8, 1, 30, {}),
@@ -70,21 +79,23 @@ def _same_quantized(a, b):
 
 # ------------------------------------------------------------ accuracy
 def _assert_ref_close(got, ref, prec, what):
-    """float32 bound; int8 (h quantized to int16 on both sides): INT8_REF_TOL."""
-    tol = INT8_REF_TOL if prec == "int8" else TOL[np.dtype(np.float32)]
+    """float32 bound; int8 (h, and x with int8 W_ih, quantized to int16 on
+    both sides): INT8_REF_TOL."""
+    tol = INT8_REF_TOL if prec.startswith("int8") else TOL[np.dtype(np.float32)]
     err = _err(got, ref)
     assert err <= tol, f"{what}: error {err:.3e} > {tol:.0e}"
 
 
-@pytest.mark.parametrize("prec", ALL)
+@pytest.mark.parametrize("prec", ALL + (I8_F32IN,))
 @pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
 def test_matches_reference_of_dequantized_weights(isa, cfg, prec):
     """The engine computes exactly with the weights state_dict() reports (and,
     for int8, with h_{t-1} quantized to int16 per row as the reference does):
     the float64 reference on them is within the float32 bound."""
     m, x = _model(cfg)
-    q = m.astype(prec)
-    assert q.weights_precision == prec and q.dtype == np.float32
+    q = _astype(m, prec)
+    assert q.weights_precision == prec.split("_")[0] and q.dtype == np.float32
+    assert q.input_weights_precision == ("int8" if prec == "int8" else "float32")
     for nt in (1, 2):
         _assert_ref_close(q(x, num_threads=nt), q.reference(x.astype(np.float64)), prec,
                           f"{prec} {isa} threads={nt}")
@@ -250,15 +261,15 @@ def test_int8_non_finite_state(isa, value):
     assert np.isnan(got[0][2:, 0]).all() and not np.isnan(got[0][:2, 0]).any()
 
 
-@pytest.mark.parametrize("prec", PRECISIONS)
+@pytest.mark.parametrize("prec", PRECISIONS + (I8_F32IN,))
 @pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
 def test_close_to_float32_model(isa, cfg, prec):
     m, x = _model(cfg)
-    err = _err(m.astype(prec)(x), m(x))
+    err = _err(_astype(m, prec)(x), m(x))
     assert 0 < err <= PRECISION_TOL[prec], f"{prec} {isa}: {err:.3e} > {PRECISION_TOL[prec]:.0e}"
 
 
-@pytest.mark.parametrize("prec", PRECISIONS)
+@pytest.mark.parametrize("prec", PRECISIONS + (I8_F32IN,))
 def test_bounds_hold_over_random_models(prec):
     """A wider random sweep (the kind the bounds were measured on)."""
     worst = 0.0
@@ -270,7 +281,7 @@ def test_bounds_hold_over_random_models(prec):
                 {"proj_size": max(1, H // 3)}][seed % 4]
         m = fastlstm.LSTM(In, H, seed=seed, **opts)
         x = rng.standard_normal((T, N, In)).astype(np.float32)
-        worst = max(worst, _err(m.astype(prec)(x), m(x)))
+        worst = max(worst, _err(_astype(m, prec)(x), m(x)))
     assert worst <= PRECISION_TOL[prec], f"{prec}: {worst:.3e}"
 
 
@@ -279,10 +290,13 @@ def test_stored_forms():
     exactly its dequantized values."""
     m = fastlstm.LSTM(6, 17, num_layers=2, bidirectional=True, proj_size=4, seed=3)
     sd = m.state_dict()
-    for prec in PRECISIONS:
-        q = m.astype(prec)
+    for prec, inw in [(p, None) for p in PRECISIONS] + [("int8", "float32")]:
+        q = m.astype(prec, input_weights=inw)
         qw = q.quantized_weights()
-        assert sorted(qw) == sorted(k for k in sd if k.startswith("weight_hh_"))
+        # int8 stores W_ih too unless asked not to; float16/bfloat16 W_hh only
+        stored = ("weight_hh_", "weight_ih_") if (prec, inw) == ("int8", None) else ("weight_hh_",)
+        assert q.input_weights_precision == ("int8" if len(stored) == 2 else "float32")
+        assert sorted(qw) == sorted(k for k in sd if k.startswith(stored))
         qsd = q.state_dict()
         for k, form in qw.items():
             assert form[0] == prec and form[1].shape == sd[k].shape
@@ -306,7 +320,7 @@ def test_stored_forms():
                 assert np.all(np.abs(deq - sd[k]) <= scale[:, None] * 0.5 * (1 + 1e-5))
             assert qsd[k].dtype == np.float32 and qsd[k].tobytes() == deq.tobytes(), k
         for k in sd:  # everything else stays float32, untouched
-            if not k.startswith("weight_hh_"):
+            if not k.startswith(stored):
                 assert qsd[k].tobytes() == sd[k].tobytes(), k
     assert m.astype("float32").quantized_weights() == {}
     assert m.weights_precision == "float32"
@@ -339,15 +353,62 @@ def test_astype_unknown_name(bad):
         fastlstm.LSTM(3, 8, seed=0).astype(bad)
 
 
-def test_set_weights_requantizes():
-    """New weights on a reduced model are stored in its precision."""
+@pytest.mark.parametrize("prec", ["int8", I8_F32IN])
+def test_set_weights_requantizes(prec):
+    """New weights on a reduced model are stored in its precision (W_ih too
+    with int8 input weights, kept float32 without)."""
     m = fastlstm.LSTM(4, 9, seed=5)
-    q = m.astype("int8")
-    w = np.random.default_rng(5).uniform(-1, 1, (36, 9)).astype(np.float32)
-    q.set_weights(0, w_hh=w)
+    q = _astype(m, prec)
+    rng = np.random.default_rng(5)
+    w = rng.uniform(-1, 1, (36, 9)).astype(np.float32)
+    wi = rng.uniform(-1, 1, (36, 4)).astype(np.float32)
+    q.set_weights(0, w_hh=w, w_ih=wi)
     ref = fastlstm.LSTM(4, 9, seed=5)
-    ref.set_weights(0, w_hh=w)
-    _same_quantized(q, ref.astype("int8"))
+    ref.set_weights(0, w_hh=w, w_ih=wi)
+    _same_quantized(q, _astype(ref, prec))
+    assert ("weight_ih_l0" in q.quantized_weights()) == (prec == "int8")
+    if prec == I8_F32IN:
+        assert q.get_weights(0)["w_ih"].tobytes() == wi.tobytes()
+
+
+@pytest.mark.parametrize("prec,inw", [("float16", "int8"), ("bfloat16", "int8"),
+                                      ("int8", "float16"), ("int8", "int4"), ("int8", 8)])
+def test_astype_input_weights_refused(prec, inw):
+    with pytest.raises(ValueError, match="input_weights"):
+        fastlstm.LSTM(3, 8, seed=0).astype(prec, input_weights=inw)
+
+
+def test_int8_inputs_quantized_per_row(isa):
+    """int8 W_ih quantizes each input row to int16 by its own max: a row
+    scaled by 2^k gives exactly 2^k times the projection (the codes are the
+    same), and a row of zeros gives the bias alone, with W_hh = 0."""
+    m = fastlstm.LSTM(40, 16, seed=21)
+    m.set_weights(0, w_hh=np.zeros((64, 16), np.float32))
+    q = m.astype("int8")
+    rng = np.random.default_rng(21)
+    base = rng.standard_normal((1, 1, 40)).astype(np.float32)
+    x = np.concatenate([base, base * 2.0 ** 10, base * 2.0 ** -20, 0 * base], axis=1)
+    ref = q.reference(x)
+    got = q(x)
+    _assert_ref_close(got, ref, "int8", isa)
+    # the same codes at every scale: the reference's projections scale exactly
+    xq = fastlstm.reference.quantize_h_int16(x[0])
+    np.testing.assert_array_equal(xq[1], xq[0] * 2.0 ** 10)
+    np.testing.assert_array_equal(xq[2], xq[0] * 2.0 ** -20)
+    assert not xq[3].any()
+
+
+def test_old_pickle_state_loads():
+    """Pickled int8 models from before int8 input weights (no
+    input_weights_precision) load with float32 input weights."""
+    q = fastlstm.LSTM(4, 9, seed=5).astype("int8", input_weights="float32")
+    state = q.__getstate__()
+    del state["input_weights_precision"]
+    r = fastlstm.LSTM.__new__(fastlstm.LSTM)
+    r.__setstate__(state)
+    assert r.input_weights_precision == "float32"
+    x = np.random.default_rng(5).standard_normal((5, 2, 4)).astype(np.float32)
+    _bitwise(r(x), q(x))
 
 
 @pytest.mark.parametrize("prec", PRECISIONS)
@@ -420,15 +481,16 @@ SAVE_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("prec", ALL)
+@pytest.mark.parametrize("prec", ALL + (I8_F32IN,))
 @pytest.mark.parametrize("opts", SAVE_CONFIGS, ids=["plain", "bidir_proj", "variant"])
 def test_save_load_bitwise(tmp_path, prec, opts):
     m = fastlstm.LSTM(6, 17, seed=10, **opts)
-    q = m.astype(prec)
+    q = _astype(m, prec)
     path = tmp_path / "q.safetensors"
     q.save(path)
     r = fastlstm.load(path)
-    assert r.weights_precision == prec and r.dtype == np.float32
+    assert r.weights_precision == q.weights_precision and r.dtype == np.float32
+    assert r.input_weights_precision == q.input_weights_precision
     assert repr(r) == repr(q) and r.cell_options() == q.cell_options()
     _same_quantized(q, r)
     sq, sr = q.state_dict(), r.state_dict()
@@ -443,7 +505,8 @@ def test_save_load_bitwise(tmp_path, prec, opts):
     r.save(path2)
     assert path2.read_bytes() == path.read_bytes()
     info = dict(fastlstm.list_stacks(path))[""]
-    assert info["weights_precision"] == prec and info["dtype"] == "float32"
+    assert info["weights_precision"] == q.weights_precision and info["dtype"] == "float32"
+    assert info["input_weights_precision"] == q.input_weights_precision
 
 
 @pytest.mark.parametrize("prec", ALL)
@@ -455,21 +518,28 @@ def test_file_layout(tmp_path, prec):
     with fst.SafetensorsFile(path) as f:
         infos = {k: (i.dtype, i.shape) for k, i in f.infos.items()}
         cfg = json.loads(f.metadata["fastlstm"])
-    hh = [k for k in m.state_dict() if k.startswith("weight_hh_")]
-    assert len(hh) == 4
-    for k in hh:
-        if prec == "int8":
+    sd = m.state_dict()
+    hh = [k for k in sd if k.startswith("weight_hh_")]
+    ih = [k for k in sd if k.startswith("weight_ih_")]
+    assert len(hh) == 4 and len(ih) == 4
+    for k in hh + (ih if prec == "int8" else []):
+        if prec == "int8":  # int8 stores W_ih too (astype's default)
             assert k not in infos
-            assert infos[k + ".int8"] == ("I8", (32, 8))
+            assert infos[k + ".int8"] == ("I8", sd[k].shape)
             assert infos[k + ".scale"] == ("F32", (32,))
         else:
             assert infos[k] == ({"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[prec],
                                 (32, 8))
-    assert all(v[0] == "F32" for k, v in infos.items() if "weight_hh_" not in k)
+    assert all(v[0] == "F32" for k, v in infos.items()
+               if "weight_hh_" not in k and not (prec == "int8" and "weight_ih_" in k))
     if prec == "float32":  # unchanged format: older fastlstm versions read it
         assert cfg["version"] == 1 and "weights_precision" not in cfg
+    elif prec == "int8":
+        assert cfg["version"] == 3 and cfg["weights_precision"] == prec
+        assert cfg["input_weights_precision"] == "int8"
     else:
         assert cfg["version"] == 2 and cfg["weights_precision"] == prec
+        assert "input_weights_precision" not in cfg
     # the raw tensors are the stored forms
     raw = fst.load_file(path)
     for k, form in q.quantized_weights().items():
@@ -601,13 +671,19 @@ def _drop(key):
     ("int8", {"weights_precision": 8}, None, "weights_precision"),
     ("int8", {"weights_precision": ["int8"]}, None, "weights_precision"),
     ("float16", {"weights_precision": None}, None, "weights_precision"),
-    ("int8", {"version": 3}, None, "newer fastlstm"),
+    ("int8", {"version": 4}, None, "newer fastlstm"),
     ("int8", {"dtype": "float64"}, None, "needs dtype float32"),
     ("float16", {"weights_precision": "bfloat16"}, None, "is F16"),
     ("bfloat16", {"weights_precision": "float16"}, None, "is BF16"),
     ("float16", {"weights_precision": "float32"}, None, "is F16"),
-    ("int8", {"weights_precision": "float16"}, None, "missing"),
+    ("int8", {"weights_precision": "float16"}, None, "input_weights_precision"),
+    ("int8", {"input_weights_precision": "float16"}, None, "input_weights_precision"),
+    ("int8", {"input_weights_precision": None}, None, "input_weights_precision"),
+    ("int8", {"input_weights_precision": "float32"}, None, "missing"),
+    ("int8", {"version": 2}, None, "missing"),  # version 2: float32 input weights
     ("int8", None, _drop("weight_hh_l0.scale"), "missing"),
+    ("int8", None, _drop("weight_ih_l0.scale"), "missing"),
+    ("int8", None, _set("weight_ih_l0.scale", np.zeros(16, np.float32)), "scales"),
     ("int8", None, _set("weight_hh_l0", np.zeros((16, 4), np.float32)), "unexpected"),
     ("int8", None, _set("weight_hh_l0.scale", np.ones(15, np.float32)), "shape"),
     ("int8", None, _set("weight_hh_l0.scale", np.ones(16, np.float64)), "is F64"),

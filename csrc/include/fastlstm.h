@@ -76,6 +76,12 @@ void fl_cell_free(fl_cell *cell);
  * fresh cell: the float32 panels are freed.  Returns 0 or a negative code
  * (bad type, already reduced, or out of memory). */
 int fl_cell_set_whh_reduced(fl_cell *cell, int wtype, const void *w, const float *scale);
+/* Store W_ih as int8 (FL_W_I8 only; float32 cells with input_size >= 1):
+ * w is (4H, input_size) int8 with one float scale per row.  Each input row
+ * (time step x batch row) is then quantized to int16 like h (see the
+ * README, "Reduced precision") for integer dot products.  Once, on a fresh
+ * cell; the float32 panels are freed.  Returns 0 or a negative code. */
+int fl_cell_set_wih_reduced(fl_cell *cell, int wtype, const void *w, const float *scale);
 int fl_cell_dtype(const fl_cell *cell);
 size_t fl_cell_packed_bytes(const fl_cell *cell);
 

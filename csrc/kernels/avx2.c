@@ -250,6 +250,10 @@ static void lstmi8_avx2(int R, int K, const int16_t *Q, ptrdiff_t ldq, const flo
         for (int q = 0; q < 8; q++)
             accf[q] = _mm256_fmadd_ps(_mm256_load_ps(sums + 8 * q), _mm256_mul_ps(_mm256_loadu_ps(scale + 8 * q), s),
                                       _mm256_loadu_ps(g + 8 * q));
+        if (!epi) { /* an input projection: the pre-activations are the output */
+            for (int q = 0; q < 8; q++) _mm256_storeu_ps(h + r * ldh + 8 * q, accf[q]);
+            continue;
+        }
         epilogue1(accf, c + r * ldc, ldc, h + r * ldh, ldh, nvalid, epi);
     }
 }

@@ -454,6 +454,11 @@ AI void i8_chunk_bw(const int n, int p0, int p1, const int16_t *Q, ptrdiff_t ldq
                                              _mm512_mul_ps(_mm512_loadu_ps(scale + 16 * q), s),  \
                                              _mm512_loadu_ps(g + 16 * q));                       \
         }                                                                                        \
+        if (!epi) { /* an input projection: the pre-activations are the output */             \
+            for (int r = 0; r < R; r++)                                                          \
+                for (int q = 0; q < 4; q++) _mm512_storeu_ps(h + r * ldh + 16 * q, accf[r][q]);  \
+            return;                                                                              \
+        }                                                                                        \
         epilogue(R, accf, c, ldc, h, ldh, nvalid, epi);                                          \
     }                                                                                            \
     static ATTR void NAME(int R, int K, const int16_t *Q, ptrdiff_t ldq, const float *hs,        \

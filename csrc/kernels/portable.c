@@ -87,6 +87,10 @@ static void lstmi8_portable_f32(int R, int K, const int16_t *Q, ptrdiff_t ldq, c
         const float *g = G + r * ldg;
         for (int col = 0; col < FL_PW; col++) pre[col] = fmaf(accf[col], scale[col] * s, g[col]);
         float *cr = c + r * ldc, *hr = h + r * ldh;
+        if (!epi) { /* an input projection: the pre-activations are the output */
+            memcpy(hr, pre, sizeof pre);
+            continue;
+        }
         if (!epi->is_default)
             fl_epilogue_generic_f32(1, pre, cr, ldc, hr, ldh, nvalid, epi);
         else

@@ -24,10 +24,18 @@ configuration, and their recurrent weights in the stored precision:
   (4*hidden, hidden_or_proj)) and ``weight_hh_*.scale`` (F32, shape
   (4*hidden,)), with W_hh = int8 * scale[:, None] (one scale per row).
 
+int8 models whose input weights are int8 too (``astype("int8")``, the
+default since format version 3) are written with ``"version": 3`` and
+``"input_weights_precision": "int8"``, and ``weight_ih_*`` stored the same
+way as ``weight_ih_*.int8`` and ``weight_ih_*.scale`` (a layer with no
+inputs keeps an empty F32 ``weight_ih_*``).  Version 2 files mean float32
+input weights.
+
 Everything else stays F32.  Loading restores the same stored weights bit for
 bit (``quantized_weights()`` equal, outputs bitwise equal).  Files of
-float32 models keep version 1, so older fastlstm versions still read them;
-they refuse version 2 files with a clear message.
+float32 models keep version 1 and int8 models with float32 input weights
+version 2, so older fastlstm versions still read what they can compute;
+they refuse newer versions with a clear message.
 """
 from __future__ import annotations
 
@@ -43,7 +51,7 @@ __all__ = ["save_model", "load_model", "list_stacks", "read_config", "FORMAT_NAM
            "FORMAT_VERSION", "METADATA_KEY"]
 
 FORMAT_NAME = "fastlstm"
-FORMAT_VERSION = 2  # the newest version this module reads; float32 models are written as 1
+FORMAT_VERSION = 3  # the newest version this module reads; float32 models are written as 1
 METADATA_KEY = "fastlstm"
 
 _CONFIG_TYPES = {
@@ -78,6 +86,10 @@ def model_config(model):
     if prec != "float32":
         cfg["version"] = 2
         cfg["weights_precision"] = prec
+    in_prec = getattr(model, "input_weights_precision", "float32")
+    if in_prec != "float32":
+        cfg["version"] = 3
+        cfg["input_weights_precision"] = in_prec
     return cfg
 
 
@@ -154,6 +166,14 @@ def read_config(metadata, where):
         raise FormatError(f"{where}: configuration weights_precision {str(prec)[:40]!r} is not "
                           f"one of {['float32'] + sorted(_PRECISION_CODES)}")
     out["weights_precision"] = prec
+    in_prec = cfg.get("input_weights_precision", "float32") if version >= 3 else "float32"
+    if version >= 3 and "input_weights_precision" not in cfg:
+        raise FormatError(f"{where}: fastlstm configuration lacks 'input_weights_precision'")
+    if in_prec not in ("float32", "int8") or (in_prec == "int8" and prec != "int8"):
+        raise FormatError(f"{where}: configuration input_weights_precision {str(in_prec)[:40]!r} "
+                          f"is not 'float32'{' or int8' if prec == 'int8' else ''} with "
+                          f"weights_precision {prec}")
+    out["input_weights_precision"] = in_prec
     if prec != "float32" and out["dtype"] != "float32":
         raise FormatError(f"{where}: weights_precision {prec} needs dtype float32, the "
                           f"configuration says {out['dtype']!r}")
@@ -190,7 +210,10 @@ def _expected_tensors(cfg):
     prec = cfg["weights_precision"]
     out = {}
     for name, shape in _expected_shapes(cfg).items():
-        if prec == "float32" or not name.startswith("weight_hh_"):
+        if name.startswith("weight_ih_") and cfg["input_weights_precision"] == "int8" and shape[1]:
+            out[name + INT8_SUFFIX] = (shape, "I8")
+            out[name + SCALE_SUFFIX] = (shape[:1], "F32")
+        elif prec == "float32" or not name.startswith("weight_hh_"):
             out[name] = (shape, code)
         elif prec == "int8":
             out[name + INT8_SUFFIX] = (shape, "I8")
@@ -248,7 +271,8 @@ def _check(f, where):
 
 def _read_reduced(f, cfg, where):
     """Weights of a reduced-precision file: (float32 state dict with the
-    dequantized W_hh, {W_hh name: qform as LSTM.quantized_weights() gives})."""
+    dequantized W_hh (and int8 W_ih), {name: qform as
+    LSTM.quantized_weights() gives})."""
     prec = cfg["weights_precision"]
     arrays, qforms = {}, {}
     for name in f.infos:
@@ -298,6 +322,7 @@ def list_stacks(path):
             "num_layers": cfg["num_layers"], "num_directions": 2 if cfg["bidirectional"] else 1,
             "bidirectional": cfg["bidirectional"], "bias": cfg["bias"], "dtype": cfg["dtype"],
             "weights_precision": cfg["weights_precision"],
+            "input_weights_precision": cfg["input_weights_precision"],
             "variant": _variant(cfg), "batch_first": cfg["batch_first"],
             "cell_options": {k: cfg[k] for k in ("peepholes", "activations",
                                                  "activation_alpha", "activation_beta",
@@ -310,7 +335,7 @@ def load_model(path, name=None, *, batch_first=None, dtype=None, num_threads=Non
     and ``num_threads`` override the stored values when given (the weights
     round-trip bitwise unless ``dtype`` changes them).  A reduced-precision
     file loads as a model with the same ``weights_precision`` and the same
-    stored W_hh (a float64 ``dtype`` is refused for it: DTypeError)."""
+    stored weights (a float64 ``dtype`` is refused for it: DTypeError)."""
     from ..model import LSTM
 
     with st.SafetensorsFile(path) as f:
@@ -347,5 +372,6 @@ def load_model(path, name=None, *, batch_first=None, dtype=None, num_threads=Non
         # need not give the same int8 scales bit for bit): hand them to astype,
         # which keeps a W_hh already stored in the requested precision.
         model._qforms = qforms
-        model = model.astype(cfg["weights_precision"])
+        model = model.astype(cfg["weights_precision"],
+                             input_weights=cfg["input_weights_precision"])
     return model

@@ -1,0 +1,61 @@
+"""The random-model sweep behind tests/tolerances.py's int8 bounds.
+
+    python benchmarks/precision_bounds.py [--models 2000] [--isa avx512]
+
+For each random model (default init, inputs N(0, 1), H in 1..128 with the
+tails 17 and 33, input 1..39, T 1..119, batch 1 or 5, bidirectional / 2-3
+layers / proj_size in turn) it prints the worst max-relative error, over
+outputs and final states, of: int8 (W_ih and W_hh) and int8 with float32
+input weights against the float32 model (PRECISION_TOL), and int8 against
+the float64 reference of the same quantized model (INT8_REF_TOL).
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+import fastlstm  # noqa: E402
+from tolerances import max_rel_err  # noqa: E402
+
+
+def _err(a, b):
+    (y, (h, c)), (y2, (h2, c2)) = a, b
+    return max(max_rel_err(y, y2), max_rel_err(h, h2), max_rel_err(c, c2))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", type=int, default=2000)
+    ap.add_argument("--isa", default=None, help="portable, avx2 or avx512 (default: the best)")
+    args = ap.parse_args()
+    if args.isa:
+        fastlstm.set_isa(args.isa)
+    worst = {"int8 vs float32": (0.0, None), "int8 (float32 inputs) vs float32": (0.0, None),
+             "int8 vs reference": (0.0, None)}
+    for seed in range(args.models):
+        rng = np.random.default_rng(7000 + seed)
+        H = int(rng.choice(list(range(1, 129)) + [17, 33] * 10))
+        In, N, T = int(rng.integers(1, 40)), int(rng.choice([1, 5])), int(rng.integers(1, 120))
+        opts = [{}, {"bidirectional": True}, {"num_layers": int(rng.integers(2, 4))},
+                {"proj_size": max(1, H // 3)} if H > 1 else {}][seed % 4]
+        m = fastlstm.LSTM(In, H, seed=seed, **opts)
+        x = rng.standard_normal((T, N, In)).astype(np.float32)
+        f32 = m(x)
+        q = m.astype("int8")
+        got = q(x)
+        errs = {"int8 vs float32": _err(got, f32),
+                "int8 (float32 inputs) vs float32":
+                    _err(m.astype("int8", input_weights="float32")(x), f32),
+                "int8 vs reference": _err(got, q.reference(x))}
+        for k, v in errs.items():
+            if v > worst[k][0]:
+                worst[k] = (v, dict(seed=seed, H=H, input=In, batch=N, T=T, **opts))
+    print(f"isa {fastlstm.cpu_info()['isa']}, {args.models} models")
+    for k, (v, where) in worst.items():
+        print(f"  {k:34s} worst {v:.3e}  at {where}")
+
+
+if __name__ == "__main__":
+    main()
