@@ -5,9 +5,10 @@
 For each random model (default init, inputs N(0, 1), H in 1..128 with the
 tails 17 and 33, input 1..39, T 1..119, batch 1 or 5, bidirectional / 2-3
 layers / proj_size in turn) it prints the worst max-relative error, over
-outputs and final states, of: int8 (W_ih and W_hh) and int8 with float32
-input weights against the float32 model (PRECISION_TOL), and int8 against
-the float64 reference of the same quantized model (INT8_REF_TOL).
+outputs and final states, of: int8 (W_ih and W_hh), int8 with float32
+input weights and int8 with 8-bit activations against the float32 model
+(PRECISION_TOL), and int8 (16- and 8-bit activations) against the float64
+reference of the same quantized model (INT8_REF_TOL).
 """
 import argparse
 import os
@@ -33,7 +34,8 @@ def main():
     if args.isa:
         fastlstm.set_isa(args.isa)
     worst = {"int8 vs float32": (0.0, None), "int8 (float32 inputs) vs float32": (0.0, None),
-             "int8 vs reference": (0.0, None)}
+             "int8 vs reference": (0.0, None), "int8 8-bit activations vs float32": (0.0, None),
+             "int8 8-bit activations vs reference": (0.0, None)}
     for seed in range(args.models):
         rng = np.random.default_rng(7000 + seed)
         H = int(rng.choice(list(range(1, 129)) + [17, 33] * 10))
@@ -45,7 +47,11 @@ def main():
         f32 = m(x)
         q = m.astype("int8")
         got = q(x)
+        q8 = m.astype("int8", activation_bits=8)
+        got8 = q8(x)
         errs = {"int8 vs float32": _err(got, f32),
+                "int8 8-bit activations vs float32": _err(got8, f32),
+                "int8 8-bit activations vs reference": _err(got8, q8.reference(x)),
                 "int8 (float32 inputs) vs float32":
                     _err(m.astype("int8", input_weights="float32")(x), f32),
                 "int8 vs reference": _err(got, q.reference(x))}

@@ -215,8 +215,10 @@ static void quantize_h_planes_(const int16_t *q, int npad)
     }
 }
 
-void fl_quantize_h(const float *h, int n, int npad, int16_t *q, float *hs)
+void fl_quantize_h(const float *h, int n, int npad, int bits, int16_t *q, float *hs)
 {
+    const float qmax = bits == 8 ? (float)FL_HQ8_MAX : (float)FL_HQ_MAX;
+    const int shift = bits == 8 ? 8 : 0; /* 8 bits: q = 256 * q8 */
     float m = 0.0f;
     int bad = 0, k = 0;
 #if defined(FL_X86)
@@ -245,23 +247,27 @@ void fl_quantize_h(const float *h, int n, int npad, int16_t *q, float *hs)
         quantize_h_planes_(q, npad);
         return;
     }
-    const float inv = (float)FL_HQ_MAX / m;
-    *hs = m / (float)FL_HQ_MAX;
+    const float inv = qmax / m;
+    /* 8 bits: m / 127 times 2^-8 (exact: m >= FL_HQ_MIN keeps it normal) */
+    *hs = bits == 8 ? m / qmax * 0x1p-8f : m / qmax;
     k = 0;
 #if defined(FL_X86)
     const __m128 vinv = _mm_set1_ps(inv);
-    const __m128 hi = _mm_set1_ps((float)FL_HQ_MAX), lo = _mm_set1_ps(-(float)FL_HQ_MAX);
+    const __m128 hi = _mm_set1_ps(qmax), lo = _mm_set1_ps(-qmax);
     for (; k + 8 <= n; k += 8) {
         __m128 y0 = _mm_min_ps(_mm_max_ps(_mm_mul_ps(_mm_loadu_ps(h + k), vinv), lo), hi);
         __m128 y1 = _mm_min_ps(_mm_max_ps(_mm_mul_ps(_mm_loadu_ps(h + k + 4), vinv), lo), hi);
         /* cvtps2dq rounds to nearest even (MXCSR, set by fl_fpenv_enter) */
-        _mm_storeu_si128((__m128i *)(q + k), _mm_packs_epi32(_mm_cvtps_epi32(y0), _mm_cvtps_epi32(y1)));
+        __m128i i0 = _mm_sll_epi32(_mm_cvtps_epi32(y0), _mm_cvtsi32_si128(shift));
+        __m128i i1 = _mm_sll_epi32(_mm_cvtps_epi32(y1), _mm_cvtsi32_si128(shift));
+        _mm_storeu_si128((__m128i *)(q + k), _mm_packs_epi32(i0, i1));
     }
 #endif
     for (; k < n; k++) {
         float y = h[k] * inv;
-        y = y > (float)FL_HQ_MAX ? (float)FL_HQ_MAX : (y < -(float)FL_HQ_MAX ? -(float)FL_HQ_MAX : y);
-        q[k] = (int16_t)nearbyintf(y); /* the current rounding: nearest even (fl_fpenv_enter) */
+        y = y > qmax ? qmax : (y < -qmax ? -qmax : y);
+        /* the current rounding: nearest even (fl_fpenv_enter) */
+        q[k] = (int16_t)((int32_t)nearbyintf(y) * (1 << shift));
     }
     for (k = n; k < npad; k++) q[k] = 0;
     quantize_h_planes_(q, npad);
@@ -320,6 +326,7 @@ fl_cell *fl_cell_create(int dtype, int in, int H, int P, const void *w_ih, const
     fl_cell *cell = (fl_cell *)calloc(1, sizeof *cell);
     if (!cell) return NULL;
     cell->dtype = dtype;
+    cell->act_bits = 16;
     cell->in = in; cell->H = H; cell->P = P; cell->Hout = P ? P : H;
     cell->nb = (H + FL_BW - 1) / FL_BW;
     cell->np = P ? (P + FL_PW - 1) / FL_PW : 0;
@@ -456,6 +463,13 @@ int fl_cell_set_wih_reduced(fl_cell *cell, int wtype, const void *w, const float
     if (rc) return rc;
     fl_aligned_free(cell->wih);
     cell->wih = NULL;
+    return 0;
+}
+
+int fl_cell_set_act_bits(fl_cell *cell, int bits)
+{
+    if (!cell || cell->dtype != FL_F32 || (bits != 8 && bits != 16)) return -1;
+    cell->act_bits = bits;
     return 0;
 }
 

@@ -139,7 +139,7 @@ static void input_gemm_i8_(const fl_cell *cell, const int16_t *Q, ptrdiff_t ldx,
                     R = tile_at_f32(i1 - i0, rmax, i - i0);
                     ptrdiff_t m = (ptrdiff_t)o * ni + i;
                     kr->lstmi8(R, K, Q + m * ldx, ldx, qs + m, panel,
-                               cell->wih_corr + (size_t)j * nch * FL_PW,
+                               cell->wih_corr + (size_t)j * nch * FL_PW, cell->act_bits == 8 ? 1 : 2,
                                cell->wih_scale + (size_t)j * FL_PW,
                                (const float *)cell->bias + (size_t)j * FL_PW, 0, NULL, 0,
                                G + o * g_so + i * g_si + (ptrdiff_t)j * FL_PW, g_si, FL_PW, NULL);
@@ -269,19 +269,21 @@ static void FN(thread_)(void *arg, int tid, int nt)
                      * (fl_quantize_h), into rows m of the GEMM's order: time
                      * major (m = t*nrows + i) when it tiles batch rows, batch
                      * major when it tiles time steps (few rows).  A batch
-                     * split: each thread its own rows at its own offset; a
+                     * split: each thread its own rows [n0 * TC, n1 * TC), the
+                     * same for every chunk and layer (the threads do not
+                     * wait for each other: one may be chunks ahead); a
                      * hidden split: the threads share the rows out, then
                      * wait for each other (once per chunk). */
                     const int tmaj = nrows >= rmax || nts == 1, M = nrows > 0 ? nts * nrows : 0;
                     const int ldx = cx->ldx;
-                    int16_t *Qx = cx->xq + (ptrdiff_t)n0 * nts * ldx;
-                    float *qxs = cx->xqs + (ptrdiff_t)n0 * nts;
+                    int16_t *Qx = cx->xq + (ptrdiff_t)n0 * TC * ldx;
+                    float *qxs = cx->xqs + (ptrdiff_t)n0 * TC;
                     const REAL *xa = xin + (ptrdiff_t)tlo * xst + (ptrdiff_t)n0 * xsn;
                     int m0 = sync ? (int)((long)M * tid / nt) : 0, m1 = sync ? (int)((long)M * (tid + 1) / nt) : M;
                     for (int m = m0; m < m1; m++) {
                         int tr = tmaj ? m / nrows : m % nts, i = tmaj ? m % nrows : m / nts;
                         fl_quantize_h(xa + (ptrdiff_t)tr * xst + (ptrdiff_t)i * xsn, cell->in, ldx / 2,
-                                      Qx + (ptrdiff_t)m * ldx, qxs + m);
+                                      cell->act_bits, Qx + (ptrdiff_t)m * ldx, qxs + m);
                     }
                     if (sync) fl_pool_barrier(nt);
                     REAL *ga = cx->G + (ptrdiff_t)n0 * ldg;
@@ -331,7 +333,7 @@ static void FN(thread_)(void *arg, int tid, int nt)
                         qs = (float *)(qb + cx->qscale_off);
                         for (int n = n0; n < r1; n++) {
                             const REAL *src = FN(hprev_row_)(n, rs, Aprev, ysn, h0, Hout);
-                            if (src) fl_quantize_h(src, Hout, ldq / 2, qh + (ptrdiff_t)n * ldq, qs + n);
+                            if (src) fl_quantize_h(src, Hout, ldq / 2, cell->act_bits, qh + (ptrdiff_t)n * ldq, qs + n);
                         }
                     }
 #endif
@@ -350,7 +352,7 @@ static void FN(thread_)(void *arg, int tid, int nt)
                             for (int n = n0, R; n < r1; n += R) {
                                 R = FN(seg_tile_)(n, n0, rs, r1, rmax);
                                 int has = n < rs ? Aprev != NULL : h0 != NULL;
-                                kr->lstmi8(R, Hout, has ? qh + (ptrdiff_t)n * ldq : NULL, ldq, qs + n, pq, corr, sc,
+                                kr->lstmi8(R, Hout, has ? qh + (ptrdiff_t)n * ldq : NULL, ldq, qs + n, pq, corr, cell->act_bits == 8 ? 1 : 2, sc,
                                            Gt + n * ldg + (ptrdiff_t)j * FL_PW, ldg,
                                            cst + (ptrdiff_t)n * H + j * FL_BW, H,
                                            hdst + n * ldh + j * FL_BW, ldh, nvalid, &epi);

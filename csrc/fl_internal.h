@@ -44,6 +44,7 @@
  * step; integer sums run over K chunks of FL_I8_KC (FL_I8_KC * 128 * 32767
  * < 2^31, so the int32 sums are exact). */
 #define FL_HQ_MAX 32767
+#define FL_HQ8_MAX 127 /* 8-bit codes (fl_cell_set_act_bits), held as q = 256 * q8 */
 #define FL_I8_KC 256
 /* Cache tuning, chosen once for the CPU by fl_tune_init (engine.c; called
  * by CPU detection and by every forward plan, idempotent):
@@ -116,12 +117,15 @@ typedef void (*fl_lstmq2_f32)(int wtype, int K, const float *A, const void *pane
  * this one sequence on every ISA, so every path gives bitwise the same
  * pre-activations.  Q NULL means h_{t-1} = 0 (accf = 0, hs = 0).
  * corr[c*64 + col] = -32768 * (sum over chunk c of qw[k][col]): the offset
- * the byte split adds (only the vpdpbusd kernel reads it).
+ * the byte split adds (only the vpdpbusd kernel reads it).  planes = 1: the
+ * codes are 8-bit (q = 256 * q8, every lo byte zero), so the vpdpbusd
+ * kernel skips the lo plane -- the same sums; the other kernels ignore it.
  * epi NULL: an input projection (int8 W_ih, Q the quantized input rows,
  * G the bias with ldg = 0): no gate math, h[r*ldh + col] = pre for all 64
  * columns (c unused). */
 typedef void (*fl_lstmi8_f32)(int R, int K, const int16_t *Q, ptrdiff_t ldq, const float *hs,
-                              const int8_t *panel, const int32_t *corr, const float *scale,
+                              const int8_t *panel, const int32_t *corr, int planes,
+                              const float *scale,
                               const float *G, ptrdiff_t ldg,
                               float *c, ptrdiff_t ldc, float *h, ptrdiff_t ldh,
                               int nvalid, const fl_epi *epi);
@@ -155,12 +159,14 @@ extern int fl_use_vnni;
  *   pre-activations become NaN);  m < FL_HQ_MIN: q = 0, *hs = 0;
  *   else inv = 32767.0f / m, q_k = rne(clamp(h_k * inv, +-32767)),
  *   *hs = m / 32767.0f.   q[n .. npad) is zeroed.
+ * bits = 8: inv = 127.0f / m, q_k = 256 * rne(clamp(h_k * inv, +-127)),
+ *   *hs = m / 127.0f * 2^-8 (the same products as 8-bit codes).
  * Then the byte planes after q[npad] (npad bytes each) for vpdpbusd, which
  * multiplies unsigned bytes by signed ones:
  *   hi_k = (q_k >> 8) + 128 (0 .. 255),  lo_k = q_k & 255 (0 .. 255),
  * so q_k = 256 * hi_k + lo_k - 32768. */
 #define FL_HQ_MIN 0x1p-96f
-void fl_quantize_h(const float *h, int n, int npad, int16_t *q, float *hs);
+void fl_quantize_h(const float *h, int n, int npad, int bits, int16_t *q, float *hs);
 
 /* Rows (k) of one reduced-precision W_hh panel: int8 panels hold whole k
  * quads (K not a multiple of 4 gets zero rows). */
@@ -206,6 +212,7 @@ struct fl_cell {
                                up to 4), or NULL (then wih holds float32 panels) */
     float *wih_scale;       /* nb x 64 with wihq */
     int32_t *wih_corr;      /* nb x fl_i8_chunks(in) x 64 with wihq */
+    int act_bits;           /* 16 or 8: the int8 kernels' codes of h and inputs */
     fl_cell_opts opts;
     int is_default;
     size_t bytes;

@@ -42,6 +42,7 @@ cdef extern from "fastlstm.h" nogil:
     void fl_cell_free(fl_cell *cell)
     int fl_cell_set_whh_reduced(fl_cell *cell, int wtype, const void *w, const float *scale)
     int fl_cell_set_wih_reduced(fl_cell *cell, int wtype, const void *w, const float *scale)
+    int fl_cell_set_act_bits(fl_cell *cell, int bits)
     size_t fl_cell_packed_bytes(const fl_cell *cell)
     size_t fl_workspace_bytes(fl_cell **cells, int layers, int dirs, int T, int N)
     int fl_forward(fl_cell **cells, int layers, int dirs, const fl_io *io, void *ws, int nthreads)
@@ -191,6 +192,11 @@ cdef class Stack:
         cdef int rc = fl_cell_set_whh_reduced(self.cells[index], wtype, _ptr(w), <const float *>_ptr(scale))
         if rc != 0:
             raise MemoryError(f"fastlstm: could not store reduced weights (code {rc})")
+
+    def set_act_bits(self, int index, int bits):
+        """Bits (16 or 8) of cell `index`'s quantized h and inputs (int8 weights)."""
+        if fl_cell_set_act_bits(self.cells[index], bits) != 0:
+            raise ValueError(f"activation_bits: expected 16 or 8, got {bits}")
 
     def set_wih_reduced(self, int index, int wtype, w, scale):
         """Store cell `index`'s W_ih as int8 (wtype 3): w (4H, input) int8,

@@ -149,6 +149,7 @@ class LSTM:
         self.input_forget = bool(input_forget)
         self.weights_precision = "float32"
         self.input_weights_precision = "float32"
+        self.activation_bits = 16
         self._qforms = {}
         self._stack = _engine.Stack(self.num_layers, self.num_directions, _DTYPES[self.dtype],
                                     self.input_size, self.hidden_size, self.proj_size)
@@ -251,6 +252,8 @@ class LSTM:
         qf = qforms.get("weight_ih_" + s)
         if qf is not None:
             stack.set_wih_reduced(layer * self.num_directions + d, _PRECISIONS[qf[0]], qf[1], qf[2])
+        if self.activation_bits != 16:
+            stack.set_act_bits(layer * self.num_directions + d, self.activation_bits)
 
     def _new_stack(self, params, qforms=None):
         """A new engine Stack with every cell packed from ``params`` (and the
@@ -263,7 +266,7 @@ class LSTM:
         return stack
 
     # ------------------------------------------------------ weight precision
-    def astype(self, weights, *, input_weights=None):
+    def astype(self, weights, *, input_weights=None, activation_bits=16):
         """A copy of this model whose weights are stored in ``weights``
         precision: "float32", "float16", "bfloat16" or "int8" (per-row
         scales).  float16/bfloat16 store the recurrent weights W_hh, widened
@@ -274,6 +277,10 @@ class LSTM:
         "Reduced precision").  ``input_weights="float32"`` keeps W_ih (and the
         input projection) float32 with int8 W_hh: exact in the inputs, e.g.
         for inputs whose features differ in scale by more than ~10^4.
+        ``activation_bits=8`` (int8 only) quantizes h_{t-1} and the input
+        rows to 8 bits instead (q = round(h * 127 / max|h|) per row), as torch's
+        and ONNX Runtime's int8 LSTMs do: half the integer work (one vpdpbusd
+        per 64 weights instead of two), ~250x coarser than the int16 codes.
         State, biases and the projection stay float32.  The copy's
         state_dict() returns the dequantized weights, so ``reference()``
         checks exactly what the engine runs.  float64 models stay
@@ -290,6 +297,10 @@ class LSTM:
             if in_prec not in allowed:
                 raise ValueError(f"input_weights: expected one of {list(allowed)} with "
                                  f"weights={prec!r}, got {input_weights!r}")
+        if (not isinstance(activation_bits, (int, np.integer)) or isinstance(activation_bits, bool)
+                or activation_bits not in (16, 8) or (activation_bits == 8 and prec != "int8")):
+            raise ValueError(f"activation_bits: expected 16, or 8 with weights='int8', got "
+                             f"{activation_bits!r} with weights={prec!r}")
         if prec != "float32" and self.dtype != np.float32:
             raise DTypeError(f"weights: {prec} storage needs a float32 model, this one is {self.dtype}")
         state = self.__getstate__()  # takes the lock itself
@@ -310,6 +321,7 @@ class LSTM:
             qforms[k], params[k] = _quantize(params[k], p, _matrix_name(k))
         new.weights_precision = prec
         new.input_weights_precision = in_prec
+        new.activation_bits = int(activation_bits)
         new._qforms = qforms
         new._params = params
         new._stack = new._new_stack(params, qforms)
@@ -421,6 +433,7 @@ class LSTM:
     def __setstate__(self, state):
         state = dict(state)
         state.setdefault("input_weights_precision", "float32")  # pickles before int8 W_ih
+        state.setdefault("activation_bits", 16)
         self.__dict__.update(state)
         self._lock = threading.Lock()
         shapes = self._param_shapes()
@@ -624,6 +637,7 @@ class LSTM:
         input row) to int16 per row, as the engine does
         (reference.quantize_h_int16)."""
         from .reference import lstm_forward
+        q = "int8" if self.activation_bits == 8 else "int16"
         peep = {k[len("peephole_"):]: v for k, v in self._params.items()
                 if k.startswith("peephole_")}
         cell = {"activations": self.activations, "alpha": self.activation_alpha,
@@ -632,8 +646,8 @@ class LSTM:
         return lstm_forward(self._params, x, hx, num_layers=self.num_layers,
                             bidirectional=self.bidirectional, batch_first=self.batch_first,
                             cell=cell, peepholes=peep or None,
-                            quantize_h="int16" if self.weights_precision == "int8" else None,
-                            quantize_x="int16" if self.input_weights_precision == "int8" else None)
+                            quantize_h=q if self.weights_precision == "int8" else None,
+                            quantize_x=q if self.input_weights_precision == "int8" else None)
 
 
 _PRECISIONS = {"float32": 0, "float16": 1, "bfloat16": 2, "int8": 3}

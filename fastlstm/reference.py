@@ -48,10 +48,11 @@ ACTIVATIONS = {
 
 
 HQ_MAX = 32767
+HQ8_MAX = 127
 HQ_MIN = 2.0 ** -96
 
 
-def quantize_h_int16(h):
+def quantize_h_int16(h, bits=16):
     """h (N, K) -> the per-row int16-quantized h, dequantized (float64).
 
     The codes are computed as the engine computes them, in float32 (h is
@@ -59,7 +60,9 @@ def quantize_h_int16(h):
     q_k = round_half_even(clip(h_k * inv, +-32767)), each operation rounded
     to float32 -- so a float32 input row gets exactly the engine's codes
     (no code lands one step apart from a float64 rounding).  The dequantized
-    value q_k * m / 32767 is float64."""
+    value q_k * m / 32767 is float64.  bits=8: the same with 127 for 32767
+    (the engine's activation_bits=8)."""
+    qmax = HQ_MAX if bits == 16 else HQ8_MAX
     h32 = np.asarray(h, dtype=np.float32)
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         a = np.abs(h32)
@@ -68,11 +71,17 @@ def quantize_h_int16(h):
                                                    initial=np.float32(0))
         ok = finite & (m >= np.float32(HQ_MIN))
         safe = np.where(ok, m, np.float32(1)).astype(np.float32)
-        inv = (np.float32(HQ_MAX) / safe).astype(np.float32)
-        y = np.clip((h32 * inv).astype(np.float32), -HQ_MAX, HQ_MAX)
+        inv = (np.float32(qmax) / safe).astype(np.float32)
+        y = np.clip((h32 * inv).astype(np.float32), -qmax, qmax)
         q = np.where(ok, np.rint(y), np.float32(0)).astype(np.float64)
-        out = q * safe.astype(np.float64) / HQ_MAX
+        out = q * safe.astype(np.float64) / qmax
     return np.where(finite, out, np.nan)
+
+
+def _quantize_rows(v, how):
+    if how in ("int16", "int8") and v.shape[-1] > 0:
+        return quantize_h_int16(v, 16 if how == "int16" else 8)
+    return v
 
 
 def _cell_step(x, h, c, w_ih, w_hh, b, w_hr, peep, cell, quantize_h=None, quantize_x=None):
@@ -85,8 +94,8 @@ def _cell_step(x, h, c, w_ih, w_hh, b, w_hr, peep, cell, quantize_h=None, quanti
     ga = lambda v: ACTIVATIONS[acts[1]](v, alpha[1], beta[1])  # noqa: E731
     ha = lambda v: ACTIVATIONS[acts[2]](v, alpha[2], beta[2])  # noqa: E731
     clipf = (lambda v: np.clip(v, -clip, clip)) if clip > 0 else (lambda v: v)  # noqa: E731
-    hq = quantize_h_int16(h) if quantize_h == "int16" else h
-    xq = quantize_h_int16(x) if quantize_x == "int16" and x.shape[-1] > 0 else x
+    hq = _quantize_rows(h, quantize_h)
+    xq = _quantize_rows(x, quantize_x)
     z = xq @ w_ih.T + hq @ w_hh.T
     if b is not None:
         z = z + b
@@ -121,7 +130,8 @@ def lstm_forward(params, x, hx=None, *, num_layers=1, bidirectional=False,
     input_forget).  peepholes: dict name -> (3, H) for 'l{k}[_reverse]'.
     quantize_h: None, or "int16" for the per-row int16 quantization of
     h_{t-1} that fastlstm applies with int8 W_hh (see the module docstring);
-    quantize_x: the same for each input row (int8 W_ih).
+    quantize_x: the same for each input row (int8 W_ih).  "int8" for either:
+    8-bit codes (activation_bits=8).
     Returns out, (h_n, c_n) with torch.nn.LSTM's shapes, in float64.
     """
     cell = cell or {}

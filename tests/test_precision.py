@@ -3,6 +3,7 @@ ISA path against the float64 reference of the dequantized weights (float32
 bound) and against the float32 model (PRECISION_TOL); the stored forms;
 save/load; load(weights=); errors; lengths=, streaming, threads, pickle.
 Bounds and their measurements: tests/tolerances.py."""
+import itertools
 import json
 import pickle
 
@@ -15,18 +16,23 @@ from fastlstm.io import native
 from fastlstm.io import safetensors as fst
 from fastlstm import _engine
 from fastlstm.reference import quantize_h_int16
-from tolerances import INT8_REF_TOL, PRECISION_TOL, TOL, assert_close, assert_lstm_close, max_rel_err
+from tolerances import INT8_A8_REF_TOL, INT8_REF_TOL, PRECISION_TOL, TOL, assert_close, assert_lstm_close, max_rel_err
 
 PRECISIONS = ("float16", "bfloat16", "int8")
 ALL = ("float32",) + PRECISIONS
 # int8 W_hh with float32 W_ih (astype("int8", input_weights="float32")): the
 # int8 model before int8 input weights, still supported and saved as version 2
 I8_F32IN = "int8_f32in"
+# int8 with 8-bit activation codes (astype("int8", activation_bits=8))
+I8_A8 = "int8_a8"
+VARIANTS = (I8_F32IN, I8_A8)
 
 
 def _astype(m, prec):
     if prec == I8_F32IN:
         return m.astype("int8", input_weights="float32")
+    if prec == I8_A8:
+        return m.astype("int8", activation_bits=8)
     return m.astype(prec)
 
 CONFIGS = [  # (input, hidden, batch, T, options)
@@ -81,12 +87,13 @@ def _same_quantized(a, b):
 def _assert_ref_close(got, ref, prec, what):
     """float32 bound; int8 (h, and x with int8 W_ih, quantized to int16 on
     both sides): INT8_REF_TOL."""
-    tol = INT8_REF_TOL if prec.startswith("int8") else TOL[np.dtype(np.float32)]
+    tol = (INT8_A8_REF_TOL if prec == I8_A8 else INT8_REF_TOL if prec.startswith("int8")
+           else TOL[np.dtype(np.float32)])
     err = _err(got, ref)
     assert err <= tol, f"{what}: error {err:.3e} > {tol:.0e}"
 
 
-@pytest.mark.parametrize("prec", ALL + (I8_F32IN,))
+@pytest.mark.parametrize("prec", ALL + VARIANTS)
 @pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
 def test_matches_reference_of_dequantized_weights(isa, cfg, prec):
     """The engine computes exactly with the weights state_dict() reports (and,
@@ -95,7 +102,8 @@ def test_matches_reference_of_dequantized_weights(isa, cfg, prec):
     m, x = _model(cfg)
     q = _astype(m, prec)
     assert q.weights_precision == prec.split("_")[0] and q.dtype == np.float32
-    assert q.input_weights_precision == ("int8" if prec == "int8" else "float32")
+    assert q.input_weights_precision == ("int8" if prec in ("int8", I8_A8) else "float32")
+    assert q.activation_bits == (8 if prec == I8_A8 else 16)
     for nt in (1, 2):
         _assert_ref_close(q(x, num_threads=nt), q.reference(x.astype(np.float64)), prec,
                           f"{prec} {isa} threads={nt}")
@@ -152,7 +160,7 @@ def test_int8_many_rows_threads():
                       "rows")
 
 
-def _exact_input_model(opts, H=40, In=7, seed=0):
+def _exact_input_model(opts, H=40, In=7, seed=0, bits=16):
     """An int8 model whose input projection x W_ih^T + b is computed exactly
     (dyadic weights and inputs with few bits: every product and partial sum
     is a float32 without rounding... except the adds to the bias, which all
@@ -167,14 +175,15 @@ def _exact_input_model(opts, H=40, In=7, seed=0):
     x = (rng.integers(-4, 5, (9, 4, In)) / 2.0).astype(np.float32)
     h0 = rng.standard_normal((m.num_directions, 4, H)).astype(np.float32)
     c0 = rng.standard_normal((m.num_directions, 4, H)).astype(np.float32)
-    return m.astype("int8"), x, (h0, c0)
+    return m.astype("int8", activation_bits=bits), x, (h0, c0)
 
 
 @pytest.mark.parametrize("opts", [{"clip": 1e3}, {"peepholes": True, "bidirectional": True},
                                   {"activations": ("hardsigmoid", "tanh", "softsign")}],
                          ids=["clip", "peep_bidir", "acts"])
 @pytest.mark.parametrize("H", [40, 300])
-def test_int8_bitwise_across_isas(opts, H):
+@pytest.mark.parametrize("bits", [16, 8])
+def test_int8_bitwise_across_isas(opts, H, bits):
     """int8 W_hh: the integer sums are exact and the float operations one fixed
     sequence (fl_internal.h, fl_lstmi8_f32), so the pre-activations are
     bitwise the same on avx512 (VNNI or not), avx2 and portable.  The default
@@ -182,7 +191,7 @@ def test_int8_bitwise_across_isas(opts, H):
     this runs cells that use the one scalar epilogue every path shares, with
     an exactly computed input projection: the whole outputs must then be
     bitwise equal, for every thread count and with lengths."""
-    q, x, hx = _exact_input_model(opts, H=H)
+    q, x, hx = _exact_input_model(opts, H=H, bits=bits)
     lens = [9, 4, 9, 1]
     prev = fastlstm.cpu_info()["isa"]
     results = {}
@@ -201,7 +210,7 @@ def test_int8_bitwise_across_isas(opts, H):
     for key, got in results.items():
         _bitwise(got[0], want[0], f"{key}")
         _bitwise(got[1], want[1], f"{key} lengths")
-    _assert_ref_close(want[0], q.reference(x, hx), "int8", "portable")
+    _assert_ref_close(want[0], q.reference(x, hx), I8_A8 if bits == 8 else "int8", "portable")
 
 
 def test_int8_vnni_or_not_bitwise():
@@ -213,14 +222,14 @@ def test_int8_vnni_or_not_bitwise():
     rng = np.random.default_rng(3)
     try:
         fastlstm.set_isa("avx512")
-        for H, N in [(300, 1), (65, 8), (33, 13)]:
-            q = fastlstm.LSTM(5, H, num_layers=2, seed=H).astype("int8")
+        for (H, N), bits in itertools.product([(300, 1), (65, 8), (33, 13)], (16, 8)):
+            q = fastlstm.LSTM(5, H, num_layers=2, seed=H).astype("int8", activation_bits=bits)
             x = rng.standard_normal((7, N, 5)).astype(np.float32)
             _engine.int8_vnni_set(1)
             a = q(x)
             _engine.int8_vnni_set(0)
             assert fastlstm.cpu_info()["int8_dot"] == "vpmaddwd"
-            _bitwise(q(x), a, f"H={H} N={N}")
+            _bitwise(q(x), a, f"H={H} N={N} bits={bits}")
     finally:
         _engine.int8_vnni_set(1)
         fastlstm.set_isa(prev)
@@ -261,7 +270,7 @@ def test_int8_non_finite_state(isa, value):
     assert np.isnan(got[0][2:, 0]).all() and not np.isnan(got[0][:2, 0]).any()
 
 
-@pytest.mark.parametrize("prec", PRECISIONS + (I8_F32IN,))
+@pytest.mark.parametrize("prec", PRECISIONS + VARIANTS)
 @pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
 def test_close_to_float32_model(isa, cfg, prec):
     m, x = _model(cfg)
@@ -269,7 +278,7 @@ def test_close_to_float32_model(isa, cfg, prec):
     assert 0 < err <= PRECISION_TOL[prec], f"{prec} {isa}: {err:.3e} > {PRECISION_TOL[prec]:.0e}"
 
 
-@pytest.mark.parametrize("prec", PRECISIONS + (I8_F32IN,))
+@pytest.mark.parametrize("prec", PRECISIONS + VARIANTS)
 def test_bounds_hold_over_random_models(prec):
     """A wider random sweep (the kind the bounds were measured on)."""
     worst = 0.0
@@ -378,6 +387,27 @@ def test_astype_input_weights_refused(prec, inw):
         fastlstm.LSTM(3, 8, seed=0).astype(prec, input_weights=inw)
 
 
+@pytest.mark.parametrize("prec,bits", [("float16", 8), ("bfloat16", 8), ("float32", 8),
+                                       ("int8", 4), ("int8", 32), ("int8", "8"), ("int8", True),
+                                       ("int8", 8.0)])
+def test_astype_activation_bits_refused(prec, bits):
+    with pytest.raises(ValueError, match="activation_bits"):
+        fastlstm.LSTM(3, 8, seed=0).astype(prec, activation_bits=bits)
+
+
+def test_activation_bits_8_codes():
+    """8-bit activations: the reference's codes are 8-bit (h * 127 / m) and the
+    engine gives the reference's results; 16-bit and 8-bit differ."""
+    h = np.array([[0.5, -1.0, 0.3, 0.0]], np.float32)
+    np.testing.assert_array_equal(quantize_h_int16(h, 8)[0],
+                                  np.rint(h[0].astype(np.float64) * 127) / 127)
+    m = fastlstm.LSTM(6, 20, seed=2)
+    x = np.random.default_rng(2).standard_normal((10, 3, 6)).astype(np.float32)
+    q8, q16 = m.astype("int8", activation_bits=8), m.astype("int8")
+    _assert_ref_close(q8(x), q8.reference(x), I8_A8, "8-bit")
+    assert _err(q8(x), q16(x)) > 10 * _err(q16(x), q16.reference(x))
+
+
 def test_int8_inputs_quantized_per_row(isa):
     """int8 W_ih quantizes each input row to int16 by its own max: a row
     scaled by 2^k gives exactly 2^k times the projection (the codes are the
@@ -481,7 +511,7 @@ SAVE_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("prec", ALL + (I8_F32IN,))
+@pytest.mark.parametrize("prec", ALL + VARIANTS)
 @pytest.mark.parametrize("opts", SAVE_CONFIGS, ids=["plain", "bidir_proj", "variant"])
 def test_save_load_bitwise(tmp_path, prec, opts):
     m = fastlstm.LSTM(6, 17, seed=10, **opts)
@@ -491,6 +521,7 @@ def test_save_load_bitwise(tmp_path, prec, opts):
     r = fastlstm.load(path)
     assert r.weights_precision == q.weights_precision and r.dtype == np.float32
     assert r.input_weights_precision == q.input_weights_precision
+    assert r.activation_bits == q.activation_bits
     assert repr(r) == repr(q) and r.cell_options() == q.cell_options()
     _same_quantized(q, r)
     sq, sr = q.state_dict(), r.state_dict()
@@ -507,6 +538,7 @@ def test_save_load_bitwise(tmp_path, prec, opts):
     info = dict(fastlstm.list_stacks(path))[""]
     assert info["weights_precision"] == q.weights_precision and info["dtype"] == "float32"
     assert info["input_weights_precision"] == q.input_weights_precision
+    assert info["activation_bits"] == q.activation_bits
 
 
 @pytest.mark.parametrize("prec", ALL)
@@ -724,14 +756,14 @@ def test_safetensors_bf16_writer_checks():
     assert np.isnan(back[2])
 
 
-@pytest.mark.parametrize("prec", ("float32",) + PRECISIONS)
+@pytest.mark.parametrize("prec", ("float32",) + PRECISIONS + VARIANTS)
 def test_rows_independent_of_their_tile(isa, prec):
     # Row tiles are balanced (8 rows: 4 + 4, 13: 5 + 4 + 4), so a row's tile
     # depends on the batch; its result must not (one sequential chain per
     # output, integer sums exact).  Each row alone must give the same bits.
     rng = np.random.default_rng(11)
     q = fastlstm.LSTM(40, 70, seed=11)
-    q = q if prec == "float32" else q.astype(prec)
+    q = q if prec == "float32" else _astype(q, prec)
     for N in (7, 8, 13):
         x = rng.standard_normal((6, N, 40)).astype(np.float32)
         out, (h, c) = q(x, num_threads=1)
@@ -739,3 +771,19 @@ def test_rows_independent_of_their_tile(isa, prec):
             o1, (h1, c1) = q(x[:, n:n + 1], num_threads=1)
             assert np.array_equal(o1[:, 0], out[:, n]), f"{prec} N={N} row {n}"
             assert np.array_equal(h1[:, 0], h[:, n]) and np.array_equal(c1[:, 0], c[:, n])
+
+
+@pytest.mark.parametrize("prec", ["int8", I8_A8])
+def test_int8_inputs_threads_chunks_layers(isa, prec):
+    """int8 W_ih with threads that split the batch: each thread's quantized
+    input rows must stay its own across time chunks and layers (the threads
+    do not wait for each other, one may be chunks ahead).  A regression test:
+    per-chunk offsets let a thread in the next chunk overwrite rows another
+    still read (2 layers, T beyond one chunk; seen as ~1 wrong call in 3)."""
+    m = fastlstm.LSTM(25, 58, num_layers=2, seed=1)
+    x = np.random.default_rng(0).standard_normal((106, 5, 25)).astype(np.float32)
+    q = _astype(m, prec)
+    want = q(x, num_threads=1)
+    _assert_ref_close(want, q.reference(x), prec, isa)
+    for _ in range(12):
+        _bitwise(q(x, num_threads=2), want, prec)

@@ -82,6 +82,11 @@ int fl_cell_set_whh_reduced(fl_cell *cell, int wtype, const void *w, const float
  * README, "Reduced precision") for integer dot products.  Once, on a fresh
  * cell; the float32 panels are freed.  Returns 0 or a negative code. */
 int fl_cell_set_wih_reduced(fl_cell *cell, int wtype, const void *w, const float *scale);
+/* Bits of the int8 kernels' quantized h_{t-1} and input rows: 16 (the
+ * default: int16 codes) or 8 (int8 codes, q8 = rne(h * 127 / m) per row, as
+ * torch's and ONNX Runtime's dynamic quantization do: half the integer
+ * work, ~250x coarser).  Float32 cells only; returns 0 or -1. */
+int fl_cell_set_act_bits(fl_cell *cell, int bits);
 int fl_cell_dtype(const fl_cell *cell);
 size_t fl_cell_packed_bytes(const fl_cell *cell);
 

@@ -211,11 +211,12 @@ static inline int64_t ld_quad(const int16_t *q)
  * added at the end of the chunk (vphaddd, then vpermq to column order).
  * 32 columns per pass keep the 8 accumulators in registers. */
 static void lstmi8_avx2(int R, int K, const int16_t *Q, ptrdiff_t ldq, const float *hs,
-                        const int8_t *panel, const int32_t *corr, const float *scale,
+                        const int8_t *panel, const int32_t *corr, int planes, const float *scale,
                         const float *G, ptrdiff_t ldg, float *c, ptrdiff_t ldc, float *h,
                         ptrdiff_t ldh, int nvalid, const fl_epi *epi)
 {
     (void)corr; /* the byte split's offset: this kernel multiplies the int16 h */
+    (void)planes;
     const int nq = (K + 3) / 4;
     for (int r = 0; r < R; r++) {
         /* chunk sums in memory: the 8 int32 accumulators keep the registers */

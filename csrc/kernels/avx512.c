@@ -358,8 +358,8 @@ AI __m512i dp_u8s8(__m512i acc, __m512i a, __m512i w)
 
 /* One K chunk [p0, p1) (k quads) for n <= 3 rows: sums[r][col] += the
  * chunk's exact int32 sum, converted. */
-AI VNNI_TARGET void i8_chunk_vnni(const int n, int p0, int p1, const int16_t *Q, ptrdiff_t ldq,
-                                  const int8_t *panel, const int32_t *corr, float *sums)
+AI VNNI_TARGET void i8_chunk_vnni(const int n, const int planes, int p0, int p1, const int16_t *Q,
+                                  ptrdiff_t ldq, const int8_t *panel, const int32_t *corr, float *sums)
 {
     const ptrdiff_t plane = ldq / 2;
     __m512i ah[3][4], al[3][4];
@@ -377,15 +377,17 @@ AI VNNI_TARGET void i8_chunk_vnni(const int n, int p0, int p1, const int16_t *Q,
         for (int r = 0; r < n; r++) {
             const uint8_t *hi = (const uint8_t *)(Q + r * ldq + plane);
             const __m512i bh = _mm512_set1_epi32(ld32(hi + 4 * p));
-            const __m512i bl = _mm512_set1_epi32(ld32(hi + plane + 4 * p));
             ah[r][0] = dp_u8s8(ah[r][0], bh, w0);
             ah[r][1] = dp_u8s8(ah[r][1], bh, w1);
             ah[r][2] = dp_u8s8(ah[r][2], bh, w2);
             ah[r][3] = dp_u8s8(ah[r][3], bh, w3);
-            al[r][0] = dp_u8s8(al[r][0], bl, w0);
-            al[r][1] = dp_u8s8(al[r][1], bl, w1);
-            al[r][2] = dp_u8s8(al[r][2], bl, w2);
-            al[r][3] = dp_u8s8(al[r][3], bl, w3);
+            if (planes == 2) { /* 8-bit codes: every lo byte is zero */
+                const __m512i bl = _mm512_set1_epi32(ld32(hi + plane + 4 * p));
+                al[r][0] = dp_u8s8(al[r][0], bl, w0);
+                al[r][1] = dp_u8s8(al[r][1], bl, w1);
+                al[r][2] = dp_u8s8(al[r][2], bl, w2);
+                al[r][3] = dp_u8s8(al[r][3], bl, w3);
+            }
         }
     }
     for (int r = 0; r < n; r++)
@@ -396,9 +398,10 @@ AI VNNI_TARGET void i8_chunk_vnni(const int n, int p0, int p1, const int16_t *Q,
         }
 }
 
-AI void i8_chunk_bw(const int n, int p0, int p1, const int16_t *Q, ptrdiff_t ldq,
+AI void i8_chunk_bw(const int n, const int planes, int p0, int p1, const int16_t *Q, ptrdiff_t ldq,
                     const int8_t *panel, const int32_t *corr, float *sums)
 {
+    (void)planes;
     (void)corr; /* the byte split's offset: this kernel multiplies the int16 h */
     /* lanes 2i and 2i+1 of (a, b) hold column i's two pair sums */
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
@@ -425,12 +428,18 @@ AI void i8_chunk_bw(const int n, int p0, int p1, const int16_t *Q, ptrdiff_t ldq
         }
 }
 
+/* One row count, the planes as a constant (1: 8-bit codes, 2: 16-bit). */
+#define I8_ROWS(NAME, R)                                                                         \
+    (planes == 1 ? NAME##_r(R, 1, K, Q, ldq, hs, panel, corr, scale, G, ldg, c, ldc, h, ldh, nvalid, epi) \
+                 : NAME##_r(R, 2, K, Q, ldq, hs, panel, corr, scale, G, ldg, c, ldc, h, ldh, nvalid, epi))
+
 /* K chunks outside, passes of at most 3 rows inside (balanced: 4 = 2 + 2):
  * a chunk's 16 KB of panel is read from L2 once and from L1 by the other
  * passes. */
 #define I8_KERNEL(NAME, CHUNK, ATTR)                                                             \
-    AI ATTR void NAME##_r(const int R, int K, const int16_t *Q, ptrdiff_t ldq, const float *hs,  \
-                          const int8_t *panel, const int32_t *corr, const float *scale,          \
+    AI ATTR void NAME##_r(const int R, const int PLANES, int K, const int16_t *Q, ptrdiff_t ldq,  \
+                          const float *hs, const int8_t *panel, const int32_t *corr,             \
+                          const float *scale,                                                    \
                           const float *G, ptrdiff_t ldg, float *c, ptrdiff_t ldc, float *h,      \
                           ptrdiff_t ldh, int nvalid, const fl_epi *epi)                          \
     {                                                                                            \
@@ -442,8 +451,10 @@ AI void i8_chunk_bw(const int n, int p0, int p1, const int16_t *Q, ptrdiff_t ldq
             const int n0 = R <= 3 ? R : (R == 4 ? 2 : 3), n1 = R - n0;                           \
             for (int p0 = 0, ch = 0; p0 < nq; p0 += FL_I8_KC / 4, ch++) {                        \
                 const int p1 = p0 + FL_I8_KC / 4 < nq ? p0 + FL_I8_KC / 4 : nq;                  \
-                CHUNK(n0, p0, p1, Q, ldq, panel, corr + ch * FL_PW, sums);                          \
-                if (n1 > 0) CHUNK(n1, p0, p1, Q + n0 * ldq, ldq, panel, corr + ch * FL_PW, sums + n0 * FL_PW); \
+                CHUNK(n0, PLANES, p0, p1, Q, ldq, panel, corr + ch * FL_PW, sums);                  \
+                if (n1 > 0)                                                                      \
+                    CHUNK(n1, PLANES, p0, p1, Q + n0 * ldq, ldq, panel, corr + ch * FL_PW,       \
+                          sums + n0 * FL_PW);                                                    \
             }                                                                                    \
         }                                                                                        \
         for (int r = 0; r < R; r++) {                                                            \
@@ -462,17 +473,17 @@ AI void i8_chunk_bw(const int n, int p0, int p1, const int16_t *Q, ptrdiff_t ldq
         epilogue(R, accf, c, ldc, h, ldh, nvalid, epi);                                          \
     }                                                                                            \
     static ATTR void NAME(int R, int K, const int16_t *Q, ptrdiff_t ldq, const float *hs,        \
-                          const int8_t *panel, const int32_t *corr, const float *scale,          \
+                          const int8_t *panel, const int32_t *corr, int planes, const float *scale,          \
                           const float *G, ptrdiff_t ldg, float *c, ptrdiff_t ldc, float *h,      \
                           ptrdiff_t ldh, int nvalid, const fl_epi *epi)                          \
     {                                                                                            \
         switch (R) {                                                                             \
-        case 1: NAME##_r(1, K, Q, ldq, hs, panel, corr, scale, G, ldg, c, ldc, h, ldh, nvalid, epi); break; \
-        case 2: NAME##_r(2, K, Q, ldq, hs, panel, corr, scale, G, ldg, c, ldc, h, ldh, nvalid, epi); break; \
-        case 3: NAME##_r(3, K, Q, ldq, hs, panel, corr, scale, G, ldg, c, ldc, h, ldh, nvalid, epi); break; \
-        case 4: NAME##_r(4, K, Q, ldq, hs, panel, corr, scale, G, ldg, c, ldc, h, ldh, nvalid, epi); break; \
-        case 5: NAME##_r(5, K, Q, ldq, hs, panel, corr, scale, G, ldg, c, ldc, h, ldh, nvalid, epi); break; \
-        default: NAME##_r(6, K, Q, ldq, hs, panel, corr, scale, G, ldg, c, ldc, h, ldh, nvalid, epi); break; \
+        case 1: I8_ROWS(NAME, 1); break; \
+        case 2: I8_ROWS(NAME, 2); break; \
+        case 3: I8_ROWS(NAME, 3); break; \
+        case 4: I8_ROWS(NAME, 4); break; \
+        case 5: I8_ROWS(NAME, 5); break; \
+        default: I8_ROWS(NAME, 6); break; \
         }                                                                                        \
     }
 
@@ -480,12 +491,12 @@ I8_KERNEL(lstmi8_vnni, i8_chunk_vnni, VNNI_TARGET)
 I8_KERNEL(lstmi8_bw, i8_chunk_bw, )
 
 static void lstmi8_avx512(int R, int K, const int16_t *Q, ptrdiff_t ldq, const float *hs,
-                          const int8_t *panel, const int32_t *corr, const float *scale,
+                          const int8_t *panel, const int32_t *corr, int planes, const float *scale,
                           const float *G, ptrdiff_t ldg, float *c, ptrdiff_t ldc, float *h,
                           ptrdiff_t ldh, int nvalid, const fl_epi *epi)
 {
-    (fl_use_vnni ? lstmi8_vnni : lstmi8_bw)(R, K, Q, ldq, hs, panel, corr, scale, G, ldg, c, ldc,
-                                            h, ldh, nvalid, epi);
+    (fl_use_vnni ? lstmi8_vnni : lstmi8_bw)(R, K, Q, ldq, hs, panel, corr, planes, scale, G, ldg, c,
+                                            ldc, h, ldh, nvalid, epi);
 }
 
 const fl_kernels_f32 fl_kernels_f32_avx512 = {RMAX, gemm_avx512, lstm_avx512, lstmq_avx512, lstmq2_avx512,

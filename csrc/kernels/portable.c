@@ -58,11 +58,12 @@ static void lstmq_portable_f32(int wtype, int R, int K, const float *A, ptrdiff_
 /* int8 W_hh times int16 h in plain int32 C: the formula of fl_lstmi8_f32
  * (fl_internal.h) that the SIMD paths reproduce bitwise. */
 static void lstmi8_portable_f32(int R, int K, const int16_t *Q, ptrdiff_t ldq, const float *hs,
-                                const int8_t *panel, const int32_t *corr, const float *scale,
+                                const int8_t *panel, const int32_t *corr, int planes, const float *scale,
                                 const float *G, ptrdiff_t ldg, float *c, ptrdiff_t ldc, float *h,
                                 ptrdiff_t ldh, int nvalid, const fl_epi *epi)
 {
     (void)corr; /* the byte split's offset: this kernel multiplies the int16 h */
+    (void)planes;
     const int nq = (K + 3) / 4; /* k quads; pad k are zero on both sides */
     for (int r = 0; r < R; r++) {
         float accf[FL_PW], pre[FL_PW];

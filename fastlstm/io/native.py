@@ -25,11 +25,13 @@ configuration, and their recurrent weights in the stored precision:
   (4*hidden,)), with W_hh = int8 * scale[:, None] (one scale per row).
 
 int8 models whose input weights are int8 too (``astype("int8")``, the
-default since format version 3) are written with ``"version": 3`` and
-``"input_weights_precision": "int8"``, and ``weight_ih_*`` stored the same
-way as ``weight_ih_*.int8`` and ``weight_ih_*.scale`` (a layer with no
-inputs keeps an empty F32 ``weight_ih_*``).  Version 2 files mean float32
-input weights.
+default since format version 3) or whose activations are quantized to 8
+bits are written with ``"version": 3``, ``"input_weights_precision"``
+("int8" or "float32") and ``"activation_bits"`` (16 or 8); int8 input
+weights are stored the same way, ``weight_ih_*.int8`` and
+``weight_ih_*.scale`` (a layer with no inputs keeps an empty F32
+``weight_ih_*``).  Version 2 files mean float32 input weights and 16-bit
+activations.
 
 Everything else stays F32.  Loading restores the same stored weights bit for
 bit (``quantized_weights()`` equal, outputs bitwise equal).  Files of
@@ -87,9 +89,11 @@ def model_config(model):
         cfg["version"] = 2
         cfg["weights_precision"] = prec
     in_prec = getattr(model, "input_weights_precision", "float32")
-    if in_prec != "float32":
+    bits = getattr(model, "activation_bits", 16)
+    if in_prec != "float32" or bits != 16:
         cfg["version"] = 3
         cfg["input_weights_precision"] = in_prec
+        cfg["activation_bits"] = bits
     return cfg
 
 
@@ -174,6 +178,13 @@ def read_config(metadata, where):
                           f"is not 'float32'{' or int8' if prec == 'int8' else ''} with "
                           f"weights_precision {prec}")
     out["input_weights_precision"] = in_prec
+    bits = cfg.get("activation_bits", 16) if version >= 3 else 16
+    if version >= 3 and "activation_bits" not in cfg:
+        raise FormatError(f"{where}: fastlstm configuration lacks 'activation_bits'")
+    if type(bits) is not int or bits not in (16, 8) or (bits == 8 and prec != "int8"):
+        raise FormatError(f"{where}: configuration activation_bits {str(bits)[:40]!r} is not 16"
+                          f"{' or 8' if prec == 'int8' else ''} with weights_precision {prec}")
+    out["activation_bits"] = bits
     if prec != "float32" and out["dtype"] != "float32":
         raise FormatError(f"{where}: weights_precision {prec} needs dtype float32, the "
                           f"configuration says {out['dtype']!r}")
@@ -323,6 +334,7 @@ def list_stacks(path):
             "bidirectional": cfg["bidirectional"], "bias": cfg["bias"], "dtype": cfg["dtype"],
             "weights_precision": cfg["weights_precision"],
             "input_weights_precision": cfg["input_weights_precision"],
+            "activation_bits": cfg["activation_bits"],
             "variant": _variant(cfg), "batch_first": cfg["batch_first"],
             "cell_options": {k: cfg[k] for k in ("peepholes", "activations",
                                                  "activation_alpha", "activation_beta",
@@ -373,5 +385,6 @@ def load_model(path, name=None, *, batch_first=None, dtype=None, num_threads=Non
         # which keeps a W_hh already stored in the requested precision.
         model._qforms = qforms
         model = model.astype(cfg["weights_precision"],
-                             input_weights=cfg["input_weights_precision"])
+                             input_weights=cfg["input_weights_precision"],
+                             activation_bits=cfg["activation_bits"])
     return model
