@@ -356,17 +356,22 @@ AI __m512i dp_u8s8(__m512i acc, __m512i a, __m512i w)
 
 #define VNNI_TARGET __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,f16c,avx512vnni")))
 
-/* One K chunk [p0, p1) (k quads) for n <= 3 rows: sums[r][col] += the
- * chunk's exact int32 sum, converted. */
+/* One K chunk [p0, p1) (k quads) for n rows (n <= 3 with two planes, <= 6
+ * with one: 8 or 4 accumulators a row): sums[r][col] += the chunk's exact
+ * int32 sum, converted. */
 AI VNNI_TARGET void i8_chunk_vnni(const int n, const int planes, int p0, int p1, const int16_t *Q,
                                   ptrdiff_t ldq, const int8_t *panel, const int32_t *corr, float *sums)
 {
     const ptrdiff_t plane = ldq / 2;
-    __m512i ah[3][4], al[3][4];
+    __m512i ah[6][4], al[6][4];
     for (int r = 0; r < n; r++)
         for (int q = 0; q < 4; q++) {
-            ah[r][q] = _mm512_setzero_si512();
-            al[r][q] = _mm512_loadu_si512((const void *)(corr + 16 * q));
+            /* one plane: the offset starts the hi sums, shifted back exactly
+             * (corr = -32768 * sum w, a multiple of 256) */
+            ah[r][q] = planes == 2 ? _mm512_setzero_si512()
+                                   : _mm512_srai_epi32(_mm512_loadu_si512((const void *)(corr + 16 * q)), 8);
+            al[r][q] = planes == 2 ? _mm512_loadu_si512((const void *)(corr + 16 * q))
+                                   : _mm512_setzero_si512();
         }
     for (int p = p0; p < p1; p++) {
         const int8_t *w = panel + (size_t)p * 4 * FL_PW;
@@ -393,7 +398,8 @@ AI VNNI_TARGET void i8_chunk_vnni(const int n, const int planes, int p0, int p1,
     for (int r = 0; r < n; r++)
         for (int q = 0; q < 4; q++) {
             float *sp = sums + r * FL_PW + 16 * q;
-            __m512i v = _mm512_add_epi32(_mm512_slli_epi32(ah[r][q], 8), al[r][q]);
+            __m512i v = planes == 2 ? _mm512_add_epi32(_mm512_slli_epi32(ah[r][q], 8), al[r][q])
+                                    : _mm512_slli_epi32(ah[r][q], 8);
             _mm512_store_ps(sp, _mm512_add_ps(_mm512_load_ps(sp), _mm512_cvtepi32_ps(v)));
         }
 }
@@ -433,10 +439,11 @@ AI void i8_chunk_bw(const int n, const int planes, int p0, int p1, const int16_t
     (planes == 1 ? NAME##_r(R, 1, K, Q, ldq, hs, panel, corr, scale, G, ldg, c, ldc, h, ldh, nvalid, epi) \
                  : NAME##_r(R, 2, K, Q, ldq, hs, panel, corr, scale, G, ldg, c, ldc, h, ldh, nvalid, epi))
 
-/* K chunks outside, passes of at most 3 rows inside (balanced: 4 = 2 + 2):
+/* K chunks outside, passes of at most 3 rows inside (balanced: 4 = 2 + 2;
+ * MAX1 rows with one plane):
  * a chunk's 16 KB of panel is read from L2 once and from L1 by the other
  * passes. */
-#define I8_KERNEL(NAME, CHUNK, ATTR)                                                             \
+#define I8_KERNEL(NAME, CHUNK, ATTR, MAX1)                                                       \
     AI ATTR void NAME##_r(const int R, const int PLANES, int K, const int16_t *Q, ptrdiff_t ldq,  \
                           const float *hs, const int8_t *panel, const int32_t *corr,             \
                           const float *scale,                                                    \
@@ -448,7 +455,9 @@ AI void i8_chunk_bw(const int n, const int planes, int p0, int p1, const int16_t
         for (int i = 0; i < R * FL_PW; i += 16) _mm512_store_ps(sums + i, _mm512_setzero_ps());  \
         if (Q) {                                                                                 \
             const int nq = (K + 3) / 4;                                                          \
-            const int n0 = R <= 3 ? R : (R == 4 ? 2 : 3), n1 = R - n0;                           \
+            /* 8 accumulators a row with two planes, 4 with one (VNNI) */                     \
+            const int pmax = PLANES == 1 ? MAX1 : 3;                                             \
+            const int n0 = R <= pmax ? R : (R == 4 ? 2 : 3), n1 = R - n0;                        \
             for (int p0 = 0, ch = 0; p0 < nq; p0 += FL_I8_KC / 4, ch++) {                        \
                 const int p1 = p0 + FL_I8_KC / 4 < nq ? p0 + FL_I8_KC / 4 : nq;                  \
                 CHUNK(n0, PLANES, p0, p1, Q, ldq, panel, corr + ch * FL_PW, sums);                  \
@@ -487,8 +496,8 @@ AI void i8_chunk_bw(const int n, const int planes, int p0, int p1, const int16_t
         }                                                                                        \
     }
 
-I8_KERNEL(lstmi8_vnni, i8_chunk_vnni, VNNI_TARGET)
-I8_KERNEL(lstmi8_bw, i8_chunk_bw, )
+I8_KERNEL(lstmi8_vnni, i8_chunk_vnni, VNNI_TARGET, 6)
+I8_KERNEL(lstmi8_bw, i8_chunk_bw, , 3)
 
 static void lstmi8_avx512(int R, int K, const int16_t *Q, ptrdiff_t ldq, const float *hs,
                           const int8_t *panel, const int32_t *corr, int planes, const float *scale,
