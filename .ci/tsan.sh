@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# ThreadSanitizer run of the engine's C code: tests/c/tsan_stress.c (both
+# thread splits, several chunks and layers, lengths, int8 and bfloat16
+# weights) linked with csrc/ built with -fsanitize=thread.  Any race report,
+# or a two-thread result that differs from the one-thread one, fails.
+# Needs gcc with libtsan (CC may name another compiler).
+set -euo pipefail
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+cc="${CC:-gcc}"
+work="$(mktemp -d "${TMPDIR:-/tmp}/fastlstm-tsan.XXXXXX")"
+trap 'rm -rf "$work"' EXIT
+echo "tsan: building tests/c/tsan_stress.c with -fsanitize=thread"
+"$cc" -O1 -g -fsanitize=thread -std=gnu11 -I"$repo/csrc" -I"$repo/csrc/include" \
+    "$repo/tests/c/tsan_stress.c" "$repo"/csrc/engine.c "$repo"/csrc/epilogue.c \
+    "$repo"/csrc/pool.c "$repo"/csrc/peak.c "$repo"/csrc/kernels/*.c \
+    -lm -pthread -o "$work/tsan_stress"
+TSAN_OPTIONS="halt_on_error=1 exitcode=66 ${TSAN_OPTIONS:-}" "$work/tsan_stress"

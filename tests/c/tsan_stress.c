@@ -1,0 +1,115 @@
+/*
+ * Thread-safety stress of the engine, built with -fsanitize=thread by
+ * .ci/tsan.sh (any data race TSan sees fails the run).  Each configuration
+ * runs once on one thread and then repeatedly on two; every two-thread run
+ * must give bitwise the one-thread outputs (the engine's contract: results
+ * never depend on the thread count).  The configurations cover both thread
+ * splits (hidden blocks with a barrier per step; batch rows without any),
+ * time steps beyond one input-projection chunk, several layers, both
+ * directions, lengths, and the reduced-precision paths (int8 W_hh and W_ih
+ * with 16- and 8-bit codes, bfloat16).
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "fl_internal.h"
+
+static unsigned rng_state = 12345u;
+static float frand(void) /* uniform in [-0.5, 0.5) */
+{
+    rng_state = rng_state * 1664525u + 1013904223u;
+    return (float)(rng_state >> 8) / 16777216.0f - 0.5f;
+}
+
+static void quantize_rows(const float *w, long rows, int K, int8_t *q, float *scale)
+{
+    for (long r = 0; r < rows; r++) {
+        float m = 0.0f;
+        for (int k = 0; k < K; k++) m = fmaxf(m, fabsf(w[r * K + k]));
+        scale[r] = m > 0.0f ? m / 127.0f : 1.0f;
+        for (int k = 0; k < K; k++) q[r * K + k] = (int8_t)lrintf(w[r * K + k] / scale[r]);
+    }
+}
+
+/* wmode: 0 float32, 1 int8 W_hh + W_ih (16-bit codes), 2 the same with 8-bit
+ * codes, 3 bfloat16 W_hh. */
+static int run_config(int T, int N, int In, int H, int L, int D, int wmode, int use_len, int reps)
+{
+    fl_cell_opts o;
+    fl_cell_opts_default(&o);
+    fl_cell *cells[8];
+    int nc = L * D, Hout = H;
+    for (int c = 0; c < nc; c++) {
+        int K = c < D ? In : D * Hout;
+        float *wih = malloc(sizeof(float) * 4 * H * K), *whh = malloc(sizeof(float) * 4 * H * H);
+        float *b = malloc(sizeof(float) * 4 * H);
+        for (long i = 0; i < 4L * H * K; i++) wih[i] = 0.6f * frand();
+        for (long i = 0; i < 4L * H * H; i++) whh[i] = 0.6f * frand();
+        for (int i = 0; i < 4 * H; i++) b[i] = 0.1f * frand();
+        cells[c] = fl_cell_create(FL_F32, K, H, 0, wih, whh, b, NULL, NULL, &o);
+        if (!cells[c]) return 1;
+        if (wmode == 1 || wmode == 2) {
+            int8_t *q = malloc((size_t)4 * H * (K > H ? K : H));
+            float *sc = malloc(sizeof(float) * 4 * H);
+            quantize_rows(whh, 4L * H, H, q, sc);
+            if (fl_cell_set_whh_reduced(cells[c], FL_W_I8, q, sc)) return 1;
+            quantize_rows(wih, 4L * H, K, q, sc);
+            if (fl_cell_set_wih_reduced(cells[c], FL_W_I8, q, sc)) return 1;
+            if (wmode == 2 && fl_cell_set_act_bits(cells[c], 8)) return 1;
+            free(q);
+            free(sc);
+        } else if (wmode == 3) {
+            uint16_t *bf = malloc(sizeof(uint16_t) * 4 * H * H);
+            for (long i = 0; i < 4L * H * H; i++) {
+                uint32_t u;
+                memcpy(&u, &whh[i], 4);
+                bf[i] = (uint16_t)(u >> 16);
+            }
+            if (fl_cell_set_whh_reduced(cells[c], FL_W_BF16, bf, NULL)) return 1;
+            free(bf);
+        }
+        free(wih);
+        free(whh);
+        free(b);
+    }
+    size_t ny = (size_t)T * N * D * Hout;
+    float *x = malloc(sizeof(float) * T * N * In), *y1 = calloc(ny, sizeof(float));
+    float *y2 = calloc(ny, sizeof(float));
+    float *hn = calloc((size_t)nc * N * Hout, sizeof(float)), *cn = calloc((size_t)nc * N * H, sizeof(float));
+    int32_t *len = malloc(sizeof(int32_t) * N);
+    for (long i = 0; i < (long)T * N * In; i++) x[i] = 2.0f * frand();
+    for (int n = 0; n < N; n++) len[n] = T - (n * T) / (2 * N); /* sorted descending, all >= T/2 */
+    fl_io io;
+    memset(&io, 0, sizeof io);
+    io.T = T; io.N = N; io.x = x; io.x_st = (ptrdiff_t)N * In; io.x_sn = In;
+    io.y_st = (ptrdiff_t)N * D * Hout; io.y_sn = D * Hout; io.hn = hn; io.cn = cn;
+    io.lengths = use_len ? len : NULL;
+    void *ws = malloc(fl_workspace_bytes(cells, L, D, T, N));
+    io.y = y1;
+    if (fl_forward(cells, L, D, &io, ws, 1)) return 1;
+    int bad = 0;
+    io.y = y2;
+    for (int r = 0; r < reps; r++) {
+        if (fl_forward(cells, L, D, &io, ws, 2)) return 1;
+        if (memcmp(y1, y2, sizeof(float) * ny)) bad++;
+    }
+    printf("T %3d N %2d In %2d H %3d L %d D %d weights %d lengths %d: %d/%d two-thread runs differ\n",
+           T, N, In, H, L, D, wmode, use_len, bad, reps);
+    for (int c = 0; c < nc; c++) fl_cell_free(cells[c]);
+    free(x); free(y1); free(y2); free(hn); free(cn); free(len); free(ws);
+    return bad != 0;
+}
+
+int main(void)
+{
+    int fail = 0;
+    /* T beyond one chunk (the G chunk is about 48 rows at least: T * N >> 48) */
+    for (int wmode = 0; wmode < 4; wmode++) {
+        fail |= run_config(130, 5, 25, 58, 2, 1, wmode, 0, 4);  /* small steps: batch split */
+        fail |= run_config(90, 3, 12, 160, 2, 2, wmode, 1, 3);  /* hidden split, lengths, bidir */
+        fail |= run_config(70, 16, 20, 40, 1, 1, wmode, 1, 3);  /* batch split, lengths */
+    }
+    printf(fail ? "tsan_stress: FAILED\n" : "tsan_stress: OK\n");
+    return fail;
+}
