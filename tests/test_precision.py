@@ -466,10 +466,10 @@ def test_lengths(isa, prec, bidirectional):
             assert_close(c[:, n], rc[:, 0], np.float32, f"c_n seq {n}")
 
 
-@pytest.mark.parametrize("prec", PRECISIONS)
+@pytest.mark.parametrize("prec", PRECISIONS + VARIANTS)
 def test_stream_bitwise_equal_to_one_call(isa, prec):
     rng = np.random.default_rng(7)
-    q = fastlstm.LSTM(6, 33, num_layers=2, proj_size=7, seed=7).astype(prec)
+    q = _astype(fastlstm.LSTM(6, 33, num_layers=2, proj_size=7, seed=7), prec)
     T, N = 17, 3
     x = rng.standard_normal((T, N, 6)).astype(np.float32)
     for nt in (1, 2):
@@ -713,6 +713,15 @@ def _drop(key):
     ("int8", {"input_weights_precision": None}, None, "input_weights_precision"),
     ("int8", {"input_weights_precision": "float32"}, None, "missing"),
     ("int8", {"version": 2}, None, "missing"),  # version 2: float32 input weights
+    ("int8", {"activation_bits": 4}, None, "activation_bits"),
+    ("int8", {"activation_bits": "8"}, None, "activation_bits"),
+    ("int8", {"activation_bits": 8.0}, None, "activation_bits"),
+    ("int8", {"activation_bits": None}, None, "activation_bits"),
+    ("float16", {"version": 3, "input_weights_precision": "float32", "activation_bits": 8},
+     None, "activation_bits"),
+    ("float16", {"version": 3, "activation_bits": 16}, None,
+     "lacks 'input_weights_precision'"),
+    ("int8", {"input_weights_precision": "float32", "activation_bits": 8}, None, "missing"),
     ("int8", None, _drop("weight_hh_l0.scale"), "missing"),
     ("int8", None, _drop("weight_ih_l0.scale"), "missing"),
     ("int8", None, _set("weight_ih_l0.scale", np.zeros(16, np.float32)), "scales"),
