@@ -328,6 +328,10 @@ static void lstmq2_avx512(int wtype, int K, const float *A, const void *panel, c
  * which is the exact int32 sum of w q (|acc_hi << 8| <= 255 * 128 * 256 * 256
  * < 2^31; the addition wraps, its result fits).  Measured on Zen 4 with an
  * L2-resident panel: 1.2-1.3x the widen + vpdpwssd loop this replaced.
+ * 8-bit codes (fl_cell_set_act_bits; planes = 1): q = 256 q8, every lo byte
+ * zero, so one vpdpbusd per 64 weights, the offset starting the hi sums
+ * (corr >> 8, exact) and sum = acc_hi << 8; 4 accumulators a row, so
+ * passes of up to 6 rows.
  * Without VNNI: 32 bytes (8 columns x 4 k) widen to int16 (vpmovsxbw), and
  * vpmaddwd against (q[k] .. q[k+3]) gives each column two pair sums in
  * adjacent lanes, added at the end of the chunk.  Up to 3 rows per pass
