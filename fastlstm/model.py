@@ -266,7 +266,7 @@ class LSTM:
         return stack
 
     # ------------------------------------------------------ weight precision
-    def astype(self, weights, *, input_weights=None, activation_bits=16):
+    def astype(self, weights, *, input_weights=None, activation_bits=None):
         """A copy of this model whose weights are stored in ``weights``
         precision: "float32", "float16", "bfloat16" or "int8" (per-row
         scales).  float16/bfloat16 store the recurrent weights W_hh, widened
@@ -281,13 +281,19 @@ class LSTM:
         rows to 8 bits instead (q = round(h * 127 / max|h|) per row), as torch's
         and ONNX Runtime's int8 LSTMs do: half the integer work (one vpdpbusd
         per 64 weights instead of two), ~250x coarser than the int16 codes.
-        State, biases and the projection stay float32.  The copy's
-        state_dict() returns the dequantized weights, so ``reference()``
+        Left as None, both keep an int8 model's own choices when it is made
+        int8 again (so a loaded file's stored form is kept), else int8 W_ih
+        and 16 bits.  State, biases and the projection stay float32.  The
+        copy's state_dict() returns the dequantized weights, so ``reference()``
         checks exactly what the engine runs.  float64 models stay
         float32-only."""
         prec = _check_precision(weights)
+        same = prec == "int8" and self.weights_precision == "int8"
+        if activation_bits is None:
+            activation_bits = self.activation_bits if same else 16
         if input_weights is None:
-            in_prec = "int8" if prec == "int8" else "float32"
+            in_prec = (self.input_weights_precision if same
+                       else "int8" if prec == "int8" else "float32")
         else:
             try:
                 in_prec = _check_precision(input_weights)

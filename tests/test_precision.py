@@ -339,6 +339,16 @@ def test_astype_chains():
     m = fastlstm.LSTM(5, 17, seed=4)
     q = m.astype("int8")
     _same_quantized(q.astype("int8"), q)  # same precision: stored weights kept
+    for v in VARIANTS:  # and an int8 model's input weights and activation bits
+        qv = _astype(m, v)
+        again = qv.astype("int8")
+        assert (again.input_weights_precision, again.activation_bits) == \
+            (qv.input_weights_precision, qv.activation_bits)
+        _same_quantized(again, qv)
+    # asked for explicitly: changed
+    assert q.astype("int8", input_weights="float32").input_weights_precision == "float32"
+    assert q.astype("int8", activation_bits=8).activation_bits == 8
+    assert _astype(m, I8_A8).astype("int8", activation_bits=16).activation_bits == 16
     back = q.astype("float32")  # float32 with the dequantized values
     assert back.weights_precision == "float32" and back.quantized_weights() == {}
     x = np.random.default_rng(4).standard_normal((9, 2, 5)).astype(np.float32)

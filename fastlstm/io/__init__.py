@@ -232,8 +232,9 @@ def load(path, name=None, *, format=None, weights=None, **kwargs):
     The format is recognised by content (see :func:`formats`).  ``name``
     picks one stack when the file holds several (see :func:`list_stacks`).
     ``weights`` ("float32", "float16", "bfloat16" or "int8") returns
-    ``model.astype(weights)``: the recurrent weights stored in that precision
-    (a fastlstm file already in that precision keeps its stored weights).
+    ``model.astype(weights)``: the weights stored in that precision (a
+    fastlstm file already in that precision keeps its stored weights, and
+    for int8 its input weights and activation bits).
     Other keyword arguments go to the format's loader; the built-in loaders
     of framework files take ``batch_first``, ``dtype``, ``num_threads`` and
     the cell options of ``fastlstm.LSTM``; a fastlstm file takes
