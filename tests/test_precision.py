@@ -806,3 +806,23 @@ def test_int8_inputs_threads_chunks_layers(isa, prec):
     _assert_ref_close(want, q.reference(x), prec, isa)
     for _ in range(12):
         _bitwise(q(x, num_threads=2), want, prec)
+
+
+def test_int8_float32_inputs_with_8bit_codes(tmp_path):
+    """The remaining combination: int8 W_hh, float32 W_ih, 8-bit codes of h:
+    like its reference, and saved and loaded bit for bit (version 3)."""
+    m = fastlstm.LSTM(6, 21, num_layers=2, seed=30)
+    q = m.astype("int8", input_weights="float32", activation_bits=8)
+    assert (q.input_weights_precision, q.activation_bits) == ("float32", 8)
+    assert sorted(q.quantized_weights()) == ["weight_hh_l0", "weight_hh_l1"]
+    x = np.random.default_rng(30).standard_normal((12, 3, 6)).astype(np.float32)
+    _assert_ref_close(q(x), q.reference(x), I8_A8, "f32 inputs, 8-bit h")
+    path = tmp_path / "q.safetensors"
+    q.save(path)
+    r = fastlstm.load(path)
+    assert (r.input_weights_precision, r.activation_bits) == ("float32", 8)
+    _bitwise(r(x), q(x))
+    with fst.SafetensorsFile(path) as f:
+        cfg = json.loads(f.metadata["fastlstm"])
+    assert cfg["version"] == 3 and cfg["activation_bits"] == 8
+    assert cfg["input_weights_precision"] == "float32"
