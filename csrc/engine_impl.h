@@ -279,7 +279,8 @@ static void FN(thread_)(void *arg, int tid, int nt)
                     int16_t *Qx = cx->xq + (ptrdiff_t)n0 * TC * ldx;
                     float *qxs = cx->xqs + (ptrdiff_t)n0 * TC;
                     const REAL *xa = xin + (ptrdiff_t)tlo * xst + (ptrdiff_t)n0 * xsn;
-                    int m0 = sync ? (int)((long)M * tid / nt) : 0, m1 = sync ? (int)((long)M * (tid + 1) / nt) : M;
+                    int m0 = sync ? (int)((long)M * tid / nt) : 0;
+                    int m1 = sync ? (int)((long)M * (tid + 1) / nt) : M;
                     for (int m = m0; m < m1; m++) {
                         int tr = tmaj ? m / nrows : m % nts, i = tmaj ? m % nrows : m / nts;
                         fl_quantize_h(xa + (ptrdiff_t)tr * xst + (ptrdiff_t)i * xsn, cell->in, ldx / 2,
@@ -289,9 +290,11 @@ static void FN(thread_)(void *arg, int tid, int nt)
                     REAL *ga = cx->G + (ptrdiff_t)n0 * ldg;
                     if (M > 0) {
                         if (tmaj)
-                            input_gemm_i8_(cell, Qx, ldx, qxs, ga, (ptrdiff_t)N * ldg, ldg, nts, nrows, j0, j1);
+                            input_gemm_i8_(cell, Qx, ldx, qxs, ga, (ptrdiff_t)N * ldg, ldg, nts, nrows,
+                                           j0, j1);
                         else
-                            input_gemm_i8_(cell, Qx, ldx, qxs, ga, ldg, (ptrdiff_t)N * ldg, nrows, nts, j0, j1);
+                            input_gemm_i8_(cell, Qx, ldx, qxs, ga, ldg, (ptrdiff_t)N * ldg, nrows, nts,
+                                           j0, j1);
                     }
                 } else
 #endif
@@ -320,8 +323,8 @@ static void FN(thread_)(void *arg, int tid, int nt)
                     REAL *hdst = P ? cx->hraw : ydir + (ptrdiff_t)t * yst;
                     ptrdiff_t ldh = P ? H : ysn;
 #ifdef FL_HAVE_LSTMQ
-                    /* int8 W_hh: h_{t-1} to int16 (and its byte planes), once per row and step, before
-                     * the blocks.  Threads that split the blocks each quantize
+                    /* int8 W_hh: h_{t-1} to int16 (and its byte planes), once per
+                     * row and step, before the blocks.  Threads that split the blocks each quantize
                      * every row into their own copy (the same bits in each: no
                      * barrier); threads that split the rows share copy 0. */
                     int16_t *qh = NULL;
@@ -333,7 +336,9 @@ static void FN(thread_)(void *arg, int tid, int nt)
                         qs = (float *)(qb + cx->qscale_off);
                         for (int n = n0; n < r1; n++) {
                             const REAL *src = FN(hprev_row_)(n, rs, Aprev, ysn, h0, Hout);
-                            if (src) fl_quantize_h(src, Hout, ldq / 2, cell->act_bits, qh + (ptrdiff_t)n * ldq, qs + n);
+                            if (src)
+                                fl_quantize_h(src, Hout, ldq / 2, cell->act_bits,
+                                              qh + (ptrdiff_t)n * ldq, qs + n);
                         }
                     }
 #endif
@@ -352,7 +357,8 @@ static void FN(thread_)(void *arg, int tid, int nt)
                             for (int n = n0, R; n < r1; n += R) {
                                 R = FN(seg_tile_)(n, n0, rs, r1, rmax);
                                 int has = n < rs ? Aprev != NULL : h0 != NULL;
-                                kr->lstmi8(R, Hout, has ? qh + (ptrdiff_t)n * ldq : NULL, ldq, qs + n, pq, corr, cell->act_bits == 8 ? 1 : 2, sc,
+                                kr->lstmi8(R, Hout, has ? qh + (ptrdiff_t)n * ldq : NULL, ldq, qs + n, pq,
+                                           corr, cell->act_bits == 8 ? 1 : 2, sc,
                                            Gt + n * ldg + (ptrdiff_t)j * FL_PW, ldg,
                                            cst + (ptrdiff_t)n * H + j * FL_BW, H,
                                            hdst + n * ldh + j * FL_BW, ldh, nvalid, &epi);

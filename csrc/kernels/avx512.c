@@ -372,10 +372,9 @@ AI VNNI_TARGET void i8_chunk_vnni(const int n, const int planes, int p0, int p1,
         for (int q = 0; q < 4; q++) {
             /* one plane: the offset starts the hi sums, shifted back exactly
              * (corr = -32768 * sum w, a multiple of 256) */
-            ah[r][q] = planes == 2 ? _mm512_setzero_si512()
-                                   : _mm512_srai_epi32(_mm512_loadu_si512((const void *)(corr + 16 * q)), 8);
-            al[r][q] = planes == 2 ? _mm512_loadu_si512((const void *)(corr + 16 * q))
-                                   : _mm512_setzero_si512();
+            const __m512i cq = _mm512_loadu_si512((const void *)(corr + 16 * q));
+            ah[r][q] = planes == 2 ? _mm512_setzero_si512() : _mm512_srai_epi32(cq, 8);
+            al[r][q] = planes == 2 ? cq : _mm512_setzero_si512();
         }
     for (int p = p0; p < p1; p++) {
         const int8_t *w = panel + (size_t)p * 4 * FL_PW;
@@ -439,65 +438,64 @@ AI void i8_chunk_bw(const int n, const int planes, int p0, int p1, const int16_t
 }
 
 /* One row count, the planes as a constant (1: 8-bit codes, 2: 16-bit). */
-#define I8_ROWS(NAME, R)                                                                         \
-    (planes == 1 ? NAME##_r(R, 1, K, Q, ldq, hs, panel, corr, scale, G, ldg, c, ldc, h, ldh, nvalid, epi) \
-                 : NAME##_r(R, 2, K, Q, ldq, hs, panel, corr, scale, G, ldg, c, ldc, h, ldh, nvalid, epi))
+#define I8_ARGS K, Q, ldq, hs, panel, corr, scale, G, ldg, c, ldc, h, ldh, nvalid, epi
+#define I8_ROWS(NAME, R) (planes == 1 ? NAME##_r(R, 1, I8_ARGS) : NAME##_r(R, 2, I8_ARGS))
 
 /* K chunks outside, passes of at most 3 rows inside (balanced: 4 = 2 + 2;
  * MAX1 rows with one plane):
  * a chunk's 16 KB of panel is read from L2 once and from L1 by the other
  * passes. */
-#define I8_KERNEL(NAME, CHUNK, ATTR, MAX1)                                                       \
-    AI ATTR void NAME##_r(const int R, const int PLANES, int K, const int16_t *Q, ptrdiff_t ldq,  \
-                          const float *hs, const int8_t *panel, const int32_t *corr,             \
-                          const float *scale,                                                    \
-                          const float *G, ptrdiff_t ldg, float *c, ptrdiff_t ldc, float *h,      \
-                          ptrdiff_t ldh, int nvalid, const fl_epi *epi)                          \
-    {                                                                                            \
-        float sums[RMAX * FL_PW] __attribute__((aligned(64)));                                   \
-        __m512 accf[RMAX][4];                                                                    \
-        for (int i = 0; i < R * FL_PW; i += 16) _mm512_store_ps(sums + i, _mm512_setzero_ps());  \
-        if (Q) {                                                                                 \
-            const int nq = (K + 3) / 4;                                                          \
-            /* 8 accumulators a row with two planes, 4 with one (VNNI) */                     \
-            const int pmax = PLANES == 1 ? MAX1 : 3;                                             \
-            const int n0 = R <= pmax ? R : (R == 4 ? 2 : 3), n1 = R - n0;                        \
-            for (int p0 = 0, ch = 0; p0 < nq; p0 += FL_I8_KC / 4, ch++) {                        \
-                const int p1 = p0 + FL_I8_KC / 4 < nq ? p0 + FL_I8_KC / 4 : nq;                  \
-                CHUNK(n0, PLANES, p0, p1, Q, ldq, panel, corr + ch * FL_PW, sums);                  \
-                if (n1 > 0)                                                                      \
-                    CHUNK(n1, PLANES, p0, p1, Q + n0 * ldq, ldq, panel, corr + ch * FL_PW,       \
-                          sums + n0 * FL_PW);                                                    \
-            }                                                                                    \
-        }                                                                                        \
-        for (int r = 0; r < R; r++) {                                                            \
-            const __m512 s = _mm512_set1_ps(Q ? hs[r] : 0.0f);                                   \
-            const float *g = G + r * ldg;                                                        \
-            for (int q = 0; q < 4; q++)                                                          \
-                accf[r][q] = _mm512_fmadd_ps(_mm512_load_ps(sums + r * FL_PW + 16 * q),          \
-                                             _mm512_mul_ps(_mm512_loadu_ps(scale + 16 * q), s),  \
-                                             _mm512_loadu_ps(g + 16 * q));                       \
-        }                                                                                        \
-        if (!epi) { /* an input projection: the pre-activations are the output */             \
-            for (int r = 0; r < R; r++)                                                          \
-                for (int q = 0; q < 4; q++) _mm512_storeu_ps(h + r * ldh + 16 * q, accf[r][q]);  \
-            return;                                                                              \
-        }                                                                                        \
-        epilogue(R, accf, c, ldc, h, ldh, nvalid, epi);                                          \
-    }                                                                                            \
-    static ATTR void NAME(int R, int K, const int16_t *Q, ptrdiff_t ldq, const float *hs,        \
-                          const int8_t *panel, const int32_t *corr, int planes, const float *scale,          \
-                          const float *G, ptrdiff_t ldg, float *c, ptrdiff_t ldc, float *h,      \
-                          ptrdiff_t ldh, int nvalid, const fl_epi *epi)                          \
-    {                                                                                            \
-        switch (R) {                                                                             \
-        case 1: I8_ROWS(NAME, 1); break; \
-        case 2: I8_ROWS(NAME, 2); break; \
-        case 3: I8_ROWS(NAME, 3); break; \
-        case 4: I8_ROWS(NAME, 4); break; \
-        case 5: I8_ROWS(NAME, 5); break; \
-        default: I8_ROWS(NAME, 6); break; \
-        }                                                                                        \
+#define I8_KERNEL(NAME, CHUNK, ATTR, MAX1)                                                           \
+    AI ATTR void NAME##_r(const int R, const int PLANES, int K, const int16_t *Q, ptrdiff_t ldq,     \
+                          const float *hs, const int8_t *panel, const int32_t *corr,                 \
+                          const float *scale,                                                        \
+                          const float *G, ptrdiff_t ldg, float *c, ptrdiff_t ldc, float *h,          \
+                          ptrdiff_t ldh, int nvalid, const fl_epi *epi)                              \
+    {                                                                                                \
+        float sums[RMAX * FL_PW] __attribute__((aligned(64)));                                       \
+        __m512 accf[RMAX][4];                                                                        \
+        for (int i = 0; i < R * FL_PW; i += 16) _mm512_store_ps(sums + i, _mm512_setzero_ps());      \
+        if (Q) {                                                                                     \
+            const int nq = (K + 3) / 4;                                                              \
+            /* 8 accumulators a row with two planes, 4 with one (VNNI) */                            \
+            const int pmax = PLANES == 1 ? MAX1 : 3;                                                 \
+            const int n0 = R <= pmax ? R : (R == 4 ? 2 : 3), n1 = R - n0;                            \
+            for (int p0 = 0, ch = 0; p0 < nq; p0 += FL_I8_KC / 4, ch++) {                            \
+                const int p1 = p0 + FL_I8_KC / 4 < nq ? p0 + FL_I8_KC / 4 : nq;                      \
+                CHUNK(n0, PLANES, p0, p1, Q, ldq, panel, corr + ch * FL_PW, sums);                   \
+                if (n1 > 0)                                                                          \
+                    CHUNK(n1, PLANES, p0, p1, Q + n0 * ldq, ldq, panel, corr + ch * FL_PW,           \
+                          sums + n0 * FL_PW);                                                        \
+            }                                                                                        \
+        }                                                                                            \
+        for (int r = 0; r < R; r++) {                                                                \
+            const __m512 s = _mm512_set1_ps(Q ? hs[r] : 0.0f);                                       \
+            const float *g = G + r * ldg;                                                            \
+            for (int q = 0; q < 4; q++)                                                              \
+                accf[r][q] = _mm512_fmadd_ps(_mm512_load_ps(sums + r * FL_PW + 16 * q),              \
+                                             _mm512_mul_ps(_mm512_loadu_ps(scale + 16 * q), s),      \
+                                             _mm512_loadu_ps(g + 16 * q));                           \
+        }                                                                                            \
+        if (!epi) { /* an input projection: the pre-activations are the output */                    \
+            for (int r = 0; r < R; r++)                                                              \
+                for (int q = 0; q < 4; q++) _mm512_storeu_ps(h + r * ldh + 16 * q, accf[r][q]);      \
+            return;                                                                                  \
+        }                                                                                            \
+        epilogue(R, accf, c, ldc, h, ldh, nvalid, epi);                                              \
+    }                                                                                                \
+    static ATTR void NAME(int R, int K, const int16_t *Q, ptrdiff_t ldq, const float *hs,            \
+                          const int8_t *panel, const int32_t *corr, int planes, const float *scale,  \
+                          const float *G, ptrdiff_t ldg, float *c, ptrdiff_t ldc, float *h,          \
+                          ptrdiff_t ldh, int nvalid, const fl_epi *epi)                              \
+    {                                                                                                \
+        switch (R) {                                                                                 \
+        case 1: I8_ROWS(NAME, 1); break;                                                             \
+        case 2: I8_ROWS(NAME, 2); break;                                                             \
+        case 3: I8_ROWS(NAME, 3); break;                                                             \
+        case 4: I8_ROWS(NAME, 4); break;                                                             \
+        case 5: I8_ROWS(NAME, 5); break;                                                             \
+        default: I8_ROWS(NAME, 6); break;                                                            \
+        }                                                                                            \
     }
 
 I8_KERNEL(lstmi8_vnni, i8_chunk_vnni, VNNI_TARGET, 6)
