@@ -255,7 +255,7 @@ def rows_of(result):
 
 
 def markdown_table(results):
-    lines = ["| T, batch, input, hidden | threads | W_hh | fastlstm ms | vs fastlstm f32 | "
+    lines = ["| T, batch, input, hidden | threads | weights | fastlstm ms | vs fastlstm f32 | "
              "torch, same precision | fastlstm vs torch | ORT, same precision | "
              "fastlstm vs ORT |",
              "|---|---|---|---|---|---|---|---|---|"]
