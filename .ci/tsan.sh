@@ -7,6 +7,11 @@
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 cc="${CC:-gcc}"
+libtsan="$("$cc" -print-file-name=libtsan.so)"
+if [ ! -e "$libtsan" ]; then
+    echo "tsan: no libtsan for $cc ($libtsan); install the compiler's sanitizer runtime" >&2
+    exit 2
+fi
 work="$(mktemp -d "${TMPDIR:-/tmp}/fastlstm-tsan.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 echo "tsan: building tests/c/tsan_stress.c with -fsanitize=thread"
