@@ -8,6 +8,7 @@
 
     lstm = fastlstm.torch.LSTM.from_lstm(torch_lstm.eval().requires_grad_(False))
     lstm = fastlstm.torch.LSTM(8, 16, num_layers=2)   # nn.LSTM's constructor
+    fastlstm.torch.convert(model, weights="int8")      # or stored in int8 (bfloat16, float16)
 
 ``fastlstm.torch.LSTM`` is a subclass of ``torch.nn.LSTM`` whose ``forward``
 runs fastlstm: same arguments (tensor or ``PackedSequence`` input,
@@ -82,6 +83,18 @@ class UnsupportedError(FastLSTMError, ValueError):
 
 
 # ------------------------------------------------------------------- checks
+def _weights_arg(weights):
+    """None or a precision name (fastlstm.LSTM.astype's) -> the name."""
+    from .model import _check_precision
+    return "float32" if weights is None else _check_precision(weights)
+
+
+def _check_weights_dtype(weights, dtype, where):
+    if weights != "float32" and dtype != torch.float32:
+        raise DTypeError(f"{where}: weights={weights!r} needs float32 parameters, they are "
+                         f"{dtype}")
+
+
 def _check_lstm(lstm, where, detach):
     """Refuse, with a message naming ``where``, an nn.LSTM fastlstm cannot run."""
     if not isinstance(lstm, nn.LSTM):
@@ -163,34 +176,42 @@ def _version(p):
 class LSTM(nn.LSTM):
     """``torch.nn.LSTM`` running fastlstm (inference only; see the module doc).
 
-    ``LSTM(input_size, hidden_size, ..., *, num_threads=None, detach=False)``
-    takes nn.LSTM's constructor arguments (weights initialised by torch, with
-    ``requires_grad=False``; the module starts in eval mode);
+    ``LSTM(input_size, hidden_size, ..., *, num_threads=None, detach=False,
+    weights=None)`` takes nn.LSTM's constructor arguments (weights initialised
+    by torch, with ``requires_grad=False``; the module starts in eval mode);
     ``LSTM.from_lstm(module)`` wraps an existing eval-mode ``nn.LSTM`` (its
     parameters are shared, not copied).  ``num_threads``: fastlstm threads per
     call (None: fastlstm's default, see ``fastlstm.set_num_threads``; torch's
-    own thread setting does not apply).
+    own thread setting does not apply).  ``weights``: the precision fastlstm
+    stores the weights in ("float16", "bfloat16", "int8": see
+    ``fastlstm.LSTM.astype``; None or "float32": exact), float32 parameters
+    only; the parameters themselves stay float32.
     """
 
-    def __init__(self, *args, num_threads=None, detach=False, **kwargs):
+    def __init__(self, *args, num_threads=None, detach=False, weights=None, **kwargs):
+        weights = _weights_arg(weights)
         super().__init__(*args, **kwargs)
         for p in self._flat_weights:
             p.requires_grad_(False)
-        self._fastlstm_init(num_threads, detach)
+        _check_weights_dtype(weights, getattr(self, self._flat_weights_names[0]).dtype, "weights")
+        self._fastlstm_init(num_threads, detach, weights)
         self.eval()
 
-    def _fastlstm_init(self, num_threads, detach):
+    def _fastlstm_init(self, num_threads, detach, weights="float32"):
         self.num_threads = num_threads
         self.detach = bool(detach)
+        self.weights = weights
         self._fl = None
         self._fl_key = None
 
     @classmethod
-    def from_lstm(cls, lstm, *, num_threads=None, detach=False):
+    def from_lstm(cls, lstm, *, num_threads=None, detach=False, weights=None):
         """Wrap an eval-mode ``torch.nn.LSTM``: the new module's parameters
         share storage with ``lstm``'s (``requires_grad=False``); fastlstm
-        packs its own copy."""
+        packs its own copy (in ``weights`` precision, see the class)."""
+        weights = _weights_arg(weights)
         _check_lstm(lstm, "lstm", detach)
+        _check_weights_dtype(weights, getattr(lstm, lstm._flat_weights_names[0]).dtype, "lstm")
         self = cls.__new__(cls)
         with warnings.catch_warnings():  # nn.LSTM's dropout warning was given already
             warnings.simplefilter("ignore")
@@ -202,7 +223,7 @@ class LSTM(nn.LSTM):
         for name in self._flat_weights_names:
             setattr(self, name, nn.Parameter(getattr(lstm, name).detach(), requires_grad=False))
         self._init_flat_weights()
-        self._fastlstm_init(num_threads, detach)
+        self._fastlstm_init(num_threads, detach, weights)
         self.train(False)
         self._sync()
         return self
@@ -235,9 +256,16 @@ class LSTM(nn.LSTM):
         if key != self._fl_key or self._fl is None:
             _check_weights(params, "fastlstm.torch.LSTM weights")
             sd = {n: p.detach().numpy() for n, p in zip(self._flat_weights_names, params)}
-            self._fl = _NumpyLSTM.from_state_dict(
+            fl = _NumpyLSTM.from_state_dict(
                 sd, batch_first=self.batch_first, dtype=_NP_DTYPE[params[0].dtype],
                 num_threads=self.num_threads)
+            weights = getattr(self, "weights", "float32")  # pickles from before weights=
+            if weights != "float32":
+                if fl.dtype != np.float32:
+                    raise DTypeError(f"fastlstm.torch.LSTM: weights={weights!r} needs float32 "
+                                     f"parameters, they are {params[0].dtype}")
+                fl = fl.astype(weights)
+            self._fl = fl
             self._fl_key = key
         elif self._fl.batch_first != self.batch_first:
             self._fl.batch_first = self.batch_first
@@ -314,7 +342,7 @@ class LSTM(nn.LSTM):
 
 
 # ------------------------------------------------------------------ convert
-def convert(model, *, num_threads=None, detach=False):
+def convert(model, *, num_threads=None, detach=False, weights=None):
     """Swap every ``torch.nn.LSTM`` inside ``model`` for a
     ``fastlstm.torch.LSTM`` in place, under the same attribute names, and
     return ``model``.  ``model`` itself may be an ``nn.LSTM``: the new module
@@ -325,12 +353,17 @@ def convert(model, *, num_threads=None, detach=False):
     untouched) and refuses, naming the module: a model or LSTM in training
     mode, parameters requiring grad while grad mode is on (unless
     ``detach=True``), weights not on the CPU or not float32/float64, nn.LSTM
-    subclasses that override forward, LSTMs with hooks or parametrizations.
+    subclasses that override forward, LSTMs with hooks or parametrizations,
+    and ``weights`` other than float32 on float64 LSTMs.  ``weights``: the
+    precision fastlstm stores the weights in ("float16", "bfloat16",
+    "int8"; see ``fastlstm.LSTM.astype``), like torch's ``quantize_dynamic``
+    but on fastlstm's kernels; None keeps them exact.
     """
+    weights = _weights_arg(weights)
     if isinstance(model, LSTM):
         return model
     if isinstance(model, nn.LSTM):
-        return LSTM.from_lstm(model, num_threads=num_threads, detach=detach)
+        return LSTM.from_lstm(model, num_threads=num_threads, detach=detach, weights=weights)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if model.training:
@@ -343,10 +376,13 @@ def convert(model, *, num_threads=None, detach=False):
             if isinstance(child, nn.LSTM) and not isinstance(child, LSTM):
                 where = f"model.{parent_name + '.' if parent_name else ''}{name}"
                 _check_lstm(child, where, detach)
+                _check_weights_dtype(weights, getattr(child, child._flat_weights_names[0]).dtype,
+                                     where)
                 slots.append((parent, name, child))
     done = {}
     for parent, name, child in slots:
         if id(child) not in done:
-            done[id(child)] = LSTM.from_lstm(child, num_threads=num_threads, detach=detach)
+            done[id(child)] = LSTM.from_lstm(child, num_threads=num_threads, detach=detach,
+                                             weights=weights)
         setattr(parent, name, done[id(child)])
     return model

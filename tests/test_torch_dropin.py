@@ -554,3 +554,50 @@ def test_keras_masking_bidirectional_vs_repeat(keras):
     H = m.hidden_size
     assert_close(out[..., H:], y[..., H:], F32, "reverse half")  # agrees
     assert_close(out[..., :H], y[..., :H], F32, "forward half")  # differs past each end
+
+
+@pytest.mark.parametrize("weights", ["int8", "bfloat16", "float16"])
+def test_convert_with_reduced_weights(weights):
+    """convert(model, weights=p): every LSTM runs fastlstm's astype(p) of its
+    weights (bitwise the NumPy model's), close to the float32 model within
+    the documented bound; parameters and state_dict stay float32."""
+    from tolerances import PRECISION_TOL, max_rel_err
+    torch.manual_seed(3)
+    rng = np.random.default_rng(3)
+    model = Tagger().eval().requires_grad_(False)
+    tok, lens = _tokens(rng, 6, 11)
+    orig = copy.deepcopy(model.encoder)
+    sd_before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        want = model(tok, lens)
+    ft.convert(model, weights=weights)
+    assert model.encoder.fastlstm.weights_precision == weights
+    got = model(tok, lens)
+    for g, w in zip(got, want):
+        assert max_rel_err(_np(g), _np(w)) <= PRECISION_TOL[weights]
+    assert all(torch.equal(v, sd_before[k]) for k, v in model.state_dict().items())
+    # the same as fastlstm.LSTM.from_torch(...).astype(weights), bit for bit
+    x = rng.standard_normal((2, 5, 12)).astype(np.float32)
+    ref = fastlstm.LSTM.from_torch(orig).astype(weights)
+    out, (h, c) = model.encoder(torch.from_numpy(x))
+    rout, (rh, rc) = ref(x)
+    assert np.array_equal(_np(out), rout) and np.array_equal(_np(h), rh)
+    # and after a weight change it repacks in the same precision
+    with torch.no_grad():
+        model.encoder.weight_hh_l0.mul_(0.5)
+    assert model.encoder.fastlstm.weights_precision == weights
+
+
+def test_convert_weights_refused_before_any_swap():
+    model = Tagger().eval().requires_grad_(False)
+    with pytest.raises(ValueError, match="weights"):
+        ft.convert(model, weights="int4")
+    assert type(model.encoder) is nn.LSTM
+    model64 = Tagger().double().eval().requires_grad_(False)
+    with pytest.raises(fastlstm.DTypeError, match="model.encoder.*float32"):
+        ft.convert(model64, weights="int8")
+    assert type(model64.encoder) is nn.LSTM
+    assert type(ft.convert(model64, weights="float32").encoder) is ft.LSTM
+    with pytest.raises(fastlstm.DTypeError, match="float32"):
+        ft.LSTM(3, 4, dtype=torch.float64, weights="int8")
+    assert ft.LSTM(3, 4, weights="int8").fastlstm.weights_precision == "int8"
