@@ -377,6 +377,21 @@ void fl_cell_free(fl_cell *cell)
     free(cell);
 }
 
+/* The canonical row (gate g, unit u: g*H + u) behind packed column col of
+ * hidden block j, or -1 for a padding column (u >= H). */
+static long packed_row_(int H, int j, int col)
+{
+    int u = j * FL_BW + col % FL_BW;
+    return u < H ? (long)(col / FL_BW) * H + u : -1;
+}
+
+/* Bytes of int8 panels for K rows with their scales and chunk offsets. */
+static size_t i8_pack_bytes_(const fl_cell *cell, int K)
+{
+    return (size_t)cell->nb * FL_PW *
+           ((size_t)fl_whhq_rows(FL_W_I8, K) + sizeof(float) + (size_t)fl_i8_chunks(K) * sizeof(int32_t));
+}
+
 /* int8 panels of a (4H, K) row-major matrix with per-row scales, k-quad
  * interleaved (fl_internal.h), with their per-chunk offsets for vpdpbusd.
  * Returns 0 or -2 (out of memory; nothing allocated). */
@@ -399,19 +414,17 @@ static int pack_i8_(const fl_cell *cell, int K, const int8_t *w, const float *sc
     memset(sc, 0, (size_t)cell->nb * FL_PW * sizeof(float));
     memset(corr, 0, corr_n * sizeof(int32_t));
     for (int j = 0; j < cell->nb; j++)
-        for (int g = 0; g < 4; g++)
-            for (int l = 0; l < FL_BW; l++) {
-                int u = j * FL_BW + l, col = g * FL_BW + l;
-                if (u >= H) continue;
-                size_t row = (size_t)g * H + u;
-                for (int k = 0; k < K; k++) {
-                    int8_t v = w[row * K + k];
-                    q[(size_t)j * Kp * FL_PW + (size_t)(k / 4) * 4 * FL_PW + 4 * col + k % 4] = v;
-                    /* |sum| <= 128 * FL_I8_KC, times 32768: within int32 */
-                    corr[((size_t)j * nch + k / FL_I8_KC) * FL_PW + col] -= 32768 * (int32_t)v;
-                }
-                sc[(size_t)j * FL_PW + col] = scale[row];
+        for (int col = 0; col < FL_PW; col++) {
+            long row = packed_row_(H, j, col);
+            if (row < 0) continue;
+            for (int k = 0; k < K; k++) {
+                int8_t v = w[(size_t)row * K + k];
+                q[(size_t)j * Kp * FL_PW + (size_t)(k / 4) * 4 * FL_PW + 4 * col + k % 4] = v;
+                /* |sum| <= 128 * FL_I8_KC, times 32768: within int32 */
+                corr[((size_t)j * nch + k / FL_I8_KC) * FL_PW + col] -= 32768 * (int32_t)v;
             }
+            sc[(size_t)j * FL_PW + col] = scale[row];
+        }
     *panels = q;
     *pscale = sc;
     *pcorr = corr;
@@ -434,23 +447,23 @@ int fl_cell_set_whh_reduced(fl_cell *cell, int wtype, const void *w, const float
         if (!cell->whhq) return -2;
         memset(cell->whhq, 0, bytes);
         for (int j = 0; j < cell->nb; j++)
-            for (int g = 0; g < 4; g++)
-                for (int l = 0; l < FL_BW; l++) {
-                    int u = j * FL_BW + l, col = g * FL_BW + l;
-                    if (u >= H) continue;
-                    size_t row = (size_t)g * H + u;
-                    for (int k = 0; k < Hout; k++) { /* bfloat16: columns interleaved (fl_internal.h) */
-                        size_t dst = ((size_t)j * Hout + k) * FL_PW +
-                                     (wtype == FL_W_BF16 ? FL_BF16_POS(col) : col);
-                        ((uint16_t *)cell->whhq)[dst] = ((const uint16_t *)w)[row * Hout + k];
-                    }
+            for (int col = 0; col < FL_PW; col++) {
+                long row = packed_row_(H, j, col);
+                if (row < 0) continue;
+                for (int k = 0; k < Hout; k++) { /* bfloat16: columns interleaved (fl_internal.h) */
+                    size_t dst = ((size_t)j * Hout + k) * FL_PW +
+                                 (wtype == FL_W_BF16 ? FL_BF16_POS(col) : col);
+                    ((uint16_t *)cell->whhq)[dst] = ((const uint16_t *)w)[(size_t)row * Hout + k];
                 }
+            }
     }
     /* The float32 panels are no longer needed: free them (a cell goes back
      * to float32 by being created again from the canonical weights). */
     fl_aligned_free(cell->whh);
     cell->whh = NULL;
     cell->wtype = wtype;
+    cell->bytes += (wtype == FL_W_I8 ? i8_pack_bytes_(cell, Hout) : (size_t)cell->nb * Hout * FL_PW * 2) -
+                   (size_t)cell->nb * Hout * FL_PW * sizeof(float);
     return 0;
 }
 
@@ -463,6 +476,7 @@ int fl_cell_set_wih_reduced(fl_cell *cell, int wtype, const void *w, const float
     if (rc) return rc;
     fl_aligned_free(cell->wih);
     cell->wih = NULL;
+    cell->bytes += i8_pack_bytes_(cell, cell->in) - (size_t)cell->nb * cell->in * FL_PW * sizeof(float);
     return 0;
 }
 
@@ -474,24 +488,7 @@ int fl_cell_set_act_bits(fl_cell *cell, int bits)
 }
 
 int fl_cell_dtype(const fl_cell *cell) { return cell->dtype; }
-size_t fl_cell_packed_bytes(const fl_cell *cell)
-{
-    size_t b = cell->bytes;
-    if (cell->wtype != FL_W_F32) {
-        size_t es = cell->wtype == FL_W_I8 ? 1 : 2;
-        size_t Kp = (size_t)fl_whhq_rows(cell->wtype, cell->Hout);
-        size_t f32 = (size_t)cell->nb * cell->Hout * FL_PW * sizeof(float);
-        b = b - f32 + (size_t)cell->nb * Kp * FL_PW * es;
-        if (cell->whh_scale) b += (size_t)cell->nb * FL_PW * sizeof(float);
-        if (cell->whh_corr) b += (size_t)cell->nb * fl_i8_chunks(cell->Hout) * FL_PW * sizeof(int32_t);
-    }
-    if (cell->wihq) {
-        b -= (size_t)cell->nb * cell->in * FL_PW * sizeof(float);
-        b += (size_t)cell->nb * (fl_whhq_rows(FL_W_I8, cell->in) + sizeof(float) +
-                                 (size_t)fl_i8_chunks(cell->in) * sizeof(int32_t)) * FL_PW;
-    }
-    return b;
-}
+size_t fl_cell_packed_bytes(const fl_cell *cell) { return cell->bytes; }
 
 /* ---------------------------------------------------------------- driver */
 #define REAL float

@@ -139,7 +139,7 @@ static void input_gemm_i8_(const fl_cell *cell, const int16_t *Q, ptrdiff_t ldx,
                     R = tile_at_f32(i1 - i0, rmax, i - i0);
                     ptrdiff_t m = (ptrdiff_t)o * ni + i;
                     kr->lstmi8(R, K, Q + m * ldx, ldx, qs + m, panel,
-                               cell->wih_corr + (size_t)j * nch * FL_PW, cell->act_bits == 8 ? 1 : 2,
+                               cell->wih_corr + (size_t)j * nch * FL_PW, fl_act_planes(cell),
                                cell->wih_scale + (size_t)j * FL_PW,
                                (const float *)cell->bias + (size_t)j * FL_PW, 0, NULL, 0,
                                G + o * g_so + i * g_si + (ptrdiff_t)j * FL_PW, g_si, FL_PW, NULL);
@@ -263,6 +263,8 @@ static void FN(thread_)(void *arg, int tid, int nt)
                     continue;
                 }
                 int nrows = rows_hi - n0;
+                const REAL *xa = xin + (ptrdiff_t)tlo * xst + (ptrdiff_t)n0 * xsn;
+                REAL *ga = cx->G + (ptrdiff_t)n0 * ldg;
 #ifdef FL_HAVE_LSTMQ
                 if (cell->wihq) {
                     /* int8 W_ih: quantize the chunk's input rows once, like h
@@ -278,7 +280,6 @@ static void FN(thread_)(void *arg, int tid, int nt)
                     const int ldx = cx->ldx;
                     int16_t *Qx = cx->xq + (ptrdiff_t)n0 * TC * ldx;
                     float *qxs = cx->xqs + (ptrdiff_t)n0 * TC;
-                    const REAL *xa = xin + (ptrdiff_t)tlo * xst + (ptrdiff_t)n0 * xsn;
                     int m0 = sync ? (int)((long)M * tid / nt) : 0;
                     int m1 = sync ? (int)((long)M * (tid + 1) / nt) : M;
                     for (int m = m0; m < m1; m++) {
@@ -287,7 +288,6 @@ static void FN(thread_)(void *arg, int tid, int nt)
                                       cell->act_bits, Qx + (ptrdiff_t)m * ldx, qxs + m);
                     }
                     if (sync) fl_pool_barrier(nt);
-                    REAL *ga = cx->G + (ptrdiff_t)n0 * ldg;
                     if (M > 0) {
                         if (tmaj)
                             input_gemm_i8_(cell, Qx, ldx, qxs, ga, (ptrdiff_t)N * ldg, ldg, nts, nrows,
@@ -299,8 +299,6 @@ static void FN(thread_)(void *arg, int tid, int nt)
                 } else
 #endif
                 if (nrows > 0) {
-                    const REAL *xa = xin + (ptrdiff_t)tlo * xst + (ptrdiff_t)n0 * xsn;
-                    REAL *ga = cx->G + (ptrdiff_t)n0 * ldg;
                     if (nrows >= rmax || nts == 1)
                         FN(input_gemm_)(cell, kc, xa, xst, xsn, ga, (ptrdiff_t)N * ldg, ldg,
                                         0, nts, nrows, j0, j1);
@@ -358,7 +356,7 @@ static void FN(thread_)(void *arg, int tid, int nt)
                                 R = FN(seg_tile_)(n, n0, rs, r1, rmax);
                                 int has = n < rs ? Aprev != NULL : h0 != NULL;
                                 kr->lstmi8(R, Hout, has ? qh + (ptrdiff_t)n * ldq : NULL, ldq, qs + n, pq,
-                                           corr, cell->act_bits == 8 ? 1 : 2, sc,
+                                           corr, fl_act_planes(cell), sc,
                                            Gt + n * ldg + (ptrdiff_t)j * FL_PW, ldg,
                                            cst + (ptrdiff_t)n * H + j * FL_BW, H,
                                            hdst + n * ldh + j * FL_BW, ldh, nvalid, &epi);
@@ -502,7 +500,7 @@ static size_t FN(plan_)(fl_cell *const *cells, int L, int D, int T, int N, int *
         if (cells[k]->wihq && cells[k]->in > kin) kin = cells[k]->in;
     if (kin > 0) {
         size_t rows = (size_t)*TC * (size_t)(N > 0 ? N : 1);
-        *ldx = 2 * ((kin + 31) / 32 * 32);
+        *ldx = fl_hq_row_len(kin);
         bytes += (rows * (size_t)*ldx * sizeof(int16_t) + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN;
         bytes += (rows * sizeof(float) + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN;
     }

@@ -174,14 +174,17 @@ static inline int fl_whhq_rows(int wtype, int K) { return wtype == FL_W_I8 ? (K 
 /* K chunks of an int8 panel (each has 64 corr values). */
 static inline int fl_i8_chunks(int K) { return (fl_whhq_rows(FL_W_I8, K) + FL_I8_KC - 1) / FL_I8_KC; }
 
+/* int16 per quantized row of n values for the int8 kernels: the int16
+ * codes then their two byte planes, each n rounded up to 32 (see lstmi8). */
+static inline int fl_hq_row_len(int n) { return 2 * ((n + 31) / 32 * 32); }
+
 /* One int16 copy of h_{t-1} for the int8 kernels: N rows of ldq int16
- * (int16 h then its two byte planes, each Hout rounded up to 32: see
- * lstmi8), then N float scales at *scale_off, both aligned.  Returns the
- * bytes of the copy. */
+ * (fl_hq_row_len(Hout)), then N float scales at *scale_off, both aligned.
+ * Returns the bytes of the copy. */
 static inline size_t fl_hq_copy_bytes(int N, int Hout, int *ldq, size_t *scale_off)
 {
     size_t n = (size_t)(N > 0 ? N : 1);
-    *ldq = 2 * ((Hout + 31) / 32 * 32);
+    *ldq = fl_hq_row_len(Hout);
     *scale_off = (n * (size_t)*ldq * sizeof(int16_t) + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN;
     return *scale_off + (n * sizeof(float) + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN;
 }
@@ -215,8 +218,11 @@ struct fl_cell {
     int act_bits;           /* 16 or 8: the int8 kernels' codes of h and inputs */
     fl_cell_opts opts;
     int is_default;
-    size_t bytes;
+    size_t bytes;           /* packed bytes (fl_cell_packed_bytes), kept by every repack */
 };
+
+/* Byte planes the vpdpbusd kernel multiplies for this cell's codes (lstmi8). */
+static inline int fl_act_planes(const fl_cell *cell) { return cell->act_bits == 8 ? 1 : 2; }
 
 /* Thread pool: run fn(arg, tid, nthreads) on nthreads threads (the caller is
  * tid 0); returns the number of threads actually used (1 if the pool is busy
@@ -254,6 +260,20 @@ static inline float fl_bf16_to_f32(uint16_t b)
     float f;
     memcpy(&f, &bits, sizeof f);
     return f;
+}
+
+/* Unaligned loads of 4 and 8 bytes (the int8 kernels' broadcasts of h). */
+static inline int32_t fl_ld_i32(const void *p)
+{
+    int32_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+static inline int64_t fl_ld_i64(const void *p)
+{
+    int64_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
 }
 
 /* Floating-point environment inside the kernels: flush denormals. */

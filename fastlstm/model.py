@@ -316,8 +316,7 @@ class LSTM:
         params = {k: v.copy() for k, v in self._params.items()}
         qforms = {}
         for k in params:
-            p = prec if k.startswith("weight_hh_") else (
-                in_prec if k.startswith("weight_ih_") and params[k].shape[1] > 0 else "float32")
+            p = _stored_precision(k, params[k].shape, prec, in_prec)
             if p == "float32":
                 continue
             src = self._qforms.get(k)
@@ -378,20 +377,14 @@ class LSTM:
             params = dict(self._params)
             qforms = dict(self._qforms)
             for k in new:
-                p = self._stored_precision(k)
+                p = _stored_precision(k, new[k].shape, self.weights_precision,
+                                      self.input_weights_precision)
                 if p != "float32":
                     qforms[k], new[k] = _quantize(new[k], p, _matrix_name(k))
             params.update(new)
             self._stack = self._new_stack(params, qforms)
             self._params = params
             self._qforms = qforms
-
-    def _stored_precision(self, name):
-        if name.startswith("weight_hh_"):
-            return self.weights_precision
-        if name.startswith("weight_ih_") and self._param_shapes()[name][1] > 0:
-            return self.input_weights_precision
-        return "float32"
 
     def set_weights(self, layer, direction=0, *, w_ih=None, w_hh=None, b_ih=None, b_hh=None,
                     w_hr=None, peephole=None):
@@ -666,6 +659,16 @@ def _check_precision(weights):
     if name not in _PRECISIONS:
         raise ValueError(f"weights: expected one of {sorted(_PRECISIONS)}, got {weights!r}")
     return name
+
+
+def _stored_precision(name, shape, prec, in_prec):
+    """The precision a weight is stored in: W_hh in ``prec``, W_ih (when it
+    has columns) in ``in_prec``, everything else float32."""
+    if name.startswith("weight_hh_"):
+        return prec
+    if name.startswith("weight_ih_") and shape[1] > 0:
+        return in_prec
+    return "float32"
 
 
 def _matrix_name(key):

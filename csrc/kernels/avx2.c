@@ -198,13 +198,6 @@ static void lstmq_avx2(int wtype, int R, int K, const float *A, ptrdiff_t lda,
     }
 }
 
-static inline int64_t ld_quad(const int16_t *q)
-{
-    int64_t v;
-    memcpy(&v, q, sizeof v);
-    return v;
-}
-
 /* int8 W_hh times int16 h (fl_lstmi8_f32): vpmaddwd + vpaddd, exact.  16
  * bytes of a k quad are 4 columns x 4 k; widened and multiplied with
  * (q[k] .. q[k+3]) they give each column two pair sums in adjacent lanes,
@@ -232,7 +225,7 @@ static void lstmi8_avx2(int R, int K, const int16_t *Q, ptrdiff_t ldq, const flo
                     for (int q = 0; q < 8; q++) acc[q] = _mm256_setzero_si256();
                     for (int p = p0; p < p1; p++) {
                         const int8_t *w = panel + (size_t)p * 4 * FL_PW + half * 2 * FL_PW;
-                        const __m256i b = _mm256_set1_epi64x(ld_quad(qr + 4 * p));
+                        const __m256i b = _mm256_set1_epi64x(fl_ld_i64(qr + 4 * p));
                         for (int q = 0; q < 8; q++)
                             acc[q] = _mm256_add_epi32(acc[q], _mm256_madd_epi16(
                                 _mm256_cvtepi8_epi16(_mm_load_si128((const __m128i *)(w + 16 * q))), b));

@@ -336,19 +336,6 @@ static void lstmq2_avx512(int wtype, int K, const float *A, const void *panel, c
  * vpmaddwd against (q[k] .. q[k+3]) gives each column two pair sums in
  * adjacent lanes, added at the end of the chunk.  Up to 3 rows per pass
  * keep every accumulator in a register (rows are independent: same sums). */
-AI int32_t ld32(const void *p)
-{
-    int32_t v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-AI int64_t ld_quad(const int16_t *q)
-{
-    int64_t v;
-    memcpy(&v, q, sizeof v);
-    return v;
-}
-
 /* vpdpbusd through inline asm: with the intrinsic, GCC 12 copies every
  * accumulator to another register (and to the stack) around each use.
  * a: unsigned bytes (h), w: signed bytes (weights). */
@@ -384,13 +371,13 @@ AI VNNI_TARGET void i8_chunk_vnni(const int n, const int planes, int p0, int p1,
                       w3 = _mm512_load_si512((const void *)(w + 192));
         for (int r = 0; r < n; r++) {
             const uint8_t *hi = (const uint8_t *)(Q + r * ldq + plane);
-            const __m512i bh = _mm512_set1_epi32(ld32(hi + 4 * p));
+            const __m512i bh = _mm512_set1_epi32(fl_ld_i32(hi + 4 * p));
             ah[r][0] = dp_u8s8(ah[r][0], bh, w0);
             ah[r][1] = dp_u8s8(ah[r][1], bh, w1);
             ah[r][2] = dp_u8s8(ah[r][2], bh, w2);
             ah[r][3] = dp_u8s8(ah[r][3], bh, w3);
             if (planes == 2) { /* 8-bit codes: every lo byte is zero */
-                const __m512i bl = _mm512_set1_epi32(ld32(hi + plane + 4 * p));
+                const __m512i bl = _mm512_set1_epi32(fl_ld_i32(hi + plane + 4 * p));
                 al[r][0] = dp_u8s8(al[r][0], bl, w0);
                 al[r][1] = dp_u8s8(al[r][1], bl, w1);
                 al[r][2] = dp_u8s8(al[r][2], bl, w2);
@@ -421,7 +408,7 @@ AI void i8_chunk_bw(const int n, const int planes, int p0, int p1, const int16_t
     for (int p = p0; p < p1; p++) {
         const int8_t *w = panel + (size_t)p * 4 * FL_PW;
         __m512i b[3];
-        for (int r = 0; r < n; r++) b[r] = _mm512_set1_epi64(ld_quad(Q + r * ldq + 4 * p));
+        for (int r = 0; r < n; r++) b[r] = _mm512_set1_epi64(fl_ld_i64(Q + r * ldq + 4 * p));
         for (int q = 0; q < 8; q++) {
             const __m512i wq = _mm512_cvtepi8_epi16(_mm256_load_si256((const __m256i *)(w + 32 * q)));
             for (int r = 0; r < n; r++)
@@ -439,13 +426,13 @@ AI void i8_chunk_bw(const int n, const int planes, int p0, int p1, const int16_t
 
 /* One row count, the planes as a constant (1: 8-bit codes, 2: 16-bit). */
 #define I8_ARGS K, Q, ldq, hs, panel, corr, scale, G, ldg, c, ldc, h, ldh, nvalid, epi
-#define I8_ROWS(NAME, R) (planes == 1 ? NAME##_r(R, 1, I8_ARGS) : NAME##_r(R, 2, I8_ARGS))
+#define I8_ROWS(NAME, R, PL) (PL == 1 ? NAME##_r(R, 1, I8_ARGS) : NAME##_r(R, 2, I8_ARGS))
 
 /* K chunks outside, passes of at most 3 rows inside (balanced: 4 = 2 + 2;
  * MAX1 rows with one plane):
  * a chunk's 16 KB of panel is read from L2 once and from L1 by the other
  * passes. */
-#define I8_KERNEL(NAME, CHUNK, ATTR, MAX1)                                                           \
+#define I8_KERNEL(NAME, CHUNK, ATTR, MAX1, PL)                                                       \
     AI ATTR void NAME##_r(const int R, const int PLANES, int K, const int16_t *Q, ptrdiff_t ldq,     \
                           const float *hs, const int8_t *panel, const int32_t *corr,                 \
                           const float *scale,                                                        \
@@ -488,18 +475,21 @@ AI void i8_chunk_bw(const int n, const int planes, int p0, int p1, const int16_t
                           const float *G, ptrdiff_t ldg, float *c, ptrdiff_t ldc, float *h,          \
                           ptrdiff_t ldh, int nvalid, const fl_epi *epi)                              \
     {                                                                                                \
+        (void)planes;                                                                                \
         switch (R) {                                                                                 \
-        case 1: I8_ROWS(NAME, 1); break;                                                             \
-        case 2: I8_ROWS(NAME, 2); break;                                                             \
-        case 3: I8_ROWS(NAME, 3); break;                                                             \
-        case 4: I8_ROWS(NAME, 4); break;                                                             \
-        case 5: I8_ROWS(NAME, 5); break;                                                             \
-        default: I8_ROWS(NAME, 6); break;                                                            \
+        case 1: I8_ROWS(NAME, 1, PL); break;                                                         \
+        case 2: I8_ROWS(NAME, 2, PL); break;                                                         \
+        case 3: I8_ROWS(NAME, 3, PL); break;                                                         \
+        case 4: I8_ROWS(NAME, 4, PL); break;                                                         \
+        case 5: I8_ROWS(NAME, 5, PL); break;                                                         \
+        default: I8_ROWS(NAME, 6, PL); break;                                                        \
         }                                                                                            \
     }
 
-I8_KERNEL(lstmi8_vnni, i8_chunk_vnni, VNNI_TARGET, 6)
-I8_KERNEL(lstmi8_bw, i8_chunk_bw, , 3)
+/* PL: the planes the chunk kernel tells apart (vpmaddwd multiplies the
+ * int16 codes whatever their bits: one instantiation) */
+I8_KERNEL(lstmi8_vnni, i8_chunk_vnni, VNNI_TARGET, 6, planes)
+I8_KERNEL(lstmi8_bw, i8_chunk_bw, , 3, 2)
 
 static void lstmi8_avx512(int R, int K, const int16_t *Q, ptrdiff_t ldq, const float *hs,
                           const int8_t *panel, const int32_t *corr, int planes, const float *scale,
