@@ -5,13 +5,13 @@ Runtime's quantized LSTMs.
 Engines, all on the weights of one torch.nn.LSTM and the same float32 input
 (T, batch, input):
 
-  fastlstm float32 / float16 / bfloat16 / int8 / int8a8
+  fastlstm float32 / float16 / bfloat16 / int8 / int8a16
         ``LSTM.from_torch(m).astype(p)(x, num_threads=n)``: float16 and
         bfloat16 store W_hh in p (W_ih, state and the arithmetic float32);
         int8 stores W_ih and W_hh in int8 (per-row scales) and quantizes h_{t-1}
-        and each input row to int16 per row for integer dot products; int8a8 is
-        ``astype("int8", activation_bits=8)``: the same with 8-bit codes of h
-        and the inputs, as torch's and ORT's int8 LSTMs quantize them.
+        and each input row to 8-bit codes per row for integer dot products,
+        as torch's and ORT's int8 LSTMs quantize them; int8a16 is
+        ``astype("int8", activation_bits=16)``: the same with int16 codes.
   torch float32        the nn.LSTM itself (peers.make_torch_runner).
   torch qint8 / float16
         ``torch.ao.quantization.quantize_dynamic`` on a module holding the
@@ -65,17 +65,17 @@ if HERE not in sys.path:
 import peers  # noqa: E402
 from run_all import SETTLE_S, time_interleaved  # noqa: E402
 
-PRECISIONS = ("float32", "float16", "bfloat16", "int8", "int8a8")
+PRECISIONS = ("float32", "float16", "bfloat16", "int8", "int8a16")
 ENGINES = tuple(f"fastlstm {p}" for p in PRECISIONS) + (
     "torch float32", "torch qint8", "torch float16", "ORT float32", "ORT int8")
 # Which peer runs "the same precision" as each fastlstm precision.
 SAME = {"float32": ("torch float32", "ORT float32"), "float16": ("torch float16", None),
         "bfloat16": (None, None), "int8": ("torch qint8", "ORT int8"),
-        "int8a8": ("torch qint8", "ORT int8")}
+        "int8a16": ("torch qint8", "ORT int8")}
 # Max abs difference from fastlstm float32 before an engine counts as broken.
 TOL = {"fastlstm float32": 0.0, "torch float32": peers.TOLERANCE, "ORT float32": peers.TOLERANCE,
-       "fastlstm float16": 1e-2, "fastlstm bfloat16": 1e-2, "fastlstm int8": 1e-2,
-       "fastlstm int8a8": 0.1,
+       "fastlstm float16": 1e-2, "fastlstm bfloat16": 1e-2, "fastlstm int8": 0.1,
+       "fastlstm int8a16": 1e-2,
        "torch qint8": 0.1, "torch float16": 0.1, "ORT int8": 0.1}
 
 HIDDEN = (256, 512, 1024)
@@ -92,7 +92,7 @@ def make_configs(hidden, batch, T):
 def fastlstm_runner(module, precision, threads):
     import fastlstm
     m = fastlstm.LSTM.from_torch(module)
-    m = m.astype("int8", activation_bits=8) if precision == "int8a8" else m.astype(precision)
+    m = m.astype("int8", activation_bits=16) if precision == "int8a16" else m.astype(precision)
 
     def run(x):
         return m(x, num_threads=threads)[0]

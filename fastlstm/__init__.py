@@ -33,8 +33,8 @@ def cpu_info():
     for ~10 ms, since waiting at every step for a descheduled thread is slower
     than one thread alone)
     and ``int8_dot``: the instruction the active path computes int8-weight x
-    int16-state dot products with ("vpdpbusd" with AVX512_VNNI, on the
-    state split into two byte planes; "vpmaddwd" on
+    quantized-state dot products with ("vpdpbusd" with AVX512_VNNI, on the
+    8-bit codes, or 16-bit codes split into two byte planes; "vpmaddwd" on
     AVX-512 without it and on AVX2, "c" on the portable path), ``tuning``: the
     cache-blocking choices made for this CPU at import (``kc``: the GEMMs'
     K chunk; ``prefetch``: whether compute-bound steps prefetch the next

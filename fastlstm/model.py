@@ -22,6 +22,15 @@ __all__ = ["LSTM"]
 
 _DTYPES = {np.dtype(np.float32): 0, np.dtype(np.float64): 1}
 _INT_MAX = 2 ** 31 - 1  # the C engine's int (T, N, thread counts)
+# Bits of the per-row codes of h_{t-1} and of the input rows in an int8 model
+# made by astype("int8") (activation_bits=None).  8, the arithmetic torch's and
+# ONNX Runtime's int8 LSTMs run: half the integer work of 16-bit codes (one
+# vpdpbusd per 64 weights, not two), and on random and trained models the
+# rounding of the int8 weights, not of the codes, dominates the error
+# (benchmarks/precision_accuracy.py: max |h - h_f32| 0.137 with 8-bit codes,
+# 0.105 with 16-bit, 0.698 for torch's qint8 LSTM on the same trained model).
+# Files and pickles say their own bits (old ones, without the field, are 16).
+DEFAULT_ACTIVATION_BITS = 8
 
 # Activation names (ONNX's LSTM set, lower case) -> (engine code, default alpha, beta).
 ACTIVATIONS = {
@@ -271,26 +280,27 @@ class LSTM:
         precision: "float32", "float16", "bfloat16" or "int8" (per-row
         scales).  float16/bfloat16 store the recurrent weights W_hh, widened
         exactly, the arithmetic float32.  int8 stores W_hh and, by default,
-        W_ih too, as torch's and ONNX Runtime's dynamic quantization do: each
-        input row (x_t, or the layer below's output) and h_{t-1} are then
-        quantized to int16 per row for integer dot products (see README,
-        "Reduced precision").  ``input_weights="float32"`` keeps W_ih (and the
-        input projection) float32 with int8 W_hh: exact in the inputs, e.g.
-        for inputs whose features differ in scale by more than ~10^4.
-        ``activation_bits=8`` (int8 only) quantizes h_{t-1} and the input
-        rows to 8 bits instead (q = round(h * 127 / max|h|) per row), as torch's
-        and ONNX Runtime's int8 LSTMs do: half the integer work (one vpdpbusd
-        per 64 weights instead of two), ~250x coarser than the int16 codes.
-        Left as None, both keep an int8 model's own choices when it is made
-        int8 again (so a loaded file's stored form is kept), else int8 W_ih
-        and 16 bits.  State, biases and the projection stay float32.  The
-        copy's state_dict() returns the dequantized weights, so ``reference()``
-        checks exactly what the engine runs.  float64 models stay
-        float32-only."""
+        W_ih too, as torch's and ONNX Runtime's dynamic quantization do, and
+        quantizes the vectors they multiply -- each input row (x_t, or the
+        layer below's output) and h_{t-1} -- per row for integer dot
+        products: by default to 8 bits (q = rne(h * 127 / max|h|)), the
+        arithmetic of torch's and ONNX Runtime's int8 LSTMs (one vpdpbusd
+        per 64 weights); ``activation_bits=16`` to int16 codes instead
+        (~250x finer, two vpdpbusd per 64 weights; see README, "Reduced
+        precision", for what each costs).  ``input_weights="float32"`` keeps
+        W_ih (and the input projection) float32 with int8 W_hh: exact in
+        the inputs, e.g. for inputs whose features differ in scale by more
+        than a code can resolve.  Left as None, both keep an int8 model's
+        own choices when it is made int8 again (so a loaded file's stored
+        form is kept), else int8 W_ih and 8 bits.  State, biases and the
+        projection stay float32.  The copy's state_dict() returns the
+        dequantized weights, so ``reference()`` checks exactly what the
+        engine runs.  float64 models stay float32-only."""
         prec = _check_precision(weights)
         same = prec == "int8" and self.weights_precision == "int8"
         if activation_bits is None:
-            activation_bits = self.activation_bits if same else 16
+            activation_bits = (self.activation_bits if same
+                               else DEFAULT_ACTIVATION_BITS if prec == "int8" else 16)
         if input_weights is None:
             in_prec = (self.input_weights_precision if same
                        else "int8" if prec == "int8" else "float32")
@@ -633,8 +643,8 @@ class LSTM:
         """The float64 NumPy reference (fastlstm.reference) run on this model's
         weights and configuration: the oracle the C engine is tested against.
         With int8 weights it also quantizes h_{t-1} (and, with int8 W_ih, each
-        input row) to int16 per row, as the engine does
-        (reference.quantize_h_int16)."""
+        input row) per row to the model's activation_bits (8 or 16), as the
+        engine does (reference.quantize_h_int16)."""
         from .reference import lstm_forward
         q = "int8" if self.activation_bits == 8 else "int16"
         peep = {k[len("peephole_"):]: v for k, v in self._params.items()

@@ -16,24 +16,33 @@ from fastlstm.io import native
 from fastlstm.io import safetensors as fst
 from fastlstm import _engine
 from fastlstm.reference import quantize_h_int16
-from tolerances import INT8_A8_REF_TOL, INT8_REF_TOL, PRECISION_TOL, TOL, assert_close, assert_lstm_close, max_rel_err
+from tolerances import INT8_A8_REF_TOL, INT8_REF_TOL, PRECISION_TOL, TOL, assert_lstm_close, max_rel_err
 
+# "int8" is astype("int8"): int8 W_ih and W_hh, 8-bit codes of h and the inputs
 PRECISIONS = ("float16", "bfloat16", "int8")
 ALL = ("float32",) + PRECISIONS
-# int8 W_hh with float32 W_ih (astype("int8", input_weights="float32")): the
-# int8 model before int8 input weights, still supported and saved as version 2
+# the other int8 forms (keys of PRECISION_TOL): 16-bit codes; float32 W_ih
+# (int8 W_hh only); both -- the int8 model before int8 input weights and
+# 8-bit codes, still saved as version 2
+I8_A16 = "int8_a16"
 I8_F32IN = "int8_f32in"
-# int8 with 8-bit activation codes (astype("int8", activation_bits=8))
-I8_A8 = "int8_a8"
-VARIANTS = (I8_F32IN, I8_A8)
+I8_F32IN_A16 = "int8_f32in_a16"
+_FORMS = {I8_A16: {"activation_bits": 16}, I8_F32IN: {"input_weights": "float32"},
+          I8_F32IN_A16: {"input_weights": "float32", "activation_bits": 16}}
+VARIANTS = tuple(_FORMS)
 
 
 def _astype(m, prec):
-    if prec == I8_F32IN:
-        return m.astype("int8", input_weights="float32")
-    if prec == I8_A8:
-        return m.astype("int8", activation_bits=8)
+    if prec in _FORMS:
+        return m.astype("int8", **_FORMS[prec])
     return m.astype(prec)
+
+
+def _ref_tol(prec):
+    """The bound against the float64 reference of the same quantized model."""
+    if prec.startswith("int8"):
+        return INT8_REF_TOL if prec.endswith("_a16") else INT8_A8_REF_TOL
+    return TOL[np.dtype(np.float32)]
 
 CONFIGS = [  # (input, hidden, batch, T, options)
     (5, 8, 1, 30, {}),
@@ -85,10 +94,9 @@ def _same_quantized(a, b):
 
 # ------------------------------------------------------------ accuracy
 def _assert_ref_close(got, ref, prec, what):
-    """float32 bound; int8 (h, and x with int8 W_ih, quantized to int16 on
-    both sides): INT8_REF_TOL."""
-    tol = (INT8_A8_REF_TOL if prec == I8_A8 else INT8_REF_TOL if prec.startswith("int8")
-           else TOL[np.dtype(np.float32)])
+    """float32 bound; int8 (h, and x with int8 W_ih, quantized the same way on
+    both sides): INT8_A8_REF_TOL with 8-bit codes, INT8_REF_TOL with 16-bit."""
+    tol = _ref_tol(prec)
     err = _err(got, ref)
     assert err <= tol, f"{what}: error {err:.3e} > {tol:.0e}"
 
@@ -102,44 +110,48 @@ def test_matches_reference_of_dequantized_weights(isa, cfg, prec):
     m, x = _model(cfg)
     q = _astype(m, prec)
     assert q.weights_precision == prec.split("_")[0] and q.dtype == np.float32
-    assert q.input_weights_precision == ("int8" if prec in ("int8", I8_A8) else "float32")
-    assert q.activation_bits == (8 if prec == I8_A8 else 16)
+    assert q.input_weights_precision == ("int8" if prec in ("int8", I8_A16) else "float32")
+    if prec.startswith("int8"):
+        assert q.activation_bits == (16 if prec.endswith("_a16") else 8)
     for nt in (1, 2):
         _assert_ref_close(q(x, num_threads=nt), q.reference(x.astype(np.float64)), prec,
                           f"{prec} {isa} threads={nt}")
 
 
+@pytest.mark.parametrize("prec", ["int8", I8_A16])
 @pytest.mark.parametrize("H,proj", [(302, 0), (520, 0), (600, 257), (280, 259)],
                          ids=["H302", "H520", "H600_P257", "H280_P259"])
-def test_int8_long_k(isa, H, proj):
+def test_int8_long_k(isa, H, proj, prec):
     """K > 256: the int32 sums run in chunks of 256 k; K = 0, 1, 2, 3 mod 4
     (the panels hold whole k quads, zero-padded)."""
     rng = np.random.default_rng(H)
-    q = fastlstm.LSTM(7, H, proj_size=proj, seed=H).astype("int8")
+    q = _astype(fastlstm.LSTM(7, H, proj_size=proj, seed=H), prec)
     x = rng.standard_normal((6, 3, 7)).astype(np.float32)
     h0 = rng.standard_normal((1, 3, proj or H)).astype(np.float32)
     c0 = rng.standard_normal((1, 3, H)).astype(np.float32)
     for nt in (1, 2):
-        _assert_ref_close(q(x, (h0, c0), num_threads=nt), q.reference(x, (h0, c0)), "int8",
+        _assert_ref_close(q(x, (h0, c0), num_threads=nt), q.reference(x, (h0, c0)), prec,
                           f"{isa} H={H} P={proj} threads={nt}")
 
 
-def test_int8_extreme_sums(isa):
-    """Every int8 weight at +-127 and every int16 h at 32767: the largest
-    integer sums a chunk can hold (256 * 127 * 32767 < 2**31), no overflow."""
+@pytest.mark.parametrize("prec", [I8_A16, "int8"])
+def test_int8_extreme_sums(isa, prec):
+    """Every int8 weight at +-127 and every h code at its largest (32767, or
+    127 with 8-bit codes): the largest integer sums a chunk can hold
+    (256 * 127 * 32767 < 2**31), no overflow."""
     H = 600
     m = fastlstm.LSTM(1, H, seed=0, bias=False)
     w = np.full((4 * H, H), 0.01, np.float32)
     w[1::2] = -0.01
     m.set_weights(0, 0, w_hh=w, w_ih=np.zeros((4 * H, 1), np.float32))
-    q = m.astype("int8")
+    q = _astype(m, prec)
     assert np.abs(q.quantized_weights()["weight_hh_l0"][1]).min() == 127
     x = np.zeros((2, 2, 1), np.float32)
     h0 = np.ones((1, 2, H), np.float32)
     h0[0, 1] = -1.0
     c0 = np.zeros((1, 2, H), np.float32)
     got = q(x, (h0, c0))
-    _assert_ref_close(got, q.reference(x, (h0, c0)), "int8", isa)
+    _assert_ref_close(got, q.reference(x, (h0, c0)), prec, isa)
     # the pre-activations are +-6 (600 * 0.01): the gates saturate visibly
     assert np.abs(got[0][0]).max() > 0.5
 
@@ -210,7 +222,7 @@ def test_int8_bitwise_across_isas(opts, H, bits):
     for key, got in results.items():
         _bitwise(got[0], want[0], f"{key}")
         _bitwise(got[1], want[1], f"{key} lengths")
-    _assert_ref_close(want[0], q.reference(x, hx), I8_A8 if bits == 8 else "int8", "portable")
+    _assert_ref_close(want[0], q.reference(x, hx), "int8" if bits == 8 else I8_A16, "portable")
 
 
 def test_int8_vnni_or_not_bitwise():
@@ -347,12 +359,17 @@ def test_astype_chains():
         _same_quantized(again, qv)
     # asked for explicitly: changed
     assert q.astype("int8", input_weights="float32").input_weights_precision == "float32"
-    assert q.astype("int8", activation_bits=8).activation_bits == 8
-    assert _astype(m, I8_A8).astype("int8", activation_bits=16).activation_bits == 16
+    assert q.activation_bits == 8 and q.input_weights_precision == "int8"  # the defaults
+    assert q.astype("int8", activation_bits=16).activation_bits == 16
+    assert _astype(m, I8_A16).astype("int8", activation_bits=8).activation_bits == 8
     back = q.astype("float32")  # float32 with the dequantized values
     assert back.weights_precision == "float32" and back.quantized_weights() == {}
+    sq, sb = q.state_dict(), back.state_dict()
+    assert all(sq[k].tobytes() == sb[k].tobytes() for k in sq)
+    # ... which the int8 model with 16-bit codes runs within the float32 bound
     x = np.random.default_rng(4).standard_normal((9, 2, 5)).astype(np.float32)
-    assert_lstm_close(back(x), q(x), np.float32, "int8 -> float32")
+    assert_lstm_close(back(x), q.astype("int8", activation_bits=16)(x), np.float32,
+                      "int8 -> float32")
     assert m.astype(np.float16).weights_precision == "float16"
     assert m.astype(np.dtype("float16")).weights_precision == "float16"
 
@@ -406,15 +423,17 @@ def test_astype_activation_bits_refused(prec, bits):
 
 
 def test_activation_bits_8_codes():
-    """8-bit activations: the reference's codes are 8-bit (h * 127 / m) and the
-    engine gives the reference's results; 16-bit and 8-bit differ."""
+    """8-bit activations (the default): the reference's codes are 8-bit
+    (h * 127 / m) and the engine gives the reference's results; 16-bit and
+    8-bit differ."""
     h = np.array([[0.5, -1.0, 0.3, 0.0]], np.float32)
     np.testing.assert_array_equal(quantize_h_int16(h, 8)[0],
                                   np.rint(h[0].astype(np.float64) * 127) / 127)
     m = fastlstm.LSTM(6, 20, seed=2)
     x = np.random.default_rng(2).standard_normal((10, 3, 6)).astype(np.float32)
-    q8, q16 = m.astype("int8", activation_bits=8), m.astype("int8")
-    _assert_ref_close(q8(x), q8.reference(x), I8_A8, "8-bit")
+    q8, q16 = m.astype("int8", activation_bits=8), m.astype("int8", activation_bits=16)
+    _bitwise(m.astype("int8")(x), q8(x), "default")
+    _assert_ref_close(q8(x), q8.reference(x), "int8", "8-bit")
     assert _err(q8(x), q16(x)) > 10 * _err(q16(x), q16.reference(x))
 
 
@@ -439,14 +458,15 @@ def test_int8_inputs_quantized_per_row(isa):
 
 
 def test_old_pickle_state_loads():
-    """Pickled int8 models from before int8 input weights (no
-    input_weights_precision) load with float32 input weights."""
-    q = fastlstm.LSTM(4, 9, seed=5).astype("int8", input_weights="float32")
+    """Pickled int8 models from before int8 input weights and 8-bit codes (no
+    input_weights_precision, no activation_bits) load with float32 input
+    weights and 16-bit codes, as they ran."""
+    q = _astype(fastlstm.LSTM(4, 9, seed=5), I8_F32IN_A16)
     state = q.__getstate__()
-    del state["input_weights_precision"]
+    del state["input_weights_precision"], state["activation_bits"]
     r = fastlstm.LSTM.__new__(fastlstm.LSTM)
     r.__setstate__(state)
-    assert r.input_weights_precision == "float32"
+    assert (r.input_weights_precision, r.activation_bits) == ("float32", 16)
     x = np.random.default_rng(5).standard_normal((5, 2, 4)).astype(np.float32)
     _bitwise(r(x), q(x))
 
@@ -471,9 +491,8 @@ def test_lengths(isa, prec, bidirectional):
             if lens[n] == 0:
                 continue
             ro, (rh, rc) = q.reference(x[:lens[n], n:n + 1].astype(np.float64))
-            assert_close(out[:lens[n], n], ro[:, 0], np.float32, f"out seq {n}")
-            assert_close(h[:, n], rh[:, 0], np.float32, f"h_n seq {n}")
-            assert_close(c[:, n], rc[:, 0], np.float32, f"c_n seq {n}")
+            _assert_ref_close((out[:lens[n], n], (h[:, n], c[:, n])),
+                              (ro[:, 0], (rh[:, 0], rc[:, 0])), prec, f"seq {n}")
 
 
 @pytest.mark.parametrize("prec", PRECISIONS + VARIANTS)
@@ -792,7 +811,7 @@ def test_rows_independent_of_their_tile(isa, prec):
             assert np.array_equal(h1[:, 0], h[:, n]) and np.array_equal(c1[:, 0], c[:, n])
 
 
-@pytest.mark.parametrize("prec", ["int8", I8_A8])
+@pytest.mark.parametrize("prec", ["int8", I8_A16])
 def test_int8_inputs_threads_chunks_layers(isa, prec):
     """int8 W_ih with threads that split the batch: each thread's quantized
     input rows must stay its own across time chunks and layers (the threads
@@ -808,21 +827,28 @@ def test_int8_inputs_threads_chunks_layers(isa, prec):
         _bitwise(q(x, num_threads=2), want, prec)
 
 
-def test_int8_float32_inputs_with_8bit_codes(tmp_path):
-    """The remaining combination: int8 W_hh, float32 W_ih, 8-bit codes of h:
-    like its reference, and saved and loaded bit for bit (version 3)."""
+@pytest.mark.parametrize("prec,version", [(I8_F32IN, 3), (I8_F32IN_A16, 2)])
+def test_int8_float32_inputs_saved(tmp_path, prec, version):
+    """int8 W_hh with float32 W_ih, with 8-bit codes of h (version 3: it names
+    its activation bits) and with 16-bit codes (version 2, the form older
+    fastlstm versions wrote and read): like its reference, and saved and
+    loaded bit for bit."""
     m = fastlstm.LSTM(6, 21, num_layers=2, seed=30)
-    q = m.astype("int8", input_weights="float32", activation_bits=8)
-    assert (q.input_weights_precision, q.activation_bits) == ("float32", 8)
+    q = _astype(m, prec)
+    bits = 16 if prec.endswith("_a16") else 8
+    assert (q.input_weights_precision, q.activation_bits) == ("float32", bits)
     assert sorted(q.quantized_weights()) == ["weight_hh_l0", "weight_hh_l1"]
     x = np.random.default_rng(30).standard_normal((12, 3, 6)).astype(np.float32)
-    _assert_ref_close(q(x), q.reference(x), I8_A8, "f32 inputs, 8-bit h")
+    _assert_ref_close(q(x), q.reference(x), prec, "f32 inputs")
     path = tmp_path / "q.safetensors"
     q.save(path)
     r = fastlstm.load(path)
-    assert (r.input_weights_precision, r.activation_bits) == ("float32", 8)
+    assert (r.input_weights_precision, r.activation_bits) == ("float32", bits)
     _bitwise(r(x), q(x))
     with fst.SafetensorsFile(path) as f:
         cfg = json.loads(f.metadata["fastlstm"])
-    assert cfg["version"] == 3 and cfg["activation_bits"] == 8
-    assert cfg["input_weights_precision"] == "float32"
+    assert cfg["version"] == version
+    if version == 3:
+        assert cfg["activation_bits"] == 8 and cfg["input_weights_precision"] == "float32"
+    else:
+        assert "activation_bits" not in cfg and "input_weights_precision" not in cfg
