@@ -48,10 +48,9 @@ from bench_precision import torch_dynamic  # noqa: E402
 
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 # The bounds tests/test_precision.py enforces (max_rel_err): the one table.
-from tolerances import PRECISION_TOL as TEST_BOUNDS  # noqa: E402
+from tolerances import INT8_FORMS, PRECISION_TOL as TEST_BOUNDS  # noqa: E402
 
 PRECISIONS = ("float32", "float16", "bfloat16", "int8", "int8_a16", "int8_f32in")
-INT8_FORMS = {"int8_a16": {"activation_bits": 16}, "int8_f32in": {"input_weights": "float32"}}
 
 
 def as_precision(m, p):

@@ -23,11 +23,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 import fastlstm  # noqa: E402
-from tolerances import max_rel_err  # noqa: E402
+from tolerances import INT8_FORMS, max_rel_err  # noqa: E402
 
-FORMS = {"int8": {}, "int8_a16": {"activation_bits": 16},
-         "int8_f32in": {"input_weights": "float32"},
-         "int8_f32in_a16": {"input_weights": "float32", "activation_bits": 16}}
+FORMS = {"int8": {}, **INT8_FORMS}
 
 
 def _err(a, b):

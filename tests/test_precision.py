@@ -16,7 +16,8 @@ from fastlstm.io import native
 from fastlstm.io import safetensors as fst
 from fastlstm import _engine
 from fastlstm.reference import quantize_h_int16
-from tolerances import INT8_A8_REF_TOL, INT8_REF_TOL, PRECISION_TOL, TOL, assert_lstm_close, max_rel_err
+from tolerances import (INT8_A8_REF_TOL, INT8_FORMS, INT8_REF_TOL, PRECISION_TOL, TOL,
+                        assert_lstm_close, max_rel_err)
 
 # "int8" is astype("int8"): int8 W_ih and W_hh, 8-bit codes of h and the inputs
 PRECISIONS = ("float16", "bfloat16", "int8")
@@ -27,14 +28,13 @@ ALL = ("float32",) + PRECISIONS
 I8_A16 = "int8_a16"
 I8_F32IN = "int8_f32in"
 I8_F32IN_A16 = "int8_f32in_a16"
-_FORMS = {I8_A16: {"activation_bits": 16}, I8_F32IN: {"input_weights": "float32"},
-          I8_F32IN_A16: {"input_weights": "float32", "activation_bits": 16}}
-VARIANTS = tuple(_FORMS)
+VARIANTS = (I8_A16, I8_F32IN, I8_F32IN_A16)
+assert set(VARIANTS) == set(INT8_FORMS)
 
 
 def _astype(m, prec):
-    if prec in _FORMS:
-        return m.astype("int8", **_FORMS[prec])
+    if prec in INT8_FORMS:
+        return m.astype("int8", **INT8_FORMS[prec])
     return m.astype(prec)
 
 

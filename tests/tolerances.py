@@ -107,6 +107,9 @@ TOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
 # "_f32in": float32 W_ih).
 PRECISION_TOL = {"float16": 1e-3, "bfloat16": 5e-3, "int8": 1e-1, "int8_a16": 5e-2,
                  "int8_f32in": 7e-3, "int8_f32in_a16": 7e-3}
+# The astype("int8", ...) arguments of the other int8 keys.
+INT8_FORMS = {"int8_a16": {"activation_bits": 16}, "int8_f32in": {"input_weights": "float32"},
+              "int8_f32in_a16": {"input_weights": "float32", "activation_bits": 16}}
 # int8 engine against the float64 reference with the same int16 h quantization
 # (see above: measured worst case 7.9e-6).
 INT8_REF_TOL = 1e-5
