@@ -14,12 +14,14 @@ variants):
     o_t = σ(W_io x_t + W_ho h_{t-1} + b_o [+ p_o ⊙ c_t])
     h_t = o_t ⊙ tanh(c_t);  h_t = W_hr h_t if projecting
 
-With quantize_h="int16" (what fastlstm runs for int8 W_hh), h_{t-1} enters
-W_hh h_{t-1} quantized per batch row: m = max_k |h_k|, q_k =
-round_half_even(h_k * 32767 / m), h_k <- q_k * m / 32767; a row with a NaN
-or Inf becomes all NaN, a row with m < 2**-96 all zero (quantize_h_int16).
-With quantize_x="int16" (fastlstm's int8 W_ih) each input row x_t (the layer
-below's output for deeper layers) enters W_ih x_t quantized the same way.
+With quantize_h="int16" (what fastlstm runs for int8 W_hh with
+activation_bits=16), h_{t-1} enters W_hh h_{t-1} quantized per batch row:
+m = max_k |h_k|, q_k = round_half_even(h_k * 32767 / m), h_k <- q_k * m / 32767;
+a row with a NaN or Inf becomes all NaN, a row with m < 2**-96 all zero
+(quantize_h_int16).  quantize_h="int8" (fastlstm's default for int8 weights,
+activation_bits=8) is the same with 127 for 32767.  With quantize_x="int16"
+or "int8" (fastlstm's int8 W_ih) each input row x_t (the layer below's output
+for deeper layers) enters W_ih x_t quantized the same way.
 """
 import numpy as np
 
