@@ -1,9 +1,11 @@
 """`python -m fastlstm`: a short demonstration on a default model.
 
 Builds a random LSTM (or one of --hidden/--batch/...), checks it against the
-float64 NumPy reference, and times it beside the NumPy reference and every
-peer that is installed (torch, ONNX Runtime), threads pinned to the same
-count.  The full benchmark against all peers is benchmarks/run_all.py.
+float64 NumPy reference, and times it beside the NumPy reference and torch
+if it is installed, threads pinned to the same count; then the same model
+with reduced-precision weights (LSTM.astype: bfloat16, float16, int8), each
+timed and compared with the float32 outputs.  The full benchmarks against
+all peers are benchmarks/run_all.py and benchmarks/bench_precision.py.
 """
 import argparse
 import statistics
@@ -70,6 +72,16 @@ def main(argv=None):
         print(f"{name:<28}{ms:>12.3f}{ms / base:>17.2f}x")
     flops = 2.0 * T * N * 4 * H * (In + H) * L
     print(f"\nfastlstm: {flops / base / 1e6:.1f} GFLOP/s")
+
+    print(f"\n{'stored weights (astype)':<28}{'median ms':>12}{'vs float32':>12}"
+          f"{'max abs diff vs float32':>26}")
+    print(f"{'float32':<28}{base:>12.3f}{1.0:>11.2f}x{0.0:>26.1e}")
+    for prec in ("bfloat16", "float16", "int8"):
+        q = m.astype(prec)
+        qout, (qh, qc) = q(x, num_threads=args.threads)
+        diff = max(float(np.abs(a - b).max()) for a, b in zip((qout, qh, qc), (out, h, c)))
+        ms = _median_ms(lambda: q(x, num_threads=args.threads))
+        print(f"{prec:<28}{ms:>12.3f}{base / ms:>11.2f}x{diff:>26.1e}")
 
 
 if __name__ == "__main__":
