@@ -43,6 +43,8 @@ SHORT = {"fastlstm": "fastlstm", "torch": "torch", "onnxruntime": "ORT", "openvi
 
 # Max abs difference a peer's output may have from fastlstm's.
 TOLERANCE = 1e-4
+
+
 @functools.lru_cache(maxsize=None)
 def peak_gflops_per_core():
     """Float32 FMA peak of one core of *this* machine, GFLOP/s, measured once

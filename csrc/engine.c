@@ -385,18 +385,11 @@ static long packed_row_(int H, int j, int col)
     return u < H ? (long)(col / FL_BW) * H + u : -1;
 }
 
-/* Bytes of int8 panels for K rows with their scales and chunk offsets. */
-static size_t i8_pack_bytes_(const fl_cell *cell, int K)
-{
-    return (size_t)cell->nb * FL_PW *
-           ((size_t)fl_whhq_rows(FL_W_I8, K) + sizeof(float) + (size_t)fl_i8_chunks(K) * sizeof(int32_t));
-}
-
 /* int8 panels of a (4H, K) row-major matrix with per-row scales, k-quad
  * interleaved (fl_internal.h), with their per-chunk offsets for vpdpbusd.
- * Returns 0 or -2 (out of memory; nothing allocated). */
-static int pack_i8_(const fl_cell *cell, int K, const int8_t *w, const float *scale,
-                    void **panels, float **pscale, int32_t **pcorr)
+ * Returns the bytes of the three, or 0 (out of memory; nothing allocated). */
+static size_t pack_i8_(const fl_cell *cell, int K, const int8_t *w, const float *scale,
+                       void **panels, float **pscale, int32_t **pcorr)
 {
     const int H = cell->H, Kp = fl_whhq_rows(FL_W_I8, K), nch = fl_i8_chunks(K);
     const size_t bytes = (size_t)cell->nb * Kp * FL_PW;
@@ -408,7 +401,7 @@ static int pack_i8_(const fl_cell *cell, int K, const int8_t *w, const float *sc
         fl_aligned_free(q);
         fl_aligned_free(sc);
         fl_aligned_free(corr);
-        return -2;
+        return 0;
     }
     memset(q, 0, bytes);
     memset(sc, 0, (size_t)cell->nb * FL_PW * sizeof(float));
@@ -428,7 +421,7 @@ static int pack_i8_(const fl_cell *cell, int K, const int8_t *w, const float *sc
     *panels = q;
     *pscale = sc;
     *pcorr = corr;
-    return 0;
+    return bytes + (size_t)cell->nb * FL_PW * sizeof(float) + corr_n * sizeof(int32_t);
 }
 
 int fl_cell_set_whh_reduced(fl_cell *cell, int wtype, const void *w, const float *scale)
@@ -437,12 +430,13 @@ int fl_cell_set_whh_reduced(fl_cell *cell, int wtype, const void *w, const float
     if (!cell->whh) return -1; /* reduced once already */
     if (!w || (wtype == FL_W_I8 && !scale)) return -1;
     const int H = cell->H, Hout = cell->Hout;
+    size_t bytes;
     if (wtype == FL_W_I8) {
-        int rc = pack_i8_(cell, Hout, (const int8_t *)w, scale, &cell->whhq, &cell->whh_scale,
-                          &cell->whh_corr);
-        if (rc) return rc;
+        bytes = pack_i8_(cell, Hout, (const int8_t *)w, scale, &cell->whhq, &cell->whh_scale,
+                         &cell->whh_corr);
+        if (!bytes) return -2;
     } else {
-        size_t bytes = (size_t)cell->nb * Hout * FL_PW * 2;
+        bytes = (size_t)cell->nb * Hout * FL_PW * 2;
         cell->whhq = fl_aligned_alloc(bytes);
         if (!cell->whhq) return -2;
         memset(cell->whhq, 0, bytes);
@@ -462,8 +456,7 @@ int fl_cell_set_whh_reduced(fl_cell *cell, int wtype, const void *w, const float
     fl_aligned_free(cell->whh);
     cell->whh = NULL;
     cell->wtype = wtype;
-    cell->bytes += (wtype == FL_W_I8 ? i8_pack_bytes_(cell, Hout) : (size_t)cell->nb * Hout * FL_PW * 2) -
-                   (size_t)cell->nb * Hout * FL_PW * sizeof(float);
+    cell->bytes += bytes - (size_t)cell->nb * Hout * FL_PW * sizeof(float);
     return 0;
 }
 
@@ -471,12 +464,12 @@ int fl_cell_set_wih_reduced(fl_cell *cell, int wtype, const void *w, const float
 {
     if (!cell || cell->dtype != FL_F32 || wtype != FL_W_I8 || !w || !scale) return -1;
     if (!cell->wih || cell->in < 1) return -1; /* reduced once already, or no input */
-    int rc = pack_i8_(cell, cell->in, (const int8_t *)w, scale, &cell->wihq, &cell->wih_scale,
-                      &cell->wih_corr);
-    if (rc) return rc;
+    size_t bytes = pack_i8_(cell, cell->in, (const int8_t *)w, scale, &cell->wihq, &cell->wih_scale,
+                            &cell->wih_corr);
+    if (!bytes) return -2;
     fl_aligned_free(cell->wih);
     cell->wih = NULL;
-    cell->bytes += i8_pack_bytes_(cell, cell->in) - (size_t)cell->nb * cell->in * FL_PW * sizeof(float);
+    cell->bytes += bytes - (size_t)cell->nb * cell->in * FL_PW * sizeof(float);
     return 0;
 }
 
@@ -526,13 +519,12 @@ static int check_stack(fl_cell *const *cells, int L, int D)
 
 size_t fl_workspace_bytes(fl_cell *const *cells, int L, int D, int T, int N)
 {
-    int TC, qc;
-    size_t a, b, c, q;
+    int TC, qc, ldx;
+    size_t a, b, c, q, xq, xqs;
     if (check_stack(cells, L, D) != 0 || T < 0 || N < 0) return 0;
-    size_t xq;
-    int ldx;
-    if (cells[0]->dtype == FL_F32) return plan_f32(cells, L, D, T, N, &TC, &a, &b, &c, &q, &qc, &xq, &ldx);
-    return plan_f64(cells, L, D, T, N, &TC, &a, &b, &c, &q, &qc, &xq, &ldx);
+    if (cells[0]->dtype == FL_F32)
+        return plan_f32(cells, L, D, T, N, &TC, &a, &b, &c, &q, &qc, &xq, &xqs, &ldx);
+    return plan_f64(cells, L, D, T, N, &TC, &a, &b, &c, &q, &qc, &xq, &xqs, &ldx);
 }
 
 int fl_forward(fl_cell *const *cells, int L, int D, const fl_io *io, void *ws, int nthreads)

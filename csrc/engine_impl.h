@@ -265,6 +265,9 @@ static void FN(thread_)(void *arg, int tid, int nt)
                 int nrows = rows_hi - n0;
                 const REAL *xa = xin + (ptrdiff_t)tlo * xst + (ptrdiff_t)n0 * xsn;
                 REAL *ga = cx->G + (ptrdiff_t)n0 * ldg;
+                /* The input GEMM tiles batch rows (time major) when there are
+                 * enough of them or one step, else time steps. */
+                const int tmaj = nrows >= rmax || nts == 1;
 #ifdef FL_HAVE_LSTMQ
                 if (cell->wihq) {
                     /* int8 W_ih: quantize the chunk's input rows once, like h
@@ -276,7 +279,7 @@ static void FN(thread_)(void *arg, int tid, int nt)
                      * wait for each other: one may be chunks ahead); a
                      * hidden split: the threads share the rows out, then
                      * wait for each other (once per chunk). */
-                    const int tmaj = nrows >= rmax || nts == 1, M = nrows > 0 ? nts * nrows : 0;
+                    const int M = nrows > 0 ? nts * nrows : 0;
                     const int ldx = cx->ldx;
                     int16_t *Qx = cx->xq + (ptrdiff_t)n0 * TC * ldx;
                     float *qxs = cx->xqs + (ptrdiff_t)n0 * TC;
@@ -299,7 +302,7 @@ static void FN(thread_)(void *arg, int tid, int nt)
                 } else
 #endif
                 if (nrows > 0) {
-                    if (nrows >= rmax || nts == 1)
+                    if (tmaj)
                         FN(input_gemm_)(cell, kc, xa, xst, xsn, ga, (ptrdiff_t)N * ldg, ldg,
                                         0, nts, nrows, j0, j1);
                     else
@@ -454,7 +457,7 @@ static void FN(thread_)(void *arg, int tid, int nt)
 
 static size_t FN(plan_)(fl_cell *const *cells, int L, int D, int T, int N, int *TC,
                         size_t *off_buf, size_t *off_hraw, size_t *off_cnt,
-                        size_t *off_q, int *qcopies, size_t *off_xq, int *ldx)
+                        size_t *off_q, int *qcopies, size_t *off_xq, size_t *off_xqs, int *ldx)
 {
     const fl_cell *c = cells[0];
     size_t row = (size_t)c->nb * FL_PW * sizeof(REAL) * (size_t)(N > 0 ? N : 1);
@@ -502,18 +505,20 @@ static size_t FN(plan_)(fl_cell *const *cells, int L, int D, int T, int N, int *
         size_t rows = (size_t)*TC * (size_t)(N > 0 ? N : 1);
         *ldx = fl_hq_row_len(kin);
         bytes += (rows * (size_t)*ldx * sizeof(int16_t) + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN;
-        bytes += (rows * sizeof(float) + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN;
     }
+    *off_xqs = bytes;
+    if (kin > 0)
+        bytes += ((size_t)*TC * (size_t)(N > 0 ? N : 1) * sizeof(float) + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN;
     return bytes + FL_ALIGN;
 }
 
 static int FN(forward_)(fl_cell *const *cells, int L, int D, const fl_io *io, void *ws, int nthreads)
 {
     FN(ctx_) cx;
-    size_t off_buf, off_hraw, off_cnt, off_q, off_xq;
+    size_t off_buf, off_hraw, off_cnt, off_q, off_xq, off_xqs;
     int T = io->T, N = io->N;
     FN(plan_)(cells, L, D, T, N, &cx.TC, &off_buf, &off_hraw, &off_cnt, &off_q, &cx.qcopies,
-              &off_xq, &cx.ldx);
+              &off_xq, &off_xqs, &cx.ldx);
     char *base = (char *)(((uintptr_t)ws + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN);
     const fl_cell *c = cells[0];
     size_t bufsz = ((size_t)T * N * D * c->Hout * sizeof(REAL) + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN;
@@ -529,8 +534,7 @@ static int FN(forward_)(fl_cell *const *cells, int L, int D, const fl_io *io, vo
     cx.q = base + off_q;
     cx.qcopy = fl_hq_copy_bytes(N, c->Hout, &cx.ldq, &cx.qscale_off);
     cx.xq = (int16_t *)(base + off_xq);
-    cx.xqs = (float *)(base + off_xq + ((size_t)cx.TC * (size_t)(N > 0 ? N : 1) * (size_t)cx.ldx *
-                                        sizeof(int16_t) + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN);
+    cx.xqs = (float *)(base + off_xqs);
 
     /* Active rows per time step; lengths must be sorted descending. */
     long total = 0;

@@ -261,9 +261,7 @@ class LSTM(nn.LSTM):
                 num_threads=self.num_threads)
             weights = getattr(self, "weights", "float32")  # pickles from before weights=
             if weights != "float32":
-                if fl.dtype != np.float32:
-                    raise DTypeError(f"fastlstm.torch.LSTM: weights={weights!r} needs float32 "
-                                     f"parameters, they are {params[0].dtype}")
+                _check_weights_dtype(weights, params[0].dtype, "fastlstm.torch.LSTM")
                 fl = fl.astype(weights)
             self._fl = fl
             self._fl_key = key
