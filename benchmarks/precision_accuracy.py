@@ -48,7 +48,7 @@ from bench_precision import torch_dynamic  # noqa: E402
 
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 # The bounds tests/test_precision.py enforces (max_rel_err): the one table.
-from tolerances import INT8_FORMS, PRECISION_TOL as TEST_BOUNDS  # noqa: E402
+from tolerances import FORMS, PRECISION_TOL as TEST_BOUNDS  # noqa: E402
 
 PRECISIONS = ("float32", "float16", "bfloat16", "int8", "int8_a16", "int8_f32in")
 
@@ -56,8 +56,8 @@ PRECISIONS = ("float32", "float16", "bfloat16", "int8", "int8_a16", "int8_f32in"
 def as_precision(m, p):
     """int8: W_ih and W_hh int8, 8-bit codes of h and inputs (astype's
     default); int8_a16: int16 codes; int8_f32in: W_hh int8 only."""
-    if p in INT8_FORMS:
-        return m.astype("int8", **INT8_FORMS[p])
+    if p in FORMS:
+        return m.astype(FORMS[p][0], **FORMS[p][1])
     return m.astype(p)
 
 

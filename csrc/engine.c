@@ -97,6 +97,8 @@ static int g_isa_detected = -1;
 static int g_isa_active = -1;
 static int g_vnni_detected = 0;
 int fl_use_vnni = 0;
+static int g_bf16dot_detected = 0;
+int fl_use_bf16dot = 0;
 
 #if defined(FL_X86)
 static unsigned long long fl_xgetbv0(void)
@@ -127,6 +129,11 @@ int fl_isa_detected(void)
                 g_vnni_detected = isa == FL_ISA_AVX512 && ((c >> 11) & 1); /* AVX512_VNNI */
                 fl_use_vnni = g_vnni_detected;
             }
+#if defined(FL_HAVE_BF16_ASM)
+            if (isa == FL_ISA_AVX512 && __get_cpuid_count(7, 1, &a, &b, &c, &d))
+                g_bf16dot_detected = (a >> 5) & 1; /* AVX512_BF16 */
+            fl_use_bf16dot = g_bf16dot_detected;
+#endif
         }
     }
 #endif
@@ -155,6 +162,13 @@ int fl_int8_vnni_set(int on)
     fl_isa_detected();
     if (on >= 0) fl_use_vnni = on && g_vnni_detected;
     return fl_use_vnni;
+}
+
+int fl_bf16_dot_set(int on)
+{
+    fl_isa_detected();
+    if (on >= 0) fl_use_bf16dot = on && g_bf16dot_detected;
+    return fl_use_bf16dot;
 }
 
 const char *fl_isa_name(int isa)
@@ -426,7 +440,7 @@ static size_t pack_i8_(const fl_cell *cell, int K, const int8_t *w, const float 
 
 int fl_cell_set_whh_reduced(fl_cell *cell, int wtype, const void *w, const float *scale)
 {
-    if (!cell || cell->dtype != FL_F32 || wtype < FL_W_F16 || wtype > FL_W_I8) return -1;
+    if (!cell || cell->dtype != FL_F32 || wtype < FL_W_F16 || wtype > FL_W_BF16D) return -1;
     if (!cell->whh) return -1; /* reduced once already */
     if (!w || (wtype == FL_W_I8 && !scale)) return -1;
     const int H = cell->H, Hout = cell->Hout;
@@ -435,6 +449,21 @@ int fl_cell_set_whh_reduced(fl_cell *cell, int wtype, const void *w, const float
         bytes = pack_i8_(cell, Hout, (const int8_t *)w, scale, &cell->whhq, &cell->whh_scale,
                          &cell->whh_corr);
         if (!bytes) return -2;
+    } else if (wtype == FL_W_BF16D) { /* k pairs interleaved (fl_internal.h) */
+        const int Kp = fl_whhq_rows(FL_W_BF16D, Hout);
+        bytes = (size_t)cell->nb * Kp * FL_PW * 2;
+        cell->whhq = fl_aligned_alloc(bytes);
+        if (!cell->whhq) return -2;
+        memset(cell->whhq, 0, bytes);
+        for (int j = 0; j < cell->nb; j++)
+            for (int col = 0; col < FL_PW; col++) {
+                long row = packed_row_(H, j, col);
+                if (row < 0) continue;
+                for (int k = 0; k < Hout; k++) {
+                    size_t dst = (size_t)j * Kp * FL_PW + (size_t)(k / 2) * 2 * FL_PW + 2 * col + k % 2;
+                    ((uint16_t *)cell->whhq)[dst] = ((const uint16_t *)w)[(size_t)row * Hout + k];
+                }
+            }
     } else {
         bytes = (size_t)cell->nb * Hout * FL_PW * 2;
         cell->whhq = fl_aligned_alloc(bytes);

@@ -331,6 +331,17 @@ static void FN(thread_)(void *arg, int tid, int nt)
                     int16_t *qh = NULL;
                     float *qs = NULL;
                     const int ldq = cx->ldq;
+                    /* bfloat16 dot products: h_{t-1} to bfloat16 codes, once per
+                     * row and step, in the same buffers (and copies) as int8's. */
+                    uint16_t *hb = NULL;
+                    if (cell->wtype == FL_W_BF16D) {
+                        hb = (uint16_t *)(cx->q + (size_t)(sync ? tid : 0) * cx->qcopy);
+                        const int kp = fl_whhq_rows(FL_W_BF16D, Hout);
+                        for (int n = n0; n < r1; n++) {
+                            const REAL *src = FN(hprev_row_)(n, rs, Aprev, ysn, h0, Hout);
+                            if (src) fl_round_bf16_row(src, Hout, kp, hb + (ptrdiff_t)n * ldq);
+                        }
+                    }
                     if (cell->wtype == FL_W_I8) {
                         char *qb = cx->q + (size_t)(sync ? tid : 0) * cx->qcopy;
                         qh = (int16_t *)qb;
@@ -363,6 +374,31 @@ static void FN(thread_)(void *arg, int tid, int nt)
                                            Gt + n * ldg + (ptrdiff_t)j * FL_PW, ldg,
                                            cst + (ptrdiff_t)n * H + j * FL_BW, H,
                                            hdst + n * ldh + j * FL_BW, ldh, nvalid, &epi);
+                            }
+                            continue;
+                        }
+                        if (cell->wtype == FL_W_BF16D) {
+                            const uint16_t *pb = (const uint16_t *)cell->whhq;
+                            const size_t pst = (size_t)fl_whhq_rows(FL_W_BF16D, Hout) * FL_PW;
+                            if (kr->lstmb2 && r1 - n0 == 1 && jj + 1 < j1) {
+                                /* one row: blocks in adjacent pairs, as lstmq2 below */
+                                int jf = (s & 1) ? j - 1 : j;
+                                int has = n0 < rs ? Aprev != NULL : h0 != NULL;
+                                epi.peep = cell->peep ? (const REAL *)cell->peep + (size_t)jf * 3 * FL_BW : NULL;
+                                kr->lstmb2(Hout, has ? hb + (ptrdiff_t)n0 * ldq : NULL, pb + (size_t)jf * pst,
+                                           Gt + n0 * ldg + (ptrdiff_t)jf * FL_PW,
+                                           cst + (ptrdiff_t)n0 * H + jf * FL_BW, hdst + n0 * ldh + jf * FL_BW,
+                                           FN(imin_)(FL_BW, H - (jf + 1) * FL_BW), &epi);
+                                jj++;
+                                continue;
+                            }
+                            for (int n = n0, R; n < r1; n += R) {
+                                R = FN(seg_tile_)(n, n0, rs, r1, rmax);
+                                int has = n < rs ? Aprev != NULL : h0 != NULL;
+                                kr->lstmb(R, Hout, has ? hb + (ptrdiff_t)n * ldq : NULL, ldq, pb + (size_t)j * pst,
+                                          Gt + n * ldg + (ptrdiff_t)j * FL_PW, ldg,
+                                          cst + (ptrdiff_t)n * H + j * FL_BW, H,
+                                          hdst + n * ldh + j * FL_BW, ldh, nvalid, &epi);
                             }
                             continue;
                         }
@@ -478,13 +514,14 @@ static size_t FN(plan_)(fl_cell *const *cells, int L, int D, int T, int N, int *
     if (c->P) bytes += ((size_t)N * c->H * sizeof(REAL) + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN;
     *off_cnt = bytes;
     bytes += ((size_t)(T + 1) * sizeof(int) + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN;
-    /* int8 W_hh: int16 copies of h_{t-1} and their scales.  A thread of a
+    /* int8 W_hh: int16 copies of h_{t-1} and their scales (bfloat16 dot
+     * products: the bfloat16 codes of h_{t-1}, in the same room).  A thread of a
      * hidden split needs a copy of its own: up to min(nb, FL_MAX_THREADS)
      * copies within ~4 MB (forward_ uses no more threads than copies). */
     *off_q = bytes;
     *qcopies = 0;
     int any_i8 = 0;
-    for (int k = 0; k < L * D; k++) any_i8 |= cells[k]->wtype == FL_W_I8;
+    for (int k = 0; k < L * D; k++) any_i8 |= cells[k]->wtype == FL_W_I8 || cells[k]->wtype == FL_W_BF16D;
     if (any_i8) {
         int ldq;
         size_t soff, copy = fl_hq_copy_bytes(N, c->Hout, &ldq, &soff);

@@ -24,7 +24,13 @@
  * so a 32-bit lane holds columns c (low half) and c + 16 (high half): a
  * shift left by 16 makes the first a float32, clearing the low half makes
  * the second one (one integer op per 16 weights instead of a widening move
- * and a shift).  Every ISA reads these layouts.
+ * and a shift).
+ * bfloat16 W_hh with bfloat16 dot products (FL_W_BF16D) is packed k-pair
+ * interleaved, Kp = K rounded up to 2 (a pad row is zero):
+ *     panel_j[(k/2)*128 + 2*col + k%2] = w[row(col)][k]
+ * so 64 bytes hold 16 columns x 2 k: one vdpbf16ps operand (each 32-bit
+ * lane: k even in the low half, k odd in the high half).
+ * Every ISA reads these layouts.
  */
 #ifndef FL_INTERNAL_H
 #define FL_INTERNAL_H
@@ -129,6 +135,23 @@ typedef void (*fl_lstmi8_f32)(int R, int K, const int16_t *Q, ptrdiff_t ldq, con
                               const float *G, ptrdiff_t ldg,
                               float *c, ptrdiff_t ldc, float *h, ptrdiff_t ldh,
                               int nvalid, const fl_epi *epi);
+/* lstmb: bfloat16 W_hh (FL_W_BF16D, k-pair panel above) times h_{t-1}
+ * rounded to bfloat16 (B: rows of ldb codes, fl_f32_to_bf16, zero from K to
+ * Kp).  Per row and column, over the k pairs p in order:
+ *     acc = 0;  acc += w[2p+1] b[2p+1];  acc += w[2p] b[2p];  ...
+ *     pre = acc + G[r][col]
+ * each += one float32 rounding (nearest even) of acc plus the product, which
+ * is exact (bfloat16 x bfloat16 fits float32), denormals flushed: the
+ * arithmetic of vdpbf16ps (measured on Zen 4: odd product first, two
+ * roundings), which the other paths reproduce with float32 FMAs of the
+ * widened values, so every path gives bitwise the same.  B NULL means
+ * h_{t-1} = 0.  lstmb2: one row (R = 1), two adjacent blocks, as lstmq2
+ * (NULL if the ISA has none). */
+typedef void (*fl_lstmb_f32)(int R, int K, const uint16_t *B, ptrdiff_t ldb, const void *panel,
+                             const float *G, ptrdiff_t ldg, float *c, ptrdiff_t ldc, float *h,
+                             ptrdiff_t ldh, int nvalid, const fl_epi *epi);
+typedef void (*fl_lstmb2_f32)(int K, const uint16_t *B, const void *panel, const float *G,
+                              float *c, float *h, int nvalid2, const fl_epi *epi);
 
 typedef struct {
     int rmax;
@@ -137,6 +160,8 @@ typedef struct {
     fl_lstmq_f32 lstmq;
     fl_lstmq2_f32 lstmq2;
     fl_lstmi8_f32 lstmi8;
+    fl_lstmb_f32 lstmb;
+    fl_lstmb2_f32 lstmb2;
     const char *name;
 } fl_kernels_f32;
 typedef struct { int rmax; fl_gemm_f64 gemm; fl_lstm_f64 lstm; const char *name; } fl_kernels_f64;
@@ -147,12 +172,24 @@ extern const fl_kernels_f64 fl_kernels_f64_portable;
 #define FL_X86 1
 extern const fl_kernels_f32 fl_kernels_f32_avx2;
 extern const fl_kernels_f32 fl_kernels_f32_avx512;
+/* vdpbf16ps (through inline asm) needs GCC >= 10 or clang >= 9 and their
+ * assemblers; older compilers build the FMA kernels only. */
+#if defined(__clang__)
+#if __clang_major__ >= 9
+#define FL_HAVE_BF16_ASM 1
+#endif
+#elif defined(__GNUC__) && __GNUC__ >= 10
+#define FL_HAVE_BF16_ASM 1
+#endif
 #endif
 
 const fl_kernels_f32 *fl_kernels_f32_active(void);
 /* AVX512_VNNI (cpuid 7.0 ECX bit 11) seen and enabled: the AVX-512 int8
  * kernel uses vpdpbusd, otherwise vpmaddwd + vpaddd (the same exact sums). */
 extern int fl_use_vnni;
+/* AVX512_BF16 (cpuid 7.1 EAX bit 5) seen and enabled: the AVX-512
+ * FL_W_BF16D kernels use vdpbf16ps, otherwise FMAs (the same sums). */
+extern int fl_use_bf16dot;
 
 /* Quantize one row of h (n floats) to int16 for the int8 kernels:
  *   m = max_k |h_k|;  non-finite m: q = 0, *hs = NaN (the row's
@@ -170,7 +207,10 @@ void fl_quantize_h(const float *h, int n, int npad, int bits, int16_t *q, float 
 
 /* Rows (k) of one reduced-precision W_hh panel: int8 panels hold whole k
  * quads (K not a multiple of 4 gets zero rows). */
-static inline int fl_whhq_rows(int wtype, int K) { return wtype == FL_W_I8 ? (K + 3) / 4 * 4 : K; }
+static inline int fl_whhq_rows(int wtype, int K)
+{
+    return wtype == FL_W_I8 ? (K + 3) / 4 * 4 : wtype == FL_W_BF16D ? (K + 1) / 2 * 2 : K;
+}
 /* K chunks of an int8 panel (each has 64 corr values). */
 static inline int fl_i8_chunks(int K) { return (fl_whhq_rows(FL_W_I8, K) + FL_I8_KC - 1) / FL_I8_KC; }
 
@@ -260,6 +300,25 @@ static inline float fl_bf16_to_f32(uint16_t b)
     float f;
     memcpy(&f, &bits, sizeof f);
     return f;
+}
+
+/* float32 -> bfloat16 for the FL_W_BF16D kernels' h: round to nearest even;
+ * NaN stays NaN (quieted); zero and denormals give a signed zero (as
+ * vcvtneps2bf16, which treats denormals as zero); overflow gives Inf. */
+static inline uint16_t fl_f32_to_bf16(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    if ((u & 0x7f800000u) == 0) return (uint16_t)((u >> 16) & 0x8000u);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* One row of h (n floats) as bfloat16 codes b[0 .. n), zeros in [n, npad). */
+static inline void fl_round_bf16_row(const float *h, int n, int npad, uint16_t *b)
+{
+    for (int k = 0; k < n; k++) b[k] = fl_f32_to_bf16(h[k]);
+    for (int k = n; k < npad; k++) b[k] = 0;
 }
 
 /* Unaligned loads of 4 and 8 bytes (the int8 kernels' broadcasts of h). */

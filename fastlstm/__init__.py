@@ -39,7 +39,10 @@ def cpu_info():
     cache-blocking choices made for this CPU at import (``kc``: the GEMMs'
     K chunk; ``prefetch``: whether compute-bound steps prefetch the next
     W_hh panel; ``gchunk``: bytes of input projection computed ahead of the
-    steps), which never change results.
+    steps), which never change results; ``bf16_dot``: the instruction
+    bfloat16-weight x bfloat16-h dot products run on (``astype("bfloat16")``,
+    activation_bits=16): "vdpbf16ps" with AVX512_BF16, else "fma" (float32
+    FMAs of the widened values, the same sums).
     """
     best = _engine.isa_detected()
     active = _engine.isa_active()
@@ -49,6 +52,7 @@ def cpu_info():
         dot = "vpdpbusd" if active == "avx512" and _engine.int8_vnni_set(-1) else "vpmaddwd"
     return {
         "int8_dot": dot,
+        "bf16_dot": "vdpbf16ps" if active == "avx512" and _engine.bf16_dot_set(-1) else "fma",
         "isa": active,
         "isa_detected": best,
         "isas_available": list(_ISAS[: _ISAS.index(best) + 1]),

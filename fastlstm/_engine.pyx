@@ -51,6 +51,7 @@ cdef extern from "fastlstm.h" nogil:
     int fl_isa_set(int isa)
     const char *fl_isa_name(int isa)
     int fl_int8_vnni_set(int on)
+    int fl_bf16_dot_set(int on)
     int fl_tune_set(int knob, int value)
     double fl_fma_peak_gflops(double seconds) nogil
     int fl_num_threads_get()
@@ -83,6 +84,13 @@ def int8_vnni_set(int on):
     forces vpmaddwd + vpaddd (same results), -1 only asks.  Returns whether
     VNNI is used."""
     return bool(fl_int8_vnni_set(on))
+
+
+def bf16_dot_set(int on):
+    """AVX-512 kernel of bfloat16 weights x bfloat16 h: 1 uses vdpbf16ps if the
+    CPU has AVX512_BF16, 0 forces float32 FMAs of the widened values (same
+    results), -1 only asks.  Returns whether vdpbf16ps is used."""
+    return bool(fl_bf16_dot_set(on))
 
 
 def fma_peak_gflops(double seconds=0.2):
@@ -186,7 +194,8 @@ cdef class Stack:
         self.cells[index] = cell
 
     def set_whh_reduced(self, int index, int wtype, w, scale):
-        """Store cell `index`'s W_hh as wtype (1 float16, 2 bfloat16, 3 int8):
+        """Store cell `index`'s W_hh as wtype (1 float16, 2 bfloat16, 3 int8,
+        4 bfloat16 with bfloat16 dot products):
         w (4H, Hout) uint16 bit patterns or int8, C-contiguous; scale (4H,)
         float32 for int8, else None."""
         cdef int rc = fl_cell_set_whh_reduced(self.cells[index], wtype, _ptr(w), <const float *>_ptr(scale))

@@ -31,6 +31,16 @@ _INT_MAX = 2 ** 31 - 1  # the C engine's int (T, N, thread counts)
 # 0.105 with 16-bit, 0.698 for torch's qint8 LSTM on the same trained model).
 # Files and pickles say their own bits (old ones, without the field, are 16).
 DEFAULT_ACTIVATION_BITS = 8
+# bfloat16 weights: 16 rounds h_{t-1} to bfloat16 for the recurrent dot
+# products (vdpbf16ps with AVX512_BF16: twice the multiply-adds of a float32
+# FMA, no widening), 32 keeps h float32.  16 is the default: see README,
+# "Reduced precision", for the speed and error each gives.
+DEFAULT_BF16_ACTIVATION_BITS = 16
+# activation_bits each precision allows, and its default; float32 and float16
+# models multiply float32 activations only.
+_ACT_BITS = {"int8": (8, 16), "bfloat16": (16, 32), "float16": (32,), "float32": (32,)}
+_DEFAULT_BITS = {"int8": DEFAULT_ACTIVATION_BITS, "bfloat16": DEFAULT_BF16_ACTIVATION_BITS,
+                 "float16": 32, "float32": 32}
 
 # Activation names (ONNX's LSTM set, lower case) -> (engine code, default alpha, beta).
 ACTIVATIONS = {
@@ -158,7 +168,7 @@ class LSTM:
         self.input_forget = bool(input_forget)
         self.weights_precision = "float32"
         self.input_weights_precision = "float32"
-        self.activation_bits = 16
+        self.activation_bits = 32
         self._qforms = {}
         self._stack = _engine.Stack(self.num_layers, self.num_directions, _DTYPES[self.dtype],
                                     self.input_size, self.hidden_size, self.proj_size)
@@ -256,12 +266,15 @@ class LSTM:
         qforms = self._qforms if qforms is None else qforms
         qf = qforms.get("weight_hh_" + s)
         if qf is not None:
-            stack.set_whh_reduced(layer * self.num_directions + d, _PRECISIONS[qf[0]], qf[1],
+            code = _PRECISIONS[qf[0]]
+            if qf[0] == "bfloat16" and self.activation_bits == 16:
+                code = _BF16_DOT  # bfloat16 dot products (h rounded too)
+            stack.set_whh_reduced(layer * self.num_directions + d, code, qf[1],
                                   qf[2] if len(qf) > 2 else None)
         qf = qforms.get("weight_ih_" + s)
         if qf is not None:
             stack.set_wih_reduced(layer * self.num_directions + d, _PRECISIONS[qf[0]], qf[1], qf[2])
-        if self.activation_bits != 16:
+        if self.weights_precision == "int8" and self.activation_bits != 16:
             stack.set_act_bits(layer * self.num_directions + d, self.activation_bits)
 
     def _new_stack(self, params, qforms=None):
@@ -279,7 +292,10 @@ class LSTM:
         """A copy of this model whose weights are stored in ``weights``
         precision: "float32", "float16", "bfloat16" or "int8" (per-row
         scales).  float16/bfloat16 store the recurrent weights W_hh, widened
-        exactly, the arithmetic float32.  int8 stores W_hh and, by default,
+        exactly, the arithmetic float32; bfloat16 by default also rounds
+        h_{t-1} to bfloat16 for W_hh h_{t-1} (``activation_bits=16``: each
+        product exact, the sums float32 -- vdpbf16ps, twice the float32 FMA
+        rate; ``activation_bits=32`` keeps h float32).  int8 stores W_hh and, by default,
         W_ih too, as torch's and ONNX Runtime's dynamic quantization do, and
         quantizes the vectors they multiply -- each input row (x_t, or the
         layer below's output) and h_{t-1} -- per row for integer dot
@@ -292,15 +308,15 @@ class LSTM:
         the inputs, e.g. for inputs whose features differ in scale by more
         than a code can resolve.  Left as None, both keep an int8 model's
         own choices when it is made int8 again (so a loaded file's stored
-        form is kept), else int8 W_ih and 8 bits.  State, biases and the
+        form is kept), else int8 W_ih and 8 bits (bfloat16: 16).  State, biases and the
         projection stay float32.  The copy's state_dict() returns the
         dequantized weights, so ``reference()`` checks exactly what the
         engine runs.  float64 models stay float32-only."""
         prec = _check_precision(weights)
         same = prec == "int8" and self.weights_precision == "int8"
         if activation_bits is None:
-            activation_bits = (self.activation_bits if same
-                               else DEFAULT_ACTIVATION_BITS if prec == "int8" else 16)
+            activation_bits = (self.activation_bits if prec == self.weights_precision
+                               else _DEFAULT_BITS[prec])
         if input_weights is None:
             in_prec = (self.input_weights_precision if same
                        else "int8" if prec == "int8" else "float32")
@@ -314,14 +330,15 @@ class LSTM:
                 raise ValueError(f"input_weights: expected one of {list(allowed)} with "
                                  f"weights={prec!r}, got {input_weights!r}")
         if (not isinstance(activation_bits, (int, np.integer)) or isinstance(activation_bits, bool)
-                or activation_bits not in (16, 8) or (activation_bits == 8 and prec != "int8")):
-            raise ValueError(f"activation_bits: expected 16, or 8 with weights='int8', got "
-                             f"{activation_bits!r} with weights={prec!r}")
+                or activation_bits not in _ACT_BITS[prec]):
+            raise ValueError(f"activation_bits: expected one of {sorted(_ACT_BITS[prec])} with "
+                             f"weights={prec!r}, got {activation_bits!r}")
         if prec != "float32" and self.dtype != np.float32:
             raise DTypeError(f"weights: {prec} storage needs a float32 model, this one is {self.dtype}")
         state = self.__getstate__()  # takes the lock itself
         new = LSTM.__new__(LSTM)
-        new.__dict__.update({k: v for k, v in state.items() if k not in ("_stack", "_lock")})
+        new.__dict__.update({k: v for k, v in state.items()
+                             if k not in ("_stack", "_lock", "activation_bits_v2")})
         new._lock = threading.Lock()
         params = {k: v.copy() for k, v in self._params.items()}
         qforms = {}
@@ -437,12 +454,18 @@ class LSTM:
         with self._lock:
             state = {k: v for k, v in self.__dict__.items() if k not in ("_stack", "_lock")}
             state["_params"] = dict(self._params)
+        state["activation_bits_v2"] = True  # activation_bits 32: float32 (see __setstate__)
         return state
 
     def __setstate__(self, state):
         state = dict(state)
         state.setdefault("input_weights_precision", "float32")  # pickles before int8 W_ih
-        state.setdefault("activation_bits", 16)
+        int8 = state.get("weights_precision", "float32") == "int8"
+        if not state.pop("activation_bits_v2", False) and not int8:
+            # Pickles before bfloat16 dot products: 16 meant float32
+            # activations for every precision but int8.
+            state["activation_bits"] = 32
+        state.setdefault("activation_bits", 16 if int8 else 32)
         self.__dict__.update(state)
         self._lock = threading.Lock()
         shapes = self._param_shapes()
@@ -647,6 +670,8 @@ class LSTM:
         engine does (reference.quantize_h_int16)."""
         from .reference import lstm_forward
         q = "int8" if self.activation_bits == 8 else "int16"
+        qh = (q if self.weights_precision == "int8" else "bfloat16"
+              if self.weights_precision == "bfloat16" and self.activation_bits == 16 else None)
         peep = {k[len("peephole_"):]: v for k, v in self._params.items()
                 if k.startswith("peephole_")}
         cell = {"activations": self.activations, "alpha": self.activation_alpha,
@@ -655,11 +680,12 @@ class LSTM:
         return lstm_forward(self._params, x, hx, num_layers=self.num_layers,
                             bidirectional=self.bidirectional, batch_first=self.batch_first,
                             cell=cell, peepholes=peep or None,
-                            quantize_h=q if self.weights_precision == "int8" else None,
+                            quantize_h=qh,
                             quantize_x=q if self.input_weights_precision == "int8" else None)
 
 
 _PRECISIONS = {"float32": 0, "float16": 1, "bfloat16": 2, "int8": 3}
+_BF16_DOT = 4  # the engine's bfloat16 W_hh with bfloat16 dot products (FL_W_BF16D)
 
 
 def _check_precision(weights):

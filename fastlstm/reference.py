@@ -18,7 +18,9 @@ With quantize_h="int16" (what fastlstm runs for int8 W_hh with
 activation_bits=16), h_{t-1} enters W_hh h_{t-1} quantized per batch row:
 m = max_k |h_k|, q_k = round_half_even(h_k * 32767 / m), h_k <- q_k * m / 32767;
 a row with a NaN or Inf becomes all NaN, a row with m < 2**-96 all zero
-(quantize_h_int16).  quantize_h="int8" (fastlstm's default for int8 weights,
+(quantize_h_int16).  quantize_h="bfloat16" rounds h_{t-1} to bfloat16
+(round_bfloat16; fastlstm's default for bfloat16 weights).
+quantize_h="int8" (fastlstm's default for int8 weights,
 activation_bits=8) is the same with 127 for 32767.  With quantize_x="int16"
 or "int8" (fastlstm's int8 W_ih) each input row x_t (the layer below's output
 for deeper layers) enters W_ih x_t quantized the same way.
@@ -80,9 +82,24 @@ def quantize_h_int16(h, bits=16):
     return np.where(finite, out, np.nan)
 
 
+def round_bfloat16(h):
+    """h -> h rounded to bfloat16 (float64 result), as fastlstm rounds h_{t-1}
+    for bfloat16 dot products (astype("bfloat16"), activation_bits=16): the
+    value as float32, then to the nearest bfloat16 (ties to even); NaN stays
+    NaN, Inf stays Inf, float32 denormals become a signed zero."""
+    u = np.ascontiguousarray(np.asarray(h, dtype=np.float32)).view(np.uint32).astype(np.uint64)
+    mag = u & 0x7FFFFFFF
+    r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
+    r = np.where(mag > 0x7F800000, ((u >> 16) | 0x40) << 16, r)        # NaN: quieted
+    r = np.where((mag & 0x7F800000) == 0, (u >> 16 & 0x8000) << 16, r)  # zero, denormal
+    return r.astype(np.uint32).view(np.float32).astype(np.float64)
+
+
 def _quantize_rows(v, how):
     if how in ("int16", "int8") and v.shape[-1] > 0:
         return quantize_h_int16(v, 16 if how == "int16" else 8)
+    if how == "bfloat16":
+        return round_bfloat16(v)
     return v
 
 
@@ -133,7 +150,9 @@ def lstm_forward(params, x, hx=None, *, num_layers=1, bidirectional=False,
     quantize_h: None, or "int16" for the per-row int16 quantization of
     h_{t-1} that fastlstm applies with int8 W_hh (see the module docstring);
     quantize_x: the same for each input row (int8 W_ih).  "int8" for either:
-    8-bit codes (activation_bits=8).
+    8-bit codes (activation_bits=8).  quantize_h="bfloat16": h_{t-1} rounded
+    to bfloat16 (round_bfloat16), as fastlstm's bfloat16 weights with
+    activation_bits=16 run.
     Returns out, (h_n, c_n) with torch.nn.LSTM's shapes, in float64.
     """
     cell = cell or {}

@@ -121,7 +121,7 @@ def _write_native(path, cfg, tensors):
 
 
 @pytest.mark.parametrize("change,msg", [
-    ({"version": 4}, "newer fastlstm"),
+    ({"version": native.FORMAT_VERSION + 1}, "newer fastlstm"),
     ({"version": "1"}, "version"),
     ({"format": "other"}, "format"),
     ({"hidden_size": 7}, "configuration needs"),

@@ -16,25 +16,27 @@ from fastlstm.io import native
 from fastlstm.io import safetensors as fst
 from fastlstm import _engine
 from fastlstm.reference import quantize_h_int16
-from tolerances import (INT8_A8_REF_TOL, INT8_FORMS, INT8_REF_TOL, PRECISION_TOL, TOL,
+from tolerances import (BF16_REF_TOL, FORMS, INT8_A8_REF_TOL, INT8_REF_TOL, PRECISION_TOL, TOL,
                         assert_lstm_close, max_rel_err)
 
 # "int8" is astype("int8"): int8 W_ih and W_hh, 8-bit codes of h and the inputs
 PRECISIONS = ("float16", "bfloat16", "int8")
 ALL = ("float32",) + PRECISIONS
-# the other int8 forms (keys of PRECISION_TOL): 16-bit codes; float32 W_ih
-# (int8 W_hh only); both -- the int8 model before int8 input weights and
-# 8-bit codes, still saved as version 2
+# the other forms (keys of PRECISION_TOL): int8 with 16-bit codes; float32
+# W_ih (int8 W_hh only); both -- the int8 model before int8 input weights and
+# 8-bit codes, still saved as version 2; bfloat16 with float32 h (the
+# bfloat16 model before bfloat16 dot products, still saved as version 2)
 I8_A16 = "int8_a16"
 I8_F32IN = "int8_f32in"
 I8_F32IN_A16 = "int8_f32in_a16"
-VARIANTS = (I8_A16, I8_F32IN, I8_F32IN_A16)
-assert set(VARIANTS) == set(INT8_FORMS)
+BF16_A32 = "bfloat16_a32"
+VARIANTS = (I8_A16, I8_F32IN, I8_F32IN_A16, BF16_A32)
+assert set(VARIANTS) == set(FORMS)
 
 
 def _astype(m, prec):
-    if prec in INT8_FORMS:
-        return m.astype("int8", **INT8_FORMS[prec])
+    if prec in FORMS:
+        return m.astype(FORMS[prec][0], **FORMS[prec][1])
     return m.astype(prec)
 
 
@@ -42,6 +44,8 @@ def _ref_tol(prec):
     """The bound against the float64 reference of the same quantized model."""
     if prec.startswith("int8"):
         return INT8_REF_TOL if prec.endswith("_a16") else INT8_A8_REF_TOL
+    if prec == "bfloat16":  # h rounded to bfloat16 on both sides
+        return BF16_REF_TOL
     return TOL[np.dtype(np.float32)]
 
 CONFIGS = [  # (input, hidden, batch, T, options)
@@ -172,7 +176,7 @@ def test_int8_many_rows_threads():
                       "rows")
 
 
-def _exact_input_model(opts, H=40, In=7, seed=0, bits=16):
+def _exact_input_model(opts, H=40, In=7, seed=0, bits=16, prec="int8"):
     """An int8 model whose input projection x W_ih^T + b is computed exactly
     (dyadic weights and inputs with few bits: every product and partial sum
     is a float32 without rounding... except the adds to the bias, which all
@@ -187,7 +191,7 @@ def _exact_input_model(opts, H=40, In=7, seed=0, bits=16):
     x = (rng.integers(-4, 5, (9, 4, In)) / 2.0).astype(np.float32)
     h0 = rng.standard_normal((m.num_directions, 4, H)).astype(np.float32)
     c0 = rng.standard_normal((m.num_directions, 4, H)).astype(np.float32)
-    return m.astype("int8", activation_bits=bits), x, (h0, c0)
+    return m.astype(prec, activation_bits=bits), x, (h0, c0)
 
 
 @pytest.mark.parametrize("opts", [{"clip": 1e3}, {"peepholes": True, "bidirectional": True},
@@ -223,6 +227,76 @@ def test_int8_bitwise_across_isas(opts, H, bits):
         _bitwise(got[0], want[0], f"{key}")
         _bitwise(got[1], want[1], f"{key} lengths")
     _assert_ref_close(want[0], q.reference(x, hx), "int8" if bits == 8 else I8_A16, "portable")
+
+
+@pytest.mark.parametrize("opts", [{"clip": 1e3}, {"peepholes": True, "bidirectional": True},
+                                  {"activations": ("hardsigmoid", "tanh", "softsign")}],
+                         ids=["clip", "peep_bidir", "acts"])
+@pytest.mark.parametrize("H", [40, 300])
+def test_bfloat16_dot_bitwise_across_isas(opts, H):
+    """bfloat16 W_hh times bfloat16 h: every product is exact and each column's
+    sum the one sequence of fl_lstmb_f32 (odd k, then even k, per pair), so
+    vdpbf16ps, the AVX-512 / AVX2 FMAs and portable C give the same bits --
+    with the shared scalar epilogue and an exact input projection (as for
+    int8 above), for every thread count, with lengths, batch 4 (row tiles)
+    and batch 1 (the two-block kernel)."""
+    q, x, hx = _exact_input_model(opts, H=H, bits=16, prec="bfloat16")
+    lens = [9, 4, 9, 1]
+    prev = fastlstm.cpu_info()["isa"]
+    results = {}
+    try:
+        for isa in fastlstm.cpu_info()["isas_available"]:
+            fastlstm.set_isa(isa)
+            for dot in ((1, 0) if isa == "avx512" else (1,)):
+                _engine.bf16_dot_set(dot)
+                for nt in (1, 2):
+                    results[(isa, dot, nt)] = (
+                        q(x, hx, num_threads=nt), q(x, hx, lengths=lens, num_threads=nt),
+                        q(x[:, :1], (hx[0][:, :1], hx[1][:, :1]), num_threads=nt))
+    finally:
+        _engine.bf16_dot_set(1)
+        fastlstm.set_isa(prev)
+    want = results[("portable", 1, 1)]
+    for key, got in results.items():
+        for g, w, what in zip(got, want, ("", " lengths", " batch 1")):
+            _bitwise(g, w, f"{key}{what}")
+    _assert_ref_close(want[0], q.reference(x, hx), "bfloat16", "portable")
+
+
+def test_bfloat16_dot_or_not_bitwise():
+    """Default cells on the AVX-512 path: vdpbf16ps and the FMA kernels give the
+    same bits (batch 1 with both blocks kernels, an odd K; 8 and 13 rows)."""
+    if "avx512" not in fastlstm.cpu_info()["isas_available"]:
+        pytest.skip("no AVX-512 path on this machine")
+    prev = fastlstm.cpu_info()["isa"]
+    rng = np.random.default_rng(3)
+    try:
+        fastlstm.set_isa("avx512")
+        for H, N in [(300, 1), (65, 8), (33, 13), (17, 1)]:
+            q = fastlstm.LSTM(5, H, num_layers=2, seed=H).astype("bfloat16")
+            x = rng.standard_normal((7, N, 5)).astype(np.float32)
+            _engine.bf16_dot_set(1)
+            a = q(x)
+            _engine.bf16_dot_set(0)
+            assert fastlstm.cpu_info()["bf16_dot"] == "fma"
+            _bitwise(q(x), a, f"H={H} N={N}")
+            assert not np.array_equal(a[0], q.astype("bfloat16", activation_bits=32)(x)[0])
+    finally:
+        _engine.bf16_dot_set(1)
+        fastlstm.set_isa(prev)
+
+
+def test_round_bfloat16_reference():
+    """The reference's bfloat16 rounding of h: nearest, ties to even; NaN stays
+    NaN, Inf stays Inf, float32 denormals become signed zeros."""
+    from fastlstm.reference import round_bfloat16
+    one_plus = [1 + 2 ** -8, 1 + 3 * 2 ** -8, 1 + 2 ** -8 + 2 ** -20, -(1 + 2 ** -9)]
+    got = round_bfloat16(np.array(one_plus + [np.nan, -np.inf, 1e-39, -1e-39, 3.4e38, 0.0]))
+    np.testing.assert_array_equal(got[:4], [1.0, 1 + 2 ** -6, 1 + 2 ** -7, -1.0])
+    assert np.isnan(got[4]) and got[5] == -np.inf
+    assert got[6] == 0 and got[7] == 0 and np.signbit(got[7]) and not np.signbit(got[6])
+    assert got[8] == np.inf  # beyond the largest bfloat16: rounds up to Inf
+    assert got[9] == 0
 
 
 def test_int8_vnni_or_not_bitwise():
@@ -351,9 +425,9 @@ def test_astype_chains():
     m = fastlstm.LSTM(5, 17, seed=4)
     q = m.astype("int8")
     _same_quantized(q.astype("int8"), q)  # same precision: stored weights kept
-    for v in VARIANTS:  # and an int8 model's input weights and activation bits
+    for v in VARIANTS:  # and a model's input weights and activation bits
         qv = _astype(m, v)
-        again = qv.astype("int8")
+        again = qv.astype(FORMS[v][0])
         assert (again.input_weights_precision, again.activation_bits) == \
             (qv.input_weights_precision, qv.activation_bits)
         _same_quantized(again, qv)
@@ -362,6 +436,13 @@ def test_astype_chains():
     assert q.activation_bits == 8 and q.input_weights_precision == "int8"  # the defaults
     assert q.astype("int8", activation_bits=16).activation_bits == 16
     assert _astype(m, I8_A16).astype("int8", activation_bits=8).activation_bits == 8
+    b = m.astype("bfloat16")  # bfloat16: h rounded by default, float32 on request
+    assert b.activation_bits == 16 and b.astype("bfloat16", activation_bits=32).activation_bits == 32
+    assert b.astype("int8").activation_bits == 8 and q.astype("bfloat16").activation_bits == 16
+    assert m.activation_bits == 32 and b.astype("float16").activation_bits == 32
+    for prec, bad in (("float16", 16), ("float32", 16), ("bfloat16", 8), ("int8", 32)):
+        with pytest.raises(ValueError, match="activation_bits"):
+            m.astype(prec, activation_bits=bad)
     back = q.astype("float32")  # float32 with the dequantized values
     assert back.weights_precision == "float32" and back.quantized_weights() == {}
     sq, sb = q.state_dict(), back.state_dict()
@@ -463,12 +544,32 @@ def test_old_pickle_state_loads():
     weights and 16-bit codes, as they ran."""
     q = _astype(fastlstm.LSTM(4, 9, seed=5), I8_F32IN_A16)
     state = q.__getstate__()
-    del state["input_weights_precision"], state["activation_bits"]
+    del state["input_weights_precision"], state["activation_bits"], state["activation_bits_v2"]
     r = fastlstm.LSTM.__new__(fastlstm.LSTM)
     r.__setstate__(state)
     assert (r.input_weights_precision, r.activation_bits) == ("float32", 16)
     x = np.random.default_rng(5).standard_normal((5, 2, 4)).astype(np.float32)
     _bitwise(r(x), q(x))
+
+
+def test_old_bfloat16_pickle_keeps_float32_activations():
+    """Pickles from before bfloat16 dot products said activation_bits 16 for
+    every precision, meaning float32 activations: a bfloat16 one loads as
+    activation_bits 32 and runs bitwise as it did; new pickles keep 16."""
+    m = fastlstm.LSTM(4, 9, seed=5)
+    q32, q16 = m.astype("bfloat16", activation_bits=32), m.astype("bfloat16")
+    state = q32.__getstate__()
+    del state["activation_bits_v2"]
+    state["activation_bits"] = 16
+    r = fastlstm.LSTM.__new__(fastlstm.LSTM)
+    r.__setstate__(state)
+    assert r.activation_bits == 32
+    x = np.random.default_rng(5).standard_normal((5, 2, 4)).astype(np.float32)
+    _bitwise(r(x), q32(x))
+    r16 = pickle.loads(pickle.dumps(q16))
+    assert r16.activation_bits == 16
+    _bitwise(r16(x), q16(x))
+    assert not np.array_equal(q16(x)[0], q32(x)[0])
 
 
 @pytest.mark.parametrize("prec", PRECISIONS)
@@ -598,6 +699,9 @@ def test_file_layout(tmp_path, prec):
     elif prec == "int8":
         assert cfg["version"] == 3 and cfg["weights_precision"] == prec
         assert cfg["input_weights_precision"] == "int8"
+    elif prec == "bfloat16":  # bfloat16 dot products: version 4
+        assert cfg["version"] == 4 and cfg["weights_precision"] == prec
+        assert (cfg["input_weights_precision"], cfg["activation_bits"]) == ("float32", 16)
     else:
         assert cfg["version"] == 2 and cfg["weights_precision"] == prec
         assert "input_weights_precision" not in cfg
@@ -732,10 +836,15 @@ def _drop(key):
     ("int8", {"weights_precision": 8}, None, "weights_precision"),
     ("int8", {"weights_precision": ["int8"]}, None, "weights_precision"),
     ("float16", {"weights_precision": None}, None, "weights_precision"),
-    ("int8", {"version": 4}, None, "newer fastlstm"),
+    ("int8", {"version": native.FORMAT_VERSION + 1}, None, "newer fastlstm"),
     ("int8", {"dtype": "float64"}, None, "needs dtype float32"),
     ("float16", {"weights_precision": "bfloat16"}, None, "is F16"),
-    ("bfloat16", {"weights_precision": "float16"}, None, "is BF16"),
+    ("bfloat16", {"weights_precision": "float16", "version": 2}, None, "is BF16"),
+    ("bfloat16", {"weights_precision": "float16"}, None, "activation_bits"),  # 16: bfloat16's
+    ("bfloat16", {"activation_bits": 8}, None, "activation_bits"),
+    ("bfloat16", {"activation_bits": None}, None, "activation_bits"),
+    ("bfloat16", {"activation_bits": 16.0}, None, "activation_bits"),
+    ("bfloat16", {"version": 2, "weights_precision": None}, None, "weights_precision"),
     ("float16", {"weights_precision": "float32"}, None, "is F16"),
     ("int8", {"weights_precision": "float16"}, None, "input_weights_precision"),
     ("int8", {"input_weights_precision": "float16"}, None, "input_weights_precision"),

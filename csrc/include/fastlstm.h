@@ -27,8 +27,10 @@ extern "C" {
 
 enum fl_dtype { FL_F32 = 0, FL_F64 = 1 };
 
-/* Storage of the recurrent weights W_hh (compute and state stay float32). */
-enum fl_wtype { FL_W_F32 = 0, FL_W_F16 = 1, FL_W_BF16 = 2, FL_W_I8 = 3 };
+/* Storage of the recurrent weights W_hh (state stays float32).  FL_W_BF16D:
+ * bfloat16 W_hh whose dot products take h_{t-1} rounded to bfloat16 too
+ * (vdpbf16ps; float32 sums), FL_W_BF16: bfloat16 W_hh times float32 h. */
+enum fl_wtype { FL_W_F32 = 0, FL_W_F16 = 1, FL_W_BF16 = 2, FL_W_I8 = 3, FL_W_BF16D = 4 };
 
 enum fl_isa { FL_ISA_PORTABLE = 0, FL_ISA_AVX2 = 1, FL_ISA_AVX512 = 2 };
 
@@ -71,7 +73,7 @@ fl_cell *fl_cell_create(int dtype, int input_size, int hidden_size, int proj_siz
                         const void *w_hr, const void *peep, const fl_cell_opts *opts);
 void fl_cell_free(fl_cell *cell);
 /* Store W_hh in reduced precision (float32 cells only): w is (4H, Hout)
- * row-major in the given type (F16/BF16 as uint16 bit patterns, I8 as
+ * row-major in the given type (F16/BF16/BF16D as uint16 bit patterns, I8 as
  * int8 with one float scale per row: W = w * scale[row]).  Once, on a
  * fresh cell: the float32 panels are freed.  Returns 0 or a negative code
  * (bad type, already reduced, or out of memory). */
@@ -133,6 +135,10 @@ const char *fl_isa_name(int isa);
  * CPU has it, else vpmaddwd + vpaddd (bitwise the same results).  on < 0
  * only queries.  Returns whether VNNI is used. */
 int fl_int8_vnni_set(int on);
+/* FL_W_BF16D on the AVX-512 path: vdpbf16ps (AVX512_BF16) when on = 1 and
+ * the CPU has it, else float32 FMAs of the widened values (bitwise the same
+ * results).  on < 0 only queries.  Returns whether vdpbf16ps is used. */
+int fl_bf16_dot_set(int on);
 /* Cache tuning, chosen at first use for the CPU (engine.c, fl_tune_init);
  * results never depend on it.  FL_TUNE_KC: the K chunk of the GEMMs in
  * floats (set: rounded down to a multiple of 16, at least 16).

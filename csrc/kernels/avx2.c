@@ -252,8 +252,39 @@ static void lstmi8_avx2(int R, int K, const int16_t *Q, ptrdiff_t ldq, const flo
     }
 }
 
+/* bfloat16 W_hh times bfloat16 h (fl_lstmb_f32): 32 bytes of a k pair are
+ * 8 columns x 2 k; widened exactly, two FMAs per column (odd k first), whose
+ * products are exact: vdpbf16ps's sums. */
+static void lstmb_avx2(int R, int K, const uint16_t *B, ptrdiff_t ldb, const void *panel,
+                       const float *G, ptrdiff_t ldg, float *c, ptrdiff_t ldc, float *h,
+                       ptrdiff_t ldh, int nvalid, const fl_epi *epi)
+{
+    const int np = (K + 1) / 2;
+    const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
+    for (int r = 0; r < R; r++) {
+        __m256 acc[8];
+        for (int q = 0; q < 8; q++) acc[q] = _mm256_setzero_ps();
+        if (B) {
+            const uint16_t *b = B + r * ldb;
+            for (int p = 0; p < np; p++) {
+                const __m256 b0 = _mm256_set1_ps(fl_bf16_to_f32(b[2 * p]));
+                const __m256 b1 = _mm256_set1_ps(fl_bf16_to_f32(b[2 * p + 1]));
+                const uint16_t *w = (const uint16_t *)panel + (size_t)p * 2 * FL_PW;
+                for (int q = 0; q < 8; q++) {
+                    __m256i x = _mm256_load_si256((const __m256i *)(w + 16 * q));
+                    acc[q] = _mm256_fmadd_ps(b1, _mm256_castsi256_ps(_mm256_and_si256(x, hi)), acc[q]);
+                    acc[q] = _mm256_fmadd_ps(b0, _mm256_castsi256_ps(_mm256_slli_epi32(x, 16)), acc[q]);
+                }
+            }
+        }
+        const float *g = G + r * ldg;
+        for (int q = 0; q < 8; q++) acc[q] = _mm256_add_ps(acc[q], _mm256_loadu_ps(g + 8 * q));
+        epilogue1(acc, c + r * ldc, ldc, h + r * ldh, ldh, nvalid, epi);
+    }
+}
+
 const fl_kernels_f32 fl_kernels_f32_avx2 = {1, gemm_avx2, lstm_avx2, lstmq_avx2, NULL, lstmi8_avx2,
-                                          "avx2"};
+                                          lstmb_avx2, NULL, "avx2"};
 
 #if defined(__clang__)
 #pragma clang attribute pop

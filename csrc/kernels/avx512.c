@@ -317,6 +317,122 @@ static void lstmq2_avx512(int wtype, int K, const float *A, const void *panel, c
     else lstmq2_r(FL_W_BF16, K, A, panel, G, c, h, nvalid2, epi);
 }
 
+/* bfloat16 W_hh times bfloat16 h (fl_lstmb_f32).  64 bytes of a k pair are
+ * 16 columns x 2 k.  With AVX512_BF16 one vdpbf16ps multiplies them with the
+ * pair of h codes broadcast and adds both products to each column's sum
+ * (odd k first, two roundings); without it the weights widen exactly (a
+ * shift, a mask) and two FMAs add the same exact products in the same
+ * order.  vdpbf16ps through inline asm, as vpdpbusd (GCC's intrinsic copies
+ * the accumulators around each use). */
+#if defined(FL_HAVE_BF16_ASM)
+AI __m512 dp_bf16(__m512 acc, __m512i w, __m512i b)
+{
+    __asm__("vdpbf16ps %2, %1, %0" : "+v"(acc) : "v"(w), "v"(b));
+    return acc;
+}
+#define FL_BF16DOT_OK 1
+#else
+#define FL_BF16DOT_OK 0
+AI __m512 dp_bf16(__m512 acc, __m512i w, __m512i b) { (void)w; (void)b; return acc; }
+#endif
+
+/* acc[r][q] += the products of k pair p for rows r < R. */
+AI void bf16_pair(const int DOT, const int R, const uint16_t *B, ptrdiff_t ldb, const uint16_t *wp,
+                  int p, __m512 acc[][4])
+{
+    __m512i w[4];
+    for (int q = 0; q < 4; q++) w[q] = _mm512_load_si512((const void *)(wp + 32 * q));
+    if (DOT) {
+        _Pragma("GCC unroll 6") for (int r = 0; r < R; r++)
+        {
+            const __m512i bb = _mm512_set1_epi32(fl_ld_i32(B + r * ldb + 2 * p));
+            for (int q = 0; q < 4; q++) acc[r][q] = dp_bf16(acc[r][q], w[q], bb);
+        }
+    } else {
+        const __m512i hi = _mm512_set1_epi32((int)0xffff0000u);
+        _Pragma("GCC unroll 6") for (int r = 0; r < R; r++)
+        {
+            const __m512 b0 = _mm512_set1_ps(fl_bf16_to_f32(B[r * ldb + 2 * p]));
+            const __m512 b1 = _mm512_set1_ps(fl_bf16_to_f32(B[r * ldb + 2 * p + 1]));
+            for (int q = 0; q < 4; q++) {
+                acc[r][q] = _mm512_fmadd_ps(b1, _mm512_castsi512_ps(_mm512_and_si512(w[q], hi)), acc[r][q]);
+                acc[r][q] = _mm512_fmadd_ps(b0, _mm512_castsi512_ps(_mm512_slli_epi32(w[q], 16)), acc[r][q]);
+            }
+        }
+    }
+}
+
+AI void lstmb_r(const int DOT, const int R, int K, const uint16_t *B, ptrdiff_t ldb,
+                const void *panel, const float *G, ptrdiff_t ldg, float *c, ptrdiff_t ldc,
+                float *h, ptrdiff_t ldh, int nvalid, const fl_epi *epi)
+{
+    __m512 acc[RMAX][4];
+    _Pragma("GCC unroll 6") for (int r = 0; r < R; r++)
+    {
+        acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm512_setzero_ps();
+    }
+    if (B) {
+        const int np = (K + 1) / 2;
+        for (int p = 0; p < np; p++)
+            bf16_pair(DOT, R, B, ldb, (const uint16_t *)panel + (size_t)p * 2 * FL_PW, p, acc);
+    }
+    _Pragma("GCC unroll 6") for (int r = 0; r < R; r++)
+    {
+        const float *g = G + r * ldg;
+        for (int q = 0; q < 4; q++) acc[r][q] = _mm512_add_ps(acc[r][q], _mm512_loadu_ps(g + 16 * q));
+    }
+    epilogue(R, acc, c, ldc, h, ldh, nvalid, epi);
+}
+
+#define LSTMB_CASES(DOT)                                                                   \
+    switch (R) {                                                                           \
+    case 1: lstmb_r(DOT, 1, K, B, ldb, panel, G, ldg, c, ldc, h, ldh, nvalid, epi); break; \
+    case 2: lstmb_r(DOT, 2, K, B, ldb, panel, G, ldg, c, ldc, h, ldh, nvalid, epi); break; \
+    case 3: lstmb_r(DOT, 3, K, B, ldb, panel, G, ldg, c, ldc, h, ldh, nvalid, epi); break; \
+    case 4: lstmb_r(DOT, 4, K, B, ldb, panel, G, ldg, c, ldc, h, ldh, nvalid, epi); break; \
+    case 5: lstmb_r(DOT, 5, K, B, ldb, panel, G, ldg, c, ldc, h, ldh, nvalid, epi); break; \
+    default: lstmb_r(DOT, 6, K, B, ldb, panel, G, ldg, c, ldc, h, ldh, nvalid, epi); break; \
+    }
+
+static void lstmb_avx512(int R, int K, const uint16_t *B, ptrdiff_t ldb, const void *panel,
+                         const float *G, ptrdiff_t ldg, float *c, ptrdiff_t ldc, float *h,
+                         ptrdiff_t ldh, int nvalid, const fl_epi *epi)
+{
+    if (FL_BF16DOT_OK && fl_use_bf16dot) { LSTMB_CASES(1) }
+    else { LSTMB_CASES(0) }
+}
+
+/* One row, two adjacent blocks (fl_lstmb2_f32): 8 accumulation chains. */
+AI void lstmb2_r(const int DOT, int K, const uint16_t *B, const void *panel, const float *G,
+                 float *c, float *h, int nvalid2, const fl_epi *epi)
+{
+    __m512 acc[2][4];
+    const int np = (K + 1) / 2;
+    const uint16_t *p0 = (const uint16_t *)panel, *p1 = p0 + (size_t)np * 2 * FL_PW;
+    for (int q = 0; q < 4; q++) acc[0][q] = acc[1][q] = _mm512_setzero_ps();
+    if (B) {
+        for (int p = 0; p < np; p++) {
+            bf16_pair(DOT, 1, B, 0, p0 + (size_t)p * 2 * FL_PW, p, acc);
+            bf16_pair(DOT, 1, B, 0, p1 + (size_t)p * 2 * FL_PW, p, acc + 1);
+        }
+    }
+    for (int q = 0; q < 4; q++) {
+        acc[0][q] = _mm512_add_ps(acc[0][q], _mm512_loadu_ps(G + 16 * q));
+        acc[1][q] = _mm512_add_ps(acc[1][q], _mm512_loadu_ps(G + FL_PW + 16 * q));
+    }
+    epilogue(1, acc, c, 0, h, 0, FL_BW, epi);
+    fl_epi e2 = *epi;
+    if (epi->peep) e2.peep = (const float *)epi->peep + 3 * FL_BW;
+    epilogue(1, acc + 1, c + FL_BW, 0, h + FL_BW, 0, nvalid2, &e2);
+}
+
+static void lstmb2_avx512(int K, const uint16_t *B, const void *panel, const float *G, float *c,
+                          float *h, int nvalid2, const fl_epi *epi)
+{
+    if (FL_BF16DOT_OK && fl_use_bf16dot) lstmb2_r(1, K, B, panel, G, c, h, nvalid2, epi);
+    else lstmb2_r(0, K, B, panel, G, c, h, nvalid2, epi);
+}
+
 /* int8 W_hh times int16 h (fl_lstmi8_f32).  Per k quad, 64 bytes of the
  * panel are 16 columns x 4 k.
  * With AVX512_VNNI: one vpdpbusd multiplies them, as signed bytes, with 4
@@ -501,7 +617,7 @@ static void lstmi8_avx512(int R, int K, const int16_t *Q, ptrdiff_t ldq, const f
 }
 
 const fl_kernels_f32 fl_kernels_f32_avx512 = {RMAX, gemm_avx512, lstm_avx512, lstmq_avx512, lstmq2_avx512,
-                                                lstmi8_avx512,
+                                                lstmi8_avx512, lstmb_avx512, lstmb2_avx512,
                                                 "avx512"};
 
 #if defined(__clang__)

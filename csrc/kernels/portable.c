@@ -99,7 +99,38 @@ static void lstmi8_portable_f32(int R, int K, const int16_t *Q, ptrdiff_t ldq, c
     }
 }
 
+/* bfloat16 W_hh times bfloat16 h (fl_lstmb_f32): the products are exact in
+ * float32, so each `acc += w * b` is the one rounding vdpbf16ps makes. */
+static void lstmb_portable_f32(int R, int K, const uint16_t *B, ptrdiff_t ldb, const void *panel,
+                               const float *G, ptrdiff_t ldg, float *c, ptrdiff_t ldc, float *h,
+                               ptrdiff_t ldh, int nvalid, const fl_epi *epi)
+{
+    const int np = (K + 1) / 2; /* k pairs; a pad k is zero on both sides */
+    for (int r = 0; r < R; r++) {
+        float acc[FL_PW];
+        for (int col = 0; col < FL_PW; col++) acc[col] = 0.0f;
+        if (B) {
+            const uint16_t *b = B + r * ldb;
+            for (int p = 0; p < np; p++) {
+                const float b0 = fl_bf16_to_f32(b[2 * p]), b1 = fl_bf16_to_f32(b[2 * p + 1]);
+                const uint16_t *w = (const uint16_t *)panel + (size_t)p * 2 * FL_PW;
+                for (int col = 0; col < FL_PW; col++) {
+                    acc[col] += fl_bf16_to_f32(w[2 * col + 1]) * b1;
+                    acc[col] += fl_bf16_to_f32(w[2 * col]) * b0;
+                }
+            }
+        }
+        const float *g = G + r * ldg;
+        for (int col = 0; col < FL_PW; col++) acc[col] = acc[col] + g[col];
+        float *cr = c + r * ldc, *hr = h + r * ldh;
+        if (!epi->is_default)
+            fl_epilogue_generic_f32(1, acc, cr, ldc, hr, ldh, nvalid, epi);
+        else
+            epilogue_default_f32(acc, cr, hr, nvalid);
+    }
+}
+
 const fl_kernels_f32 fl_kernels_f32_portable = {1, gemm_portable_f32, lstm_portable_f32,
                                                 lstmq_portable_f32, NULL, lstmi8_portable_f32,
-                                                "portable"};
+                                                lstmb_portable_f32, NULL, "portable"};
 const fl_kernels_f64 fl_kernels_f64_portable = {1, gemm_portable_f64, lstm_portable_f64, "portable"};

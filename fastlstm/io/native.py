@@ -33,10 +33,16 @@ weights are stored the same way, ``weight_ih_*.int8`` and
 ``weight_ih_*``).  Version 2 files mean float32 input weights and 16-bit
 activations.
 
+bfloat16 models whose dot products round h_{t-1} to bfloat16 (the default of
+``astype("bfloat16")``, ``activation_bits`` 16) are written with
+``"version": 4`` and ``"activation_bits": 16`` (and
+``"input_weights_precision": "float32"``); bfloat16 models with float32
+activations (``activation_bits`` 32) keep version 2, which means that.
+
 Everything else stays F32.  Loading restores the same stored weights bit for
 bit (``quantized_weights()`` equal, outputs bitwise equal).  Files of
 float32 models keep version 1 and int8 models with float32 input weights
-version 2, so older fastlstm versions still read what they can compute;
+and 16-bit codes version 2, so older fastlstm versions still read what they can compute;
 they refuse newer versions with a clear message.
 """
 from __future__ import annotations
@@ -53,7 +59,7 @@ __all__ = ["save_model", "load_model", "list_stacks", "read_config", "FORMAT_NAM
            "FORMAT_VERSION", "METADATA_KEY"]
 
 FORMAT_NAME = "fastlstm"
-FORMAT_VERSION = 3  # the newest version this module reads; float32 models are written as 1
+FORMAT_VERSION = 4  # the newest version this module reads; float32 models are written as 1
 METADATA_KEY = "fastlstm"
 
 _CONFIG_TYPES = {
@@ -89,9 +95,12 @@ def model_config(model):
         cfg["version"] = 2
         cfg["weights_precision"] = prec
     in_prec = getattr(model, "input_weights_precision", "float32")
-    bits = getattr(model, "activation_bits", 16)
-    if in_prec != "float32" or bits != 16:
+    bits = getattr(model, "activation_bits", 16 if prec == "int8" else 32)
+    if prec == "int8" and (in_prec != "float32" or bits != 16):
         cfg["version"] = 3
+    elif prec == "bfloat16" and bits == 16:
+        cfg["version"] = 4
+    if cfg["version"] >= 3:
         cfg["input_weights_precision"] = in_prec
         cfg["activation_bits"] = bits
     return cfg
@@ -178,12 +187,19 @@ def read_config(metadata, where):
                           f"is not 'float32'{' or int8' if prec == 'int8' else ''} with "
                           f"weights_precision {prec}")
     out["input_weights_precision"] = in_prec
-    bits = cfg.get("activation_bits", 16) if version >= 3 else 16
+    # Versions before 4 knew activation_bits for int8 only (16 or 8); every
+    # other precision multiplied float32 activations (32 now).
+    allowed = ((8, 16) if prec == "int8" else (16, 32) if prec == "bfloat16" and version >= 4
+               else (32,))
     if version >= 3 and "activation_bits" not in cfg:
         raise FormatError(f"{where}: fastlstm configuration lacks 'activation_bits'")
-    if type(bits) is not int or bits not in (16, 8) or (bits == 8 and prec != "int8"):
-        raise FormatError(f"{where}: configuration activation_bits {str(bits)[:40]!r} is not 16"
-                          f"{' or 8' if prec == 'int8' else ''} with weights_precision {prec}")
+    bits = cfg["activation_bits"] if version >= 3 else 16 if prec == "int8" else 32
+    if prec != "int8" and version == 3 and bits == 16:
+        bits = 32  # version 3 wrote 16 for "float32 activations"
+    if type(bits) is not int or bits not in allowed:
+        raise FormatError(f"{where}: configuration activation_bits {str(bits)[:40]!r} is not "
+                          f"one of {list(allowed)} with weights_precision {prec} (format version "
+                          f"{version})")
     out["activation_bits"] = bits
     if prec != "float32" and out["dtype"] != "float32":
         raise FormatError(f"{where}: weights_precision {prec} needs dtype float32, the "
