@@ -438,6 +438,27 @@ static size_t pack_i8_(const fl_cell *cell, int K, const int8_t *w, const float 
     return bytes + (size_t)cell->nb * FL_PW * sizeof(float) + corr_n * sizeof(int32_t);
 }
 
+/* bfloat16 (4H, K) row-major -> nb k-pair panels (FL_W_BF16D, fl_internal.h)
+ * at *dst; returns their bytes, 0 if out of memory. */
+static size_t pack_bf16d_(const fl_cell *cell, int K, const uint16_t *w, void **dst)
+{
+    const int Kp = fl_whhq_rows(FL_W_BF16D, K);
+    size_t bytes = (size_t)cell->nb * Kp * FL_PW * 2;
+    uint16_t *p = (uint16_t *)fl_aligned_alloc(bytes);
+    if (!p) return 0;
+    memset(p, 0, bytes);
+    for (int j = 0; j < cell->nb; j++)
+        for (int col = 0; col < FL_PW; col++) {
+            long row = packed_row_(cell->H, j, col);
+            if (row < 0) continue;
+            for (int k = 0; k < K; k++)
+                p[(size_t)j * Kp * FL_PW + (size_t)(k / 2) * 2 * FL_PW + 2 * col + k % 2] =
+                    w[(size_t)row * K + k];
+        }
+    *dst = p;
+    return bytes;
+}
+
 int fl_cell_set_whh_reduced(fl_cell *cell, int wtype, const void *w, const float *scale)
 {
     if (!cell || cell->dtype != FL_F32 || wtype < FL_W_F16 || wtype > FL_W_BF16D) return -1;
@@ -449,21 +470,9 @@ int fl_cell_set_whh_reduced(fl_cell *cell, int wtype, const void *w, const float
         bytes = pack_i8_(cell, Hout, (const int8_t *)w, scale, &cell->whhq, &cell->whh_scale,
                          &cell->whh_corr);
         if (!bytes) return -2;
-    } else if (wtype == FL_W_BF16D) { /* k pairs interleaved (fl_internal.h) */
-        const int Kp = fl_whhq_rows(FL_W_BF16D, Hout);
-        bytes = (size_t)cell->nb * Kp * FL_PW * 2;
-        cell->whhq = fl_aligned_alloc(bytes);
-        if (!cell->whhq) return -2;
-        memset(cell->whhq, 0, bytes);
-        for (int j = 0; j < cell->nb; j++)
-            for (int col = 0; col < FL_PW; col++) {
-                long row = packed_row_(H, j, col);
-                if (row < 0) continue;
-                for (int k = 0; k < Hout; k++) {
-                    size_t dst = (size_t)j * Kp * FL_PW + (size_t)(k / 2) * 2 * FL_PW + 2 * col + k % 2;
-                    ((uint16_t *)cell->whhq)[dst] = ((const uint16_t *)w)[(size_t)row * Hout + k];
-                }
-            }
+    } else if (wtype == FL_W_BF16D) {
+        bytes = pack_bf16d_(cell, Hout, (const uint16_t *)w, &cell->whhq);
+        if (!bytes) return -2;
     } else {
         bytes = (size_t)cell->nb * Hout * FL_PW * 2;
         cell->whhq = fl_aligned_alloc(bytes);
@@ -491,11 +500,16 @@ int fl_cell_set_whh_reduced(fl_cell *cell, int wtype, const void *w, const float
 
 int fl_cell_set_wih_reduced(fl_cell *cell, int wtype, const void *w, const float *scale)
 {
-    if (!cell || cell->dtype != FL_F32 || wtype != FL_W_I8 || !w || !scale) return -1;
+    if (!cell || cell->dtype != FL_F32 || (wtype != FL_W_I8 && wtype != FL_W_BF16D) || !w ||
+        (wtype == FL_W_I8 && !scale))
+        return -1;
     if (!cell->wih || cell->in < 1) return -1; /* reduced once already, or no input */
-    size_t bytes = pack_i8_(cell, cell->in, (const int8_t *)w, scale, &cell->wihq, &cell->wih_scale,
-                            &cell->wih_corr);
+    size_t bytes = wtype == FL_W_I8
+        ? pack_i8_(cell, cell->in, (const int8_t *)w, scale, &cell->wihq, &cell->wih_scale,
+                   &cell->wih_corr)
+        : pack_bf16d_(cell, cell->in, (const uint16_t *)w, &cell->wihq);
     if (!bytes) return -2;
+    cell->wih_type = wtype;
     fl_aligned_free(cell->wih);
     cell->wih = NULL;
     cell->bytes += bytes - (size_t)cell->nb * cell->in * FL_PW * sizeof(float);

@@ -147,6 +147,36 @@ static void input_gemm_i8_(const fl_cell *cell, const int16_t *Q, ptrdiff_t ldx,
             }
         }
 }
+
+/* bfloat16 W_ih: G rows (o, i) as input_gemm_i8_, from the input rows
+ * rounded to bfloat16 (B + m*ldb, m = o*ni + i): G = bias + x W_ih^T with
+ * the sums of fl_lstmb_f32. */
+static void input_gemm_b_(const fl_cell *cell, const uint16_t *B, ptrdiff_t ldb, float *G,
+                          ptrdiff_t g_so, ptrdiff_t g_si, int no, int ni, int j0, int j1)
+{
+    const fl_kernels_f32 *kr = fl_kernels_f32_active();
+    const int K = cell->in, rmax = kr->rmax;
+    const size_t pstride = (size_t)fl_whhq_rows(FL_W_BF16D, K) * FL_PW;
+    if (no > 1 && g_so == (ptrdiff_t)ni * g_si && (long)no * ni <= 0x7fffffffL) {
+        ni *= no;
+        no = 1;
+    }
+    int rc = (int)((256u * 1024u) / ((size_t)ldb * sizeof(uint16_t))) / rmax * rmax;
+    if (rc < rmax) rc = rmax;
+    for (int o = 0; o < no; o++)
+        for (int i0 = 0; i0 < ni; i0 += rc) {
+            int i1 = i0 + rc < ni ? i0 + rc : ni;
+            for (int j = j0; j < j1; j++) {
+                const uint16_t *panel = (const uint16_t *)cell->wihq + (size_t)j * pstride;
+                for (int i = i0, R; i < i1; i += R) {
+                    R = tile_at_f32(i1 - i0, rmax, i - i0);
+                    ptrdiff_t m = (ptrdiff_t)o * ni + i;
+                    kr->lstmb(R, K, B + m * ldb, ldb, panel, (const float *)cell->bias + (size_t)j * FL_PW,
+                              0, NULL, 0, G + o * g_so + i * g_si + (ptrdiff_t)j * FL_PW, g_si, FL_PW, NULL);
+                }
+            }
+        }
+}
 #endif
 
 /* One step for hidden block j and rows [n0, n1): gates = G + h_{t-1} W_hh^T,
@@ -285,13 +315,26 @@ static void FN(thread_)(void *arg, int tid, int nt)
                     float *qxs = cx->xqs + (ptrdiff_t)n0 * TC;
                     int m0 = sync ? (int)((long)M * tid / nt) : 0;
                     int m1 = sync ? (int)((long)M * (tid + 1) / nt) : M;
+                    const int bf = cell->wih_type == FL_W_BF16D;
                     for (int m = m0; m < m1; m++) {
                         int tr = tmaj ? m / nrows : m % nts, i = tmaj ? m % nrows : m / nts;
-                        fl_quantize_h(xa + (ptrdiff_t)tr * xst + (ptrdiff_t)i * xsn, cell->in, ldx / 2,
-                                      cell->act_bits, Qx + (ptrdiff_t)m * ldx, qxs + m);
+                        const REAL *xr = xa + (ptrdiff_t)tr * xst + (ptrdiff_t)i * xsn;
+                        if (bf)
+                            fl_round_bf16_row(xr, cell->in, fl_whhq_rows(FL_W_BF16D, cell->in),
+                                              (uint16_t *)(Qx + (ptrdiff_t)m * ldx));
+                        else
+                            fl_quantize_h(xr, cell->in, ldx / 2, cell->act_bits,
+                                          Qx + (ptrdiff_t)m * ldx, qxs + m);
                     }
                     if (sync) fl_pool_barrier(nt);
-                    if (M > 0) {
+                    if (M > 0 && bf) {
+                        if (tmaj)
+                            input_gemm_b_(cell, (const uint16_t *)Qx, ldx, ga, (ptrdiff_t)N * ldg, ldg,
+                                          nts, nrows, j0, j1);
+                        else
+                            input_gemm_b_(cell, (const uint16_t *)Qx, ldx, ga, ldg, (ptrdiff_t)N * ldg,
+                                          nrows, nts, j0, j1);
+                    } else if (M > 0) {
                         if (tmaj)
                             input_gemm_i8_(cell, Qx, ldx, qxs, ga, (ptrdiff_t)N * ldg, ldg, nts, nrows,
                                            j0, j1);

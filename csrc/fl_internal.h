@@ -145,8 +145,10 @@ typedef void (*fl_lstmi8_f32)(int R, int K, const int16_t *Q, ptrdiff_t ldq, con
  * arithmetic of vdpbf16ps (measured on Zen 4: odd product first, two
  * roundings), which the other paths reproduce with float32 FMAs of the
  * widened values, so every path gives bitwise the same.  B NULL means
- * h_{t-1} = 0.  lstmb2: one row (R = 1), two adjacent blocks, as lstmq2
- * (NULL if the ISA has none). */
+ * h_{t-1} = 0.  epi NULL: an input projection (bfloat16 W_ih, B the input
+ * rows rounded, G the bias with ldg = 0): h[r*ldh + col] = pre for all 64
+ * columns, no gate math (c unused).  lstmb2: one row (R = 1), two adjacent
+ * blocks, as lstmq2 (NULL if the ISA has none). */
 typedef void (*fl_lstmb_f32)(int R, int K, const uint16_t *B, ptrdiff_t ldb, const void *panel,
                              const float *G, ptrdiff_t ldg, float *c, ptrdiff_t ldc, float *h,
                              ptrdiff_t ldh, int nvalid, const fl_epi *epi);
@@ -252,7 +254,10 @@ struct fl_cell {
     float *whh_scale;       /* nb x 64 (I8 only) */
     int32_t *whh_corr;      /* nb x fl_i8_chunks(Hout) x 64 (I8 only; see lstmi8) */
     void *wihq;             /* int8 W_ih: nb panels of Kp x 64 (k-quad, Kp = in rounded
-                               up to 4), or NULL (then wih holds float32 panels) */
+                               up to 4); bfloat16 W_ih (wih_type FL_W_BF16D): k-pair
+                               panels (Kp = in rounded up to 2), the input rows rounded
+                               to bfloat16; or NULL (then wih holds float32 panels) */
+    int wih_type;           /* FL_W_I8 or FL_W_BF16D with wihq */
     float *wih_scale;       /* nb x 64 with wihq */
     int32_t *wih_corr;      /* nb x fl_i8_chunks(in) x 64 with wihq */
     int act_bits;           /* 16 or 8: the int8 kernels' codes of h and inputs */

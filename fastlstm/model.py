@@ -272,8 +272,12 @@ class LSTM:
             stack.set_whh_reduced(layer * self.num_directions + d, code, qf[1],
                                   qf[2] if len(qf) > 2 else None)
         qf = qforms.get("weight_ih_" + s)
-        if qf is not None:
-            stack.set_wih_reduced(layer * self.num_directions + d, _PRECISIONS[qf[0]], qf[1], qf[2])
+        if qf is not None and qf[0] == "int8":
+            stack.set_wih_reduced(layer * self.num_directions + d, _PRECISIONS["int8"], qf[1], qf[2])
+        elif qf is not None and self.activation_bits == 16:
+            # bfloat16 W_ih times the input rows rounded to bfloat16; with
+            # float32 activations the float32 panels hold the rounded values
+            stack.set_wih_reduced(layer * self.num_directions + d, _BF16_DOT, qf[1], None)
         if self.weights_precision == "int8" and self.activation_bits != 16:
             stack.set_act_bits(layer * self.num_directions + d, self.activation_bits)
 
@@ -291,41 +295,48 @@ class LSTM:
     def astype(self, weights, *, input_weights=None, activation_bits=None):
         """A copy of this model whose weights are stored in ``weights``
         precision: "float32", "float16", "bfloat16" or "int8" (per-row
-        scales).  float16/bfloat16 store the recurrent weights W_hh, widened
-        exactly, the arithmetic float32; bfloat16 by default also rounds
-        h_{t-1} to bfloat16 for W_hh h_{t-1} (``activation_bits=16``: each
-        product exact, the sums float32 -- vdpbf16ps, twice the float32 FMA
-        rate; ``activation_bits=32`` keeps h float32).  int8 stores W_hh and, by default,
-        W_ih too, as torch's and ONNX Runtime's dynamic quantization do, and
-        quantizes the vectors they multiply -- each input row (x_t, or the
-        layer below's output) and h_{t-1} -- per row for integer dot
-        products: by default to 8 bits (q = rne(h * 127 / max|h|)), the
-        arithmetic of torch's and ONNX Runtime's int8 LSTMs (one vpdpbusd
-        per 64 weights); ``activation_bits=16`` to int16 codes instead
-        (~250x finer, two vpdpbusd per 64 weights; see README, "Reduced
-        precision", for what each costs).  ``input_weights="float32"`` keeps
-        W_ih (and the input projection) float32 with int8 W_hh: exact in
-        the inputs, e.g. for inputs whose features differ in scale by more
-        than a code can resolve.  Left as None, both keep an int8 model's
-        own choices when it is made int8 again (so a loaded file's stored
-        form is kept), else int8 W_ih and 8 bits (bfloat16: 16).  State, biases and the
-        projection stay float32.  The copy's state_dict() returns the
-        dequantized weights, so ``reference()`` checks exactly what the
-        engine runs.  float64 models stay float32-only."""
+        scales).
+
+        float16 stores the recurrent weights W_hh, widened exactly; the
+        arithmetic is float32.  bfloat16 stores W_hh and, by default, W_ih,
+        and by default rounds the vectors they multiply -- h_{t-1} and each
+        input row (x_t, or the layer below's output) -- to bfloat16 too
+        (``activation_bits=16``): every product is then exact, the sums
+        float32 (vdpbf16ps with AVX512_BF16: twice the float32 FMA rate).
+        ``activation_bits=32`` keeps h and the inputs float32 (the weights
+        still bfloat16).  int8 stores W_hh and, by default, W_ih too, as
+        torch's and ONNX Runtime's dynamic quantization do, and quantizes the
+        vectors they multiply per row for integer dot products: by default
+        to 8 bits (q = rne(h * 127 / max|h|)), the arithmetic of torch's and
+        ONNX Runtime's int8 LSTMs (one vpdpbusd per 64 weights);
+        ``activation_bits=16`` to int16 codes instead (~250x finer, two
+        vpdpbusd per 64 weights).  See README, "Reduced precision", for what
+        each form costs and its error.
+
+        ``input_weights="float32"`` keeps W_ih (and the input projection,
+        inputs included) float32 with int8 or bfloat16 W_hh: exact in the
+        inputs, e.g. for inputs whose features differ in scale by more than
+        a code can resolve.  Left as None, ``input_weights`` and
+        ``activation_bits`` keep the model's own choices when it is made the
+        same precision again (so a loaded file's stored form is kept), else
+        W_ih in the weights' precision and 8 bits (int8) or 16 (bfloat16).
+        State, biases and the projection stay float32.  The copy's
+        state_dict() returns the dequantized weights, so ``reference()``
+        checks exactly what the engine runs.  float64 models stay
+        float32-only."""
         prec = _check_precision(weights)
-        same = prec == "int8" and self.weights_precision == "int8"
+        same = prec == self.weights_precision
         if activation_bits is None:
-            activation_bits = (self.activation_bits if prec == self.weights_precision
-                               else _DEFAULT_BITS[prec])
+            activation_bits = self.activation_bits if same else _DEFAULT_BITS[prec]
         if input_weights is None:
             in_prec = (self.input_weights_precision if same
-                       else "int8" if prec == "int8" else "float32")
+                       else prec if prec in ("int8", "bfloat16") else "float32")
         else:
             try:
                 in_prec = _check_precision(input_weights)
             except ValueError:
                 in_prec = None
-            allowed = ("float32", "int8") if prec == "int8" else ("float32",)
+            allowed = ("float32", prec) if prec in ("int8", "bfloat16") else ("float32",)
             if in_prec not in allowed:
                 raise ValueError(f"input_weights: expected one of {list(allowed)} with "
                                  f"weights={prec!r}, got {input_weights!r}")
@@ -670,8 +681,10 @@ class LSTM:
         engine does (reference.quantize_h_int16)."""
         from .reference import lstm_forward
         q = "int8" if self.activation_bits == 8 else "int16"
-        qh = (q if self.weights_precision == "int8" else "bfloat16"
-              if self.weights_precision == "bfloat16" and self.activation_bits == 16 else None)
+        bf = self.weights_precision == "bfloat16" and self.activation_bits == 16
+        qh = q if self.weights_precision == "int8" else "bfloat16" if bf else None
+        qx = (q if self.input_weights_precision == "int8" else "bfloat16"
+              if bf and self.input_weights_precision == "bfloat16" else None)
         peep = {k[len("peephole_"):]: v for k, v in self._params.items()
                 if k.startswith("peephole_")}
         cell = {"activations": self.activations, "alpha": self.activation_alpha,
@@ -681,7 +694,7 @@ class LSTM:
                             bidirectional=self.bidirectional, batch_first=self.batch_first,
                             cell=cell, peepholes=peep or None,
                             quantize_h=qh,
-                            quantize_x=q if self.input_weights_precision == "int8" else None)
+                            quantize_x=qx)
 
 
 _PRECISIONS = {"float32": 0, "float16": 1, "bfloat16": 2, "int8": 3}

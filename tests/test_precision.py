@@ -24,13 +24,16 @@ PRECISIONS = ("float16", "bfloat16", "int8")
 ALL = ("float32",) + PRECISIONS
 # the other forms (keys of PRECISION_TOL): int8 with 16-bit codes; float32
 # W_ih (int8 W_hh only); both -- the int8 model before int8 input weights and
-# 8-bit codes, still saved as version 2; bfloat16 with float32 h (the
-# bfloat16 model before bfloat16 dot products, still saved as version 2)
+# 8-bit codes, still saved as version 2; bfloat16 with float32 activations;
+# with float32 W_ih; both (the bfloat16 model before bfloat16 dot products,
+# still saved as version 2)
 I8_A16 = "int8_a16"
 I8_F32IN = "int8_f32in"
 I8_F32IN_A16 = "int8_f32in_a16"
 BF16_A32 = "bfloat16_a32"
-VARIANTS = (I8_A16, I8_F32IN, I8_F32IN_A16, BF16_A32)
+BF16_F32IN = "bfloat16_f32in"
+BF16_F32IN_A32 = "bfloat16_f32in_a32"
+VARIANTS = (I8_A16, I8_F32IN, I8_F32IN_A16, BF16_A32, BF16_F32IN, BF16_F32IN_A32)
 assert set(VARIANTS) == set(FORMS)
 
 
@@ -44,7 +47,7 @@ def _ref_tol(prec):
     """The bound against the float64 reference of the same quantized model."""
     if prec.startswith("int8"):
         return INT8_REF_TOL if prec.endswith("_a16") else INT8_A8_REF_TOL
-    if prec == "bfloat16":  # h rounded to bfloat16 on both sides
+    if prec in ("bfloat16", BF16_F32IN):  # h (and x) rounded to bfloat16 on both sides
         return BF16_REF_TOL
     return TOL[np.dtype(np.float32)]
 
@@ -114,9 +117,13 @@ def test_matches_reference_of_dequantized_weights(isa, cfg, prec):
     m, x = _model(cfg)
     q = _astype(m, prec)
     assert q.weights_precision == prec.split("_")[0] and q.dtype == np.float32
-    assert q.input_weights_precision == ("int8" if prec in ("int8", I8_A16) else "float32")
+    assert q.input_weights_precision == (
+        "float32" if "_f32in" in prec else q.weights_precision if q.weights_precision in
+        ("int8", "bfloat16") else "float32")
     if prec.startswith("int8"):
         assert q.activation_bits == (16 if prec.endswith("_a16") else 8)
+    elif prec.startswith("bfloat16"):
+        assert q.activation_bits == (32 if prec.endswith("_a32") else 16)
     for nt in (1, 2):
         _assert_ref_close(q(x, num_threads=nt), q.reference(x.astype(np.float64)), prec,
                           f"{prec} {isa} threads={nt}")
@@ -385,12 +392,14 @@ def test_stored_forms():
     exactly its dequantized values."""
     m = fastlstm.LSTM(6, 17, num_layers=2, bidirectional=True, proj_size=4, seed=3)
     sd = m.state_dict()
-    for prec, inw in [(p, None) for p in PRECISIONS] + [("int8", "float32")]:
+    for prec, inw in [(p, None) for p in PRECISIONS] + [("int8", "float32"),
+                                                        ("bfloat16", "float32")]:
         q = m.astype(prec, input_weights=inw)
         qw = q.quantized_weights()
-        # int8 stores W_ih too unless asked not to; float16/bfloat16 W_hh only
-        stored = ("weight_hh_", "weight_ih_") if (prec, inw) == ("int8", None) else ("weight_hh_",)
-        assert q.input_weights_precision == ("int8" if len(stored) == 2 else "float32")
+        # int8 and bfloat16 store W_ih too unless asked not to; float16 W_hh only
+        both = prec in ("int8", "bfloat16") and inw is None
+        stored = ("weight_hh_", "weight_ih_") if both else ("weight_hh_",)
+        assert q.input_weights_precision == (prec if both else "float32")
         assert sorted(qw) == sorted(k for k in sd if k.startswith(stored))
         qsd = q.state_dict()
         for k, form in qw.items():
@@ -684,16 +693,16 @@ def test_file_layout(tmp_path, prec):
     hh = [k for k in sd if k.startswith("weight_hh_")]
     ih = [k for k in sd if k.startswith("weight_ih_")]
     assert len(hh) == 4 and len(ih) == 4
-    for k in hh + (ih if prec == "int8" else []):
-        if prec == "int8":  # int8 stores W_ih too (astype's default)
+    for k in hh + (ih if prec in ("int8", "bfloat16") else []):
+        if prec == "int8":  # int8 and bfloat16 store W_ih too (astype's default)
             assert k not in infos
             assert infos[k + ".int8"] == ("I8", sd[k].shape)
             assert infos[k + ".scale"] == ("F32", (32,))
         else:
             assert infos[k] == ({"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[prec],
-                                (32, 8))
-    assert all(v[0] == "F32" for k, v in infos.items()
-               if "weight_hh_" not in k and not (prec == "int8" and "weight_ih_" in k))
+                                sd[k].shape)
+    assert all(v[0] == "F32" for k, v in infos.items() if "weight_hh_" not in k and
+               not (prec in ("int8", "bfloat16") and "weight_ih_" in k))
     if prec == "float32":  # unchanged format: older fastlstm versions read it
         assert cfg["version"] == 1 and "weights_precision" not in cfg
     elif prec == "int8":
@@ -701,7 +710,7 @@ def test_file_layout(tmp_path, prec):
         assert cfg["input_weights_precision"] == "int8"
     elif prec == "bfloat16":  # bfloat16 dot products: version 4
         assert cfg["version"] == 4 and cfg["weights_precision"] == prec
-        assert (cfg["input_weights_precision"], cfg["activation_bits"]) == ("float32", 16)
+        assert (cfg["input_weights_precision"], cfg["activation_bits"]) == ("bfloat16", 16)
     else:
         assert cfg["version"] == 2 and cfg["weights_precision"] == prec
         assert "input_weights_precision" not in cfg
@@ -840,7 +849,11 @@ def _drop(key):
     ("int8", {"dtype": "float64"}, None, "needs dtype float32"),
     ("float16", {"weights_precision": "bfloat16"}, None, "is F16"),
     ("bfloat16", {"weights_precision": "float16", "version": 2}, None, "is BF16"),
-    ("bfloat16", {"weights_precision": "float16"}, None, "activation_bits"),  # 16: bfloat16's
+    ("bfloat16", {"weights_precision": "float16"}, None, "input_weights_precision"),
+    ("bfloat16", {"weights_precision": "float16", "input_weights_precision": "float32"}, None,
+     "activation_bits"),  # 16: bfloat16's
+    ("bfloat16", {"input_weights_precision": "int8"}, None, "input_weights_precision"),
+    ("bfloat16", {"version": 3}, None, "input_weights_precision"),
     ("bfloat16", {"activation_bits": 8}, None, "activation_bits"),
     ("bfloat16", {"activation_bits": None}, None, "activation_bits"),
     ("bfloat16", {"activation_bits": 16.0}, None, "activation_bits"),

@@ -279,6 +279,10 @@ static void lstmb_avx2(int R, int K, const uint16_t *B, ptrdiff_t ldb, const voi
         }
         const float *g = G + r * ldg;
         for (int q = 0; q < 8; q++) acc[q] = _mm256_add_ps(acc[q], _mm256_loadu_ps(g + 8 * q));
+        if (!epi) { /* an input projection: the pre-activations are the output */
+            for (int q = 0; q < 8; q++) _mm256_storeu_ps(h + r * ldh + 8 * q, acc[q]);
+            continue;
+        }
         epilogue1(acc, c + r * ldc, ldc, h + r * ldh, ldh, nvalid, epi);
     }
 }

@@ -381,6 +381,13 @@ AI void lstmb_r(const int DOT, const int R, int K, const uint16_t *B, ptrdiff_t 
         const float *g = G + r * ldg;
         for (int q = 0; q < 4; q++) acc[r][q] = _mm512_add_ps(acc[r][q], _mm512_loadu_ps(g + 16 * q));
     }
+    if (!epi) { /* an input projection: the pre-activations are the output */
+        _Pragma("GCC unroll 6") for (int r = 0; r < R; r++)
+        {
+            for (int q = 0; q < 4; q++) _mm512_storeu_ps(h + r * ldh + 16 * q, acc[r][q]);
+        }
+        return;
+    }
     epilogue(R, acc, c, ldc, h, ldh, nvalid, epi);
 }
 

@@ -123,6 +123,10 @@ static void lstmb_portable_f32(int R, int K, const uint16_t *B, ptrdiff_t ldb, c
         const float *g = G + r * ldg;
         for (int col = 0; col < FL_PW; col++) acc[col] = acc[col] + g[col];
         float *cr = c + r * ldc, *hr = h + r * ldh;
+        if (!epi) { /* an input projection: the pre-activations are the output */
+            memcpy(hr, acc, sizeof acc);
+            continue;
+        }
         if (!epi->is_default)
             fl_epilogue_generic_f32(1, acc, cr, ldc, hr, ldh, nvalid, epi);
         else

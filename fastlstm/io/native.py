@@ -33,11 +33,13 @@ weights are stored the same way, ``weight_ih_*.int8`` and
 ``weight_ih_*``).  Version 2 files mean float32 input weights and 16-bit
 activations.
 
-bfloat16 models whose dot products round h_{t-1} to bfloat16 (the default of
-``astype("bfloat16")``, ``activation_bits`` 16) are written with
-``"version": 4`` and ``"activation_bits": 16`` (and
-``"input_weights_precision": "float32"``); bfloat16 models with float32
-activations (``activation_bits`` 32) keep version 2, which means that.
+bfloat16 models with bfloat16 input weights or whose dot products round
+their activations to bfloat16 (``astype("bfloat16")``'s defaults) are
+written with ``"version": 4``, ``"input_weights_precision"`` ("bfloat16" or
+"float32") and ``"activation_bits"`` (16: h and the inputs rounded to
+bfloat16, or 32: float32); bfloat16 input weights are stored as BF16
+``weight_ih_*`` tensors.  bfloat16 models with float32 input weights and
+activations keep version 2, which means that.
 
 Everything else stays F32.  Loading restores the same stored weights bit for
 bit (``quantized_weights()`` equal, outputs bitwise equal).  Files of
@@ -98,7 +100,7 @@ def model_config(model):
     bits = getattr(model, "activation_bits", 16 if prec == "int8" else 32)
     if prec == "int8" and (in_prec != "float32" or bits != 16):
         cfg["version"] = 3
-    elif prec == "bfloat16" and bits == 16:
+    elif prec == "bfloat16" and (bits == 16 or in_prec != "float32"):
         cfg["version"] = 4
     if cfg["version"] >= 3:
         cfg["input_weights_precision"] = in_prec
@@ -182,10 +184,12 @@ def read_config(metadata, where):
     in_prec = cfg.get("input_weights_precision", "float32") if version >= 3 else "float32"
     if version >= 3 and "input_weights_precision" not in cfg:
         raise FormatError(f"{where}: fastlstm configuration lacks 'input_weights_precision'")
-    if in_prec not in ("float32", "int8") or (in_prec == "int8" and prec != "int8"):
+    in_allowed = ("float32", "int8") if prec == "int8" else (
+        ("float32", "bfloat16") if prec == "bfloat16" and version >= 4 else ("float32",))
+    if in_prec not in in_allowed:
         raise FormatError(f"{where}: configuration input_weights_precision {str(in_prec)[:40]!r} "
-                          f"is not 'float32'{' or int8' if prec == 'int8' else ''} with "
-                          f"weights_precision {prec}")
+                          f"is not one of {list(in_allowed)} with weights_precision {prec} "
+                          f"(format version {version})")
     out["input_weights_precision"] = in_prec
     # Versions before 4 knew activation_bits for int8 only (16 or 8); every
     # other precision multiplied float32 activations (32 now).
@@ -240,6 +244,9 @@ def _expected_tensors(cfg):
         if name.startswith("weight_ih_") and cfg["input_weights_precision"] == "int8" and shape[1]:
             out[name + INT8_SUFFIX] = (shape, "I8")
             out[name + SCALE_SUFFIX] = (shape[:1], "F32")
+        elif (name.startswith("weight_ih_") and cfg["input_weights_precision"] == "bfloat16"
+              and shape[1]):
+            out[name] = (shape, "BF16")
         elif prec == "float32" or not name.startswith("weight_hh_"):
             out[name] = (shape, code)
         elif prec == "int8":
@@ -319,7 +326,9 @@ def _read_reduced(f, cfg, where):
             h = np.array(f.get(name), dtype=np.float16, order="C")
             qforms[name] = (prec, h.view(np.uint16))
             arrays[name] = h.astype(np.float32)
-        elif name.startswith("weight_hh_") and prec == "bfloat16":
+        elif (name.startswith("weight_hh_") or (name.startswith("weight_ih_") and
+              cfg["input_weights_precision"] == "bfloat16" and f.infos[name].shape[1])) \
+                and prec == "bfloat16":
             wide = np.array(f.get(name), dtype=np.float32, order="C")  # exact widening
             qforms[name] = (prec, np.ascontiguousarray(
                 (wide.view(np.uint32) >> 16).astype(np.uint16)))
