@@ -5,14 +5,22 @@ Runtime's quantized LSTMs.
 Engines, all on the weights of one torch.nn.LSTM and the same float32 input
 (T, batch, input):
 
-  fastlstm float32 / float16 / bfloat16 / int8 / int8a16
-        ``LSTM.from_torch(m).astype(p)(x, num_threads=n)``: float16 and
-        bfloat16 store W_hh in p (W_ih, state and the arithmetic float32);
-        int8 stores W_ih and W_hh in int8 (per-row scales) and quantizes h_{t-1}
-        and each input row to 8-bit codes per row for integer dot products,
-        as torch's and ORT's int8 LSTMs quantize them; int8a16 is
-        ``astype("int8", activation_bits=16)``: the same with int16 codes.
+  fastlstm float32 / float16 / bfloat16 / bfloat16f32 / int8 / int8a16
+        ``LSTM.from_torch(m).astype(p)(x, num_threads=n)``: float16 stores
+        W_hh in float16 (W_ih, state and the arithmetic float32); bfloat16
+        stores W_ih and W_hh in bfloat16 and rounds h_{t-1} and each input
+        row to bfloat16 for the dot products (vdpbf16ps; float32 sums and
+        state); bfloat16f32 is ``astype("bfloat16", input_weights="float32",
+        activation_bits=32)``: W_hh bfloat16, everything else float32 (the
+        bfloat16 form before bfloat16 dot products); int8 stores W_ih and
+        W_hh in int8 (per-row scales) and quantizes h_{t-1} and each input row
+        to 8-bit codes per row for integer dot products, as torch's and
+        ORT's int8 LSTMs quantize them; int8a16 is ``astype("int8",
+        activation_bits=16)``: the same with int16 codes.
   torch float32        the nn.LSTM itself (peers.make_torch_runner).
+  torch bfloat16       the nn.LSTM converted to bfloat16 (``.to(torch.bfloat16)``:
+        weights, input, state and outputs all bfloat16; torch has no dynamic
+        bfloat16 LSTM), the input converted inside the timed call.
   torch qint8 / float16
         ``torch.ao.quantization.quantize_dynamic`` on a module holding the
         LSTM (a bare nn.LSTM given as the root module is left unquantized),
@@ -33,7 +41,7 @@ Outputs are checked first against fastlstm float32 (float32 engines < 1e-4,
 fastlstm reduced < 1e-2, torch/ORT quantized < 0.1: they also quantize
 activations and W_ih).
 
-    python benchmarks/bench_precision.py            # 12 configs x 9 engines (~5-10 min)
+    python benchmarks/bench_precision.py            # 12 configs x 12 engines (~10 min)
     python benchmarks/bench_precision.py --quick    # tiny sizes: smoke test (~30 s)
     python benchmarks/bench_precision.py --threads 1 --hidden 512 --batch 1
 
@@ -65,16 +73,18 @@ if HERE not in sys.path:
 import peers  # noqa: E402
 from run_all import SETTLE_S, time_interleaved  # noqa: E402
 
-PRECISIONS = ("float32", "float16", "bfloat16", "int8", "int8a16")
+PRECISIONS = ("float32", "float16", "bfloat16", "bfloat16f32", "int8", "int8a16")
 ENGINES = tuple(f"fastlstm {p}" for p in PRECISIONS) + (
-    "torch float32", "torch qint8", "torch float16", "ORT float32", "ORT int8")
+    "torch float32", "torch qint8", "torch float16", "torch bfloat16", "ORT float32", "ORT int8")
 # Which peer runs "the same precision" as each fastlstm precision.
 SAME = {"float32": ("torch float32", "ORT float32"), "float16": ("torch float16", None),
-        "bfloat16": (None, None), "int8": ("torch qint8", "ORT int8"),
+        "bfloat16": ("torch bfloat16", None), "bfloat16f32": ("torch bfloat16", None),
+        "int8": ("torch qint8", "ORT int8"),
         "int8a16": ("torch qint8", "ORT int8")}
 # Max abs difference from fastlstm float32 before an engine counts as broken.
 TOL = {"fastlstm float32": 0.0, "torch float32": peers.TOLERANCE, "ORT float32": peers.TOLERANCE,
-       "fastlstm float16": 1e-2, "fastlstm bfloat16": 1e-2, "fastlstm int8": 0.1,
+       "fastlstm float16": 1e-2, "fastlstm bfloat16": 5e-2, "fastlstm bfloat16f32": 1e-2,
+       "fastlstm int8": 0.1, "torch bfloat16": 0.1,
        "fastlstm int8a16": 1e-2,
        "torch qint8": 0.1, "torch float16": 0.1, "ORT int8": 0.1}
 
@@ -92,7 +102,9 @@ def make_configs(hidden, batch, T):
 def fastlstm_runner(module, precision, threads):
     import fastlstm
     m = fastlstm.LSTM.from_torch(module)
-    m = m.astype("int8", activation_bits=16) if precision == "int8a16" else m.astype(precision)
+    m = (m.astype("int8", activation_bits=16) if precision == "int8a16" else
+         m.astype("bfloat16", input_weights="float32", activation_bits=32)
+         if precision == "bfloat16f32" else m.astype(precision))
 
     def run(x):
         return m(x, num_threads=threads)[0]
@@ -120,6 +132,22 @@ def torch_dynamic(module, dtype):
     if type(q.lstm) is torch.nn.LSTM:
         raise RuntimeError("quantize_dynamic left the LSTM unquantized")
     return q.lstm.eval()
+
+
+def torch_bf16_runner(module, threads):
+    """nn.LSTM in bfloat16: the float32 input converted and the output widened
+    inside the call (the conversions are O(T N (In + H)), the LSTM's work
+    O(T N H (In + H)))."""
+    import torch
+
+    def run(x):
+        torch.set_num_threads(threads)
+        with torch.inference_mode():
+            return module(torch.from_numpy(x).to(torch.bfloat16))[0].float().numpy()
+
+    return peers.Runner("torch bfloat16", run, threads,
+                        {"mkldnn_enabled": bool(torch.backends.mkldnn.is_available()
+                                                and torch.backends.mkldnn.enabled)})
 
 
 def onnx_lstm_graph(module, cfg, path):
@@ -193,6 +221,11 @@ def build(module, cfg, threads, workdir, engines, cache):
                 r = peers.make_torch_runner(cache[name], cfg, threads)
                 r.info["module"] = type(cache[name]).__module__ + "." + type(cache[name]).__name__
                 runners[name] = r
+            elif name == "torch bfloat16":
+                if name not in cache:
+                    import copy
+                    cache[name] = copy.deepcopy(module).to(torch.bfloat16).eval()
+                runners[name] = torch_bf16_runner(cache[name], threads)
             elif name == "ORT float32":
                 if "onnx" not in cache:
                     cache["onnx"] = peers.export_onnx(
@@ -260,6 +293,7 @@ def markdown_table(results):
              "fastlstm vs ORT |",
              "|---|---|---|---|---|---|---|---|---|"]
     short = {"torch float32": "f32", "torch float16": "dyn. f16", "torch qint8": "dyn. qint8",
+             "torch bfloat16": "bf16",
              "ORT float32": "f32", "ORT int8": "DynamicQuantizeLSTM"}
     for res in results:
         c = res["config"]

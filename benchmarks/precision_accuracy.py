@@ -1,7 +1,11 @@
 #!/usr/bin/env python
 """Accuracy of reduced-precision recurrent weights (``LSTM.astype``).
 
-(a) Random models: for each precision (float16, bfloat16; int8: W_ih and W_hh
+(a) Random models: for each precision (float16; bfloat16: W_ih and W_hh
+    bfloat16, h and the inputs rounded to bfloat16, astype("bfloat16");
+    bfloat16_f32in: W_hh only, h rounded, astype("bfloat16",
+    input_weights="float32"); bfloat16_f32in_a32: W_hh only, float32
+    activations; int8: W_ih and W_hh
     int8 with 8-bit codes of h and the inputs, astype("int8"); int8_a16:
     int16 codes, astype("int8", activation_bits=16); int8_f32in: int8 W_hh
     only, astype("int8", input_weights="float32")), the max abs
@@ -50,12 +54,12 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 # The bounds tests/test_precision.py enforces (max_rel_err): the one table.
 from tolerances import FORMS, PRECISION_TOL as TEST_BOUNDS  # noqa: E402
 
-PRECISIONS = ("float32", "float16", "bfloat16", "int8", "int8_a16", "int8_f32in")
+PRECISIONS = ("float32", "float16", "bfloat16", "bfloat16_f32in", "bfloat16_f32in_a32", "int8",
+              "int8_a16", "int8_f32in")
 
 
 def as_precision(m, p):
-    """int8: W_ih and W_hh int8, 8-bit codes of h and inputs (astype's
-    default); int8_a16: int16 codes; int8_f32in: W_hh int8 only."""
+    """The astype of key p (tests/tolerances.py FORMS, else astype(p))."""
     if p in FORMS:
         return m.astype(FORMS[p][0], **FORMS[p][1])
     return m.astype(p)
