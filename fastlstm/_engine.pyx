@@ -299,8 +299,8 @@ cdef class StreamStep:
         if stack is not self.stack:
             self._bind(<Stack?>stack)
         if (cnp.PyArray_TYPE(a) != self.type_num or not cnp.PyArray_IS_C_CONTIGUOUS(a)
-                or not cnp.PyArray_ISALIGNED(a)):
-            return None
+                or not cnp.PyArray_ISALIGNED(a) or not cnp.PyArray_ISNOTSWAPPED(a)):
+            return None  # the slow path converts (a byte-swapped array too)
         nd = cnp.PyArray_NDIM(a)
         if nd == 1:
             if self.N != 1 or a.shape[0] != self.In:

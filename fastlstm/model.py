@@ -60,6 +60,8 @@ _DEFAULT_ACTS = ("sigmoid", "tanh", "tanh")
 
 
 def _dtype_of(dtype):
+    if dtype is None:  # torch's meaning: the default dtype, float32
+        return np.dtype(np.float32)
     try:
         dt = np.dtype(dtype)
     except TypeError as exc:
@@ -143,14 +145,16 @@ class LSTM:
             raise ValueError(
                 f"proj_size: must be smaller than hidden_size ({self.hidden_size}), "
                 f"got {self.proj_size}")
-        self.bias = bool(bias)
-        self.batch_first = bool(batch_first)
-        self.bidirectional = bool(bidirectional)
-        dropout = float(dropout)
+        self.bias = _flag(bias, "bias")
+        self.batch_first = _flag(batch_first, "batch_first")
+        self.bidirectional = _flag(bidirectional, "bidirectional")
+        dropout = _float_arg(dropout, "dropout")
         if not 0.0 <= dropout <= 1.0:
             raise ValueError(f"dropout: expected a probability in [0, 1], got {dropout}")
         self.dropout = dropout  # kept for torch compatibility; no effect at inference
         self.dtype = _dtype_of(dtype)
+        if num_threads is not None:
+            num_threads = _positive_int(num_threads, "num_threads", 1)
         self.num_threads = num_threads
         sizes = (self.input_size, self.hidden_size, self.proj_size)
         if (max(sizes) >= 2 ** 24
@@ -160,12 +164,12 @@ class LSTM:
                 f"sizes too large: input_size, hidden_size, proj_size = {sizes}, num_layers = "
                 f"{self.num_layers}; expected each size < 2**24, 4*hidden_size*max(input_size, "
                 f"hidden_size) < 2**40 and num_layers*num_directions < 2**31")
-        self.peepholes = bool(peepholes)
+        self.peepholes = _flag(peepholes, "peepholes")
         self.activations, self.activation_alpha, self.activation_beta = _parse_activations(
             activations, activation_alpha, activation_beta)
         self.clip = _nonneg_float(clip, "clip")
         self.cell_clip = _nonneg_float(cell_clip, "cell_clip")
-        self.input_forget = bool(input_forget)
+        self.input_forget = _flag(input_forget, "input_forget")
         self.weights_precision = "float32"
         self.input_weights_precision = "float32"
         self.activation_bits = 32
@@ -174,6 +178,9 @@ class LSTM:
                                     self.input_size, self.hidden_size, self.proj_size)
         self._params = {}
         self._lock = threading.Lock()
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
+                                 or seed < 0):
+            raise ValueError(f"seed: expected None or an int >= 0, got {seed!r}")
         rng = np.random.default_rng(seed)
         k = 1.0 / math.sqrt(self.hidden_size)
         for name, shape in self._param_shapes().items():
@@ -184,6 +191,23 @@ class LSTM:
         for layer in range(self.num_layers):
             for d in range(self.num_directions):
                 self._pack(layer, d)
+
+    # The configuration baked into the packed engine when the model is built:
+    # assigning one afterwards would run the old engine on arrays sized for the
+    # new value (reads out of bounds) or silently keep the old cell, so it is
+    # refused.  batch_first, num_threads and dropout stay assignable.
+    _FIXED = frozenset({
+        "input_size", "hidden_size", "num_layers", "proj_size", "bias", "bidirectional",
+        "dtype", "peepholes", "activations", "activation_alpha", "activation_beta", "clip",
+        "cell_clip", "input_forget", "weights_precision", "input_weights_precision",
+        "activation_bits"})
+
+    def __setattr__(self, name, value):
+        if name in LSTM._FIXED and "_stack" in self.__dict__:
+            raise AttributeError(
+                f"{name}: fixed when the model is built; make a new model (LSTM(...), "
+                f"astype(), load_state_dict() for new weights)")
+        object.__setattr__(self, name, value)
 
     # ------------------------------------------------------------ properties
     @property
@@ -371,11 +395,13 @@ class LSTM:
         return new
 
     def quantized_weights(self):
-        """The stored reduced-precision weights (W_hh, and W_ih with int8
-        inputs): name -> (precision, data[, scale]), data as uint16 bit
-        patterns (float16/bfloat16) or int8 with float32 per-row scales.
+        """The stored reduced-precision weights (W_hh, and W_ih with int8 or
+        bfloat16 inputs): name -> (precision, data[, scale]), data as uint16
+        bit patterns (float16/bfloat16) or int8 with float32 per-row scales;
+        copies (editing them changes nothing: load_state_dict sets weights).
         Empty for a float32 model."""
-        return dict(self._qforms)
+        with self._lock:
+            return {k: (v[0],) + tuple(a.copy() for a in v[1:]) for k, v in self._qforms.items()}
 
     def state_dict(self):
         """A copy of the weights under torch.nn.LSTM's names."""
@@ -463,7 +489,8 @@ class LSTM:
         arrays) only: never the packed layout nor the engine's Stack, which
         __setstate__ rebuilds.  The pickle is about the weights' size."""
         with self._lock:
-            state = {k: v for k, v in self.__dict__.items() if k not in ("_stack", "_lock")}
+            state = {k: v for k, v in self.__dict__.items()
+                     if k not in ("_stack", "_lock", "_finite_cache")}
             state["_params"] = dict(self._params)
         state["activation_bits_v2"] = True  # activation_bits 32: float32 (see __setstate__)
         return state
@@ -521,7 +548,8 @@ class LSTM:
             layers += 1
         proj = arrays["weight_hr_l0"].shape[0] if "weight_hr_l0" in arrays else 0
         if dtype is None:
-            dtype = np.float64 if w_ih.dtype == np.float64 else np.float32
+            dtype = (np.float64 if w_ih.dtype.kind == "f" and w_ih.dtype.itemsize == 8
+                     else np.float32)  # either byte order
         model = cls(w_ih.shape[1], hidden, num_layers=layers, bias="bias_ih_l0" in arrays,
                     batch_first=batch_first, bidirectional="weight_ih_l0_reverse" in arrays,
                     proj_size=proj, dtype=dtype, num_threads=num_threads,
@@ -616,12 +644,19 @@ class LSTM:
                 raise ShapeError(f"hx[0] (h_0): expected shape {hshape}, got {h0.shape}")
             if c0.shape != cshape:
                 raise ShapeError(f"hx[1] (c_0): expected shape {cshape}, got {c0.shape}")
+        elif not self._whh_finite():
+            # The engine skips h_{t-1} W_hh^T while h is zero; with an Inf or
+            # NaN in W_hh that product is NaN (0 * Inf), as torch computes it.
+            h0 = np.zeros((LD, N, Hout), dt)
+            c0 = np.zeros((LD, N, H), dt)
+            if unbatched:
+                h0, c0 = h0[:, 0], c0[:, 0]
         D = self.num_directions
         lens = order = None
+        if padding not in ("zeros", "repeat"):
+            raise ValueError(f"padding: expected 'zeros' or 'repeat', got {padding!r}")
         if lengths is not None:
             lens = _check_lengths(lengths, N, T, unbatched)
-            if padding not in ("zeros", "repeat"):
-                raise ValueError(f"padding: expected 'zeros' or 'repeat', got {padding!r}")
             order = np.argsort(-lens, kind="stable")
             if np.array_equal(order, np.arange(N)):
                 order = None
@@ -665,6 +700,15 @@ class LSTM:
         return out, (hn, cn)
 
     forward = __call__
+
+    def _whh_finite(self):
+        """Whether every W_hh is finite (cached per weights dict)."""
+        p = self._params
+        cached = self.__dict__.get("_finite_cache")
+        if cached is None or cached[0] is not p:
+            ok = all(bool(np.isfinite(v).all()) for k, v in p.items() if k.startswith("weight_hh_"))
+            self.__dict__["_finite_cache"] = cached = (p, ok)
+        return cached[1]
 
     def stream(self, batch=1, *, num_threads=None):
         """A stateful runner for real-time use: ``s = m.stream(batch=1)``;
@@ -749,7 +793,12 @@ def _quantize(w, prec, name="W_hh"):
     if not np.isfinite(w).all():
         raise WeightsError(f"weights: int8 storage needs finite {name}")
     amax = np.abs(w).max(axis=1)
-    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    # A row whose largest |w| is below float32's smallest normal is zero to the
+    # engine (it flushes denormals) and its scale would underflow: stored as
+    # zeros with scale 1, as an all-zero row.
+    tiny = amax < np.finfo(np.float32).tiny
+    w = np.where(tiny[:, None], np.float32(0), w)
+    scale = np.where(tiny, 1.0, amax / 127.0).astype(np.float32)
     q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
     deq = (q.astype(np.float32) * scale[:, None]).astype(np.float32)
     return ("int8", q, scale), deq
@@ -771,6 +820,8 @@ def _engine_layout(a):
 def _check_lengths(lengths, N, T, unbatched):
     """lengths -> int32 (N,), or a clear error naming the argument."""
     arr = _to_numpy(lengths, "lengths")
+    if arr.size == 0 and arr.dtype.kind == "f" and isinstance(lengths, (list, tuple)):
+        arr = arr.astype(np.int64)  # [] is float64 to NumPy
     if arr.dtype.kind not in "iu":
         raise DTypeError(f"lengths: expected integers, got dtype {arr.dtype}")
     if unbatched and arr.ndim == 0:
@@ -784,10 +835,27 @@ def _check_lengths(lengths, N, T, unbatched):
     return arr.astype(np.int32)
 
 
+def _flag(value, name):
+    """A bool argument: bools, NumPy bools and the ints 0 and 1."""
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer))
+                                               and value in (0, 1)):
+        return bool(value)
+    raise TypeError(f"{name}: expected a bool, got {value!r}"[:200])
+
+
+def _float_arg(value, name):
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected a number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise TypeError(f"{name}: expected a number, got {value!r}"[:200]) from None
+
+
 def _nonneg_float(value, name):
     if value is None:
         return 0.0
-    v = float(value)
+    v = _float_arg(value, name)
     if not v >= 0.0 or math.isinf(v):
         raise ValueError(f"{name}: expected a finite value >= 0 (0 or None: off), got {value!r}")
     return v
@@ -805,7 +873,7 @@ def _parse_activations(activations, alpha, beta):
         out = []
         for k, a in enumerate(acts):
             v = None if values is None else values[k]
-            out.append(float(ACTIVATIONS[a][idx] if v is None else v))
+            out.append(float(ACTIVATIONS[a][idx]) if v is None else _float_arg(v, name))
         return tuple(out)
     for values, name in ((alpha, "activation_alpha"), (beta, "activation_beta")):
         if values is not None and len(values) != 3:

@@ -171,10 +171,19 @@ class Network:
         return state
 
     def __setstate__(self, state):
-        self.__dict__.update(state)
-        for a in (self.embedding, self.head_weight, self.head_bias):
-            if a is not None:
-                a.setflags(write=False)
+        # Rebuilt through the constructor: its checks (table and head shapes
+        # against the LSTMs) are what keep generate()'s C loop in bounds.
+        try:
+            self.__init__(state["lstms"], embedding=state.get("embedding"),
+                          one_hot=state.get("one_hot"), head=state.get("head_weight"),
+                          head_bias=state.get("head_bias"),
+                          activation=state.get("activation", "none"),
+                          mode=state.get("mode", "sequence"),
+                          batch_first=state.get("batch_first", True),
+                          mask_zero=state.get("mask_zero", False),
+                          num_threads=state.get("num_threads"))
+        except (KeyError, TypeError, ValueError, WeightsError, ShapeError, DTypeError) as exc:
+            raise WeightsError(f"pickle: not a valid fastlstm.Network ({exc})") from exc
 
     # ------------------------------------------------------------ properties
     @property
@@ -294,7 +303,8 @@ class Network:
         Returns, in the model's dtype:
           mode "sequence"/"prediction": (N, T, output_size) ((T, N, ...) with
           batch_first=False); positions past a sequence's end are zeros (with
-          mask_zero: the last valid output repeated, as Keras);
+          mask_zero, as Keras: the head on the last valid output repeated, or on
+          zeros when the last LSTM is bidirectional);
           mode "last": (N, output_size);
         unbatched input drops N.  With return_state=True: ``(out, state)``,
         state as taken by ``state=`` (h_n, c_n after each row's last valid step).
@@ -317,10 +327,12 @@ class Network:
             N, T = feats.shape[:2]
             lens = self._lengths(lengths, N, T, unbatched)
         states = self._split_state(state, N, unbatched)
-        padding = "repeat" if self.mask_zero else "zeros"
         y = feats  # (N, T, F) batch-major views throughout
         new_states = []
         for m, hx in zip(self.lstms, states):
+            # Keras: a masked LSTM repeats its last output past the mask; one in
+            # Bidirectional outputs zeros there (zero_output_for_mask)
+            padding = "repeat" if self.mask_zero and m.num_directions == 1 else "zeros"
             xin = y if m.batch_first else y.transpose(1, 0, 2)
             out, (hn, cn) = m(xin, hx, lengths=lens, padding=padding, num_threads=nt)
             y = out if m.batch_first else out.transpose(1, 0, 2)
@@ -332,7 +344,7 @@ class Network:
             out = self._apply_head(z)
         else:
             out = self._apply_head(y)
-            if lens is not None and not self.mask_zero and self.head_weight is not None:
+            if lens is not None and not self.mask_zero:  # zeros, after head and activation
                 out[np.arange(T)[None, :] >= lens[:, None]] = 0
             if not self.batch_first:
                 out = out.transpose(1, 0, 2)

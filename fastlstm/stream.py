@@ -78,6 +78,8 @@ class Stream:
             self._c.fill(0)
             return
         idx = np.asarray(rows)
+        if idx.size == 0 and isinstance(rows, (list, tuple)):
+            idx = idx.astype(np.intp)  # [] is float64 to NumPy
         if idx.dtype == bool:
             if idx.shape != (self.batch,):
                 raise ShapeError(f"rows: a boolean mask must have shape ({self.batch},)")

@@ -49,9 +49,10 @@ Zero-copy: CPU tensors of the weights' dtype are read through ``.numpy()``
 arrays.  Packed inputs are scattered into a padded (T, N, In) array and the
 output gathered back, which copies.
 
-Not supported: TorchScript (``torch.jit.script``), ``torch.compile``
-(graph-breaks around the call), ONNX export of a converted model (export the
-original), GPUs.
+Not supported (each refused with ``UnsupportedError``): TorchScript
+(``torch.jit.script``), tracing (``torch.jit.trace``, ``torch.export``, ONNX
+export of a converted model: export the original), GPUs.  ``torch.compile``
+works with a graph break around the call (forward is excluded from Dynamo).
 """
 from __future__ import annotations
 
@@ -269,13 +270,32 @@ class LSTM(nn.LSTM):
             self._fl.batch_first = self.batch_first
         return self._fl
 
+    def __prepare_scriptable__(self):  # torch.jit.script calls it on every submodule
+        raise UnsupportedError(
+            "fastlstm.torch.LSTM: TorchScript (torch.jit.script) is not supported: the "
+            "module runs NumPy and C code; script the original nn.LSTM, or leave this "
+            "module unscripted")
+
     # -------------------------------------------------------------- forward
     def forward(self, input, hx=None):  # noqa: A002 - nn.LSTM's argument name
+        exporting = getattr(getattr(torch, "compiler", None), "is_exporting", None)
+        if torch.jit.is_tracing() or (exporting is not None and exporting()):
+            raise UnsupportedError(
+                "fastlstm.torch.LSTM: tracing (torch.jit.trace, torch.export, "
+                "torch.onnx.export) cannot see into fastlstm's C code (the old tracer would "
+                "record this call's outputs as constants); trace or export the original "
+                "nn.LSTM")
         if self.training:
             raise UnsupportedError(
                 "fastlstm.torch.LSTM: the module is in training mode (model.train() was "
                 "called?); fastlstm is inference-only: call .eval()")
         grad_check = torch.is_grad_enabled() and not self.detach
+        if grad_check and any(self._parameters[n].requires_grad for n in self._flat_weights_names):
+            raise UnsupportedError(
+                "fastlstm.torch.LSTM: its parameters require grad (requires_grad_(True) "
+                "after conversion?) while grad mode is on; fastlstm computes no gradients: "
+                "call requires_grad_(False), run under torch.no_grad()/inference_mode(), "
+                "or build the module with detach=True")
         packed = isinstance(input, PackedSequence)
         data = input.data if packed else input
         x = _array(data, "input.data" if packed else "input", grad_check)
@@ -339,6 +359,12 @@ class LSTM(nn.LSTM):
                 (torch.from_numpy(hn), torch.from_numpy(cn)))
 
 
+# torch.compile: Dynamo must not trace into forward (it would follow the
+# tensors into NumPy and C); a graph break runs the call eagerly instead.
+if hasattr(getattr(torch, "compiler", None), "disable"):
+    LSTM.forward = torch.compiler.disable(LSTM.forward)
+
+
 # ------------------------------------------------------------------ convert
 def convert(model, *, num_threads=None, detach=False, weights=None):
     """Swap every ``torch.nn.LSTM`` inside ``model`` for a
@@ -376,11 +402,15 @@ def convert(model, *, num_threads=None, detach=False, weights=None):
                 _check_lstm(child, where, detach)
                 _check_weights_dtype(weights, getattr(child, child._flat_weights_names[0]).dtype,
                                      where)
-                slots.append((parent, name, child))
+                slots.append((parent, name, child, where))
     done = {}
-    for parent, name, child in slots:
+    for parent, name, child, where in slots:  # build every module first: a refusal swaps none
         if id(child) not in done:
-            done[id(child)] = LSTM.from_lstm(child, num_threads=num_threads, detach=detach,
-                                             weights=weights)
+            try:
+                done[id(child)] = LSTM.from_lstm(child, num_threads=num_threads, detach=detach,
+                                                 weights=weights)
+            except (ValueError, TypeError) as exc:
+                raise type(exc)(f"{where}: {exc}") from exc
+    for parent, name, child, _ in slots:
         setattr(parent, name, done[id(child)])
     return model

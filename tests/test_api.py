@@ -140,6 +140,90 @@ def test_constructor_errors():
         fastlstm.LSTM(3, 4, activations=("sigmoid", "tanh", "nope"))
 
 
+@pytest.mark.parametrize("kwargs,exc,name", [
+    ({"dropout": "x"}, TypeError, "dropout"), ({"dropout": None}, TypeError, "dropout"),
+    ({"clip": "x"}, TypeError, "clip"), ({"cell_clip": [1]}, TypeError, "cell_clip"),
+    ({"activation_alpha": ("a", None, None)}, TypeError, "activation_alpha"),
+    ({"seed": "a"}, ValueError, "seed"), ({"seed": -1}, ValueError, "seed"),
+    ({"bias": np.array([1, 2])}, TypeError, "bias"), ({"bidirectional": "yes"}, TypeError,
+                                                      "bidirectional"),
+    ({"num_threads": 0}, ValueError, "num_threads"), ({"num_threads": "2"}, TypeError,
+                                                      "num_threads"),
+    ({"num_threads": 1.5}, TypeError, "num_threads"), ({"num_threads": True}, TypeError,
+                                                        "num_threads"),
+])
+def test_constructor_errors_name_the_argument(kwargs, exc, name):
+    """Bad constructor arguments are refused at construction, naming the argument
+    (not at the first call, and not with NumPy's or float()'s own words)."""
+    with pytest.raises(exc, match=name):
+        fastlstm.LSTM(3, 4, **kwargs)
+
+
+def test_constructor_accepts_torch_style_values():
+    m = fastlstm.LSTM(3, 4, dtype=None, bias=1, bidirectional=np.True_, num_threads=np.int64(2),
+                      seed=np.int64(3))
+    assert m.dtype == np.float32 and m.bias and m.bidirectional  # dtype=None: float32, as torch
+
+
+@pytest.mark.parametrize("attr,value", [
+    ("num_layers", 1), ("hidden_size", 16), ("input_size", 1), ("proj_size", 2),
+    ("dtype", np.float64), ("bidirectional", True), ("bias", False), ("clip", 1.0),
+    ("activations", ("relu", "tanh", "tanh")), ("weights_precision", "int8")])
+def test_configuration_is_fixed_after_construction(attr, value):
+    """Assigning a size or cell option after construction would run the packed
+    engine against arrays sized for the new value (out-of-bounds reads) or
+    silently keep the old cell: refused, naming the attribute; the model still
+    runs as before.  batch_first and num_threads stay assignable."""
+    m = fastlstm.LSTM(3, 8, num_layers=2, seed=1)
+    x = np.random.default_rng(1).standard_normal((4, 2, 3)).astype(np.float32)
+    want = m(x)[0]
+    with pytest.raises(AttributeError, match=attr):
+        setattr(m, attr, value)
+    np.testing.assert_array_equal(m(x)[0], want)
+    m.batch_first = True
+    np.testing.assert_array_equal(m(x.transpose(1, 0, 2))[0], want.transpose(1, 0, 2))
+    m.num_threads = 1
+    np.testing.assert_array_equal(m(x.transpose(1, 0, 2))[0], want.transpose(1, 0, 2))
+
+
+def test_padding_checked_without_lengths():
+    m = fastlstm.LSTM(3, 4)
+    with pytest.raises(ValueError, match="padding"):
+        m(np.zeros((2, 1, 3), np.float32), padding="bogus")
+
+
+def test_empty_lengths_list_for_an_empty_batch():
+    m = fastlstm.LSTM(3, 4)
+    out, (h, c) = m(np.zeros((5, 0, 3), np.float32), lengths=[])
+    assert out.shape == (5, 0, 4) and h.shape == (1, 0, 4)
+
+
+def test_from_state_dict_keeps_float64_of_either_byte_order():
+    sd = fastlstm.LSTM(3, 4, dtype=np.float64, seed=2).state_dict()
+    big = {k: v.astype(">f8") for k, v in sd.items()}
+    m = fastlstm.LSTM.from_state_dict(big)
+    assert m.dtype == np.float64
+    np.testing.assert_array_equal(m.state_dict()["weight_hh_l0"], sd["weight_hh_l0"])
+
+
+def test_nonfinite_recurrent_weights_without_hx():
+    """hx omitted means h_0 = 0, and 0 * Inf is NaN: an Inf or NaN in W_hh
+    reaches the outputs from t = 0, as with an explicit zero hx and in torch
+    (the engine skips the product with a zero h; the model passes zeros)."""
+    for bad in (np.inf, np.nan):
+        m = fastlstm.LSTM(3, 4, seed=0)
+        w = m.state_dict()["weight_hh_l0"]
+        w[1, 2] = bad
+        m.load_state_dict({"weight_hh_l0": w}, strict=False)
+        x = np.zeros((3, 2, 3), np.float32)
+        zeros = (np.zeros((1, 2, 4), np.float32), np.zeros((1, 2, 4), np.float32))
+        got, want = m(x), m(x, zeros)
+        assert np.isnan(got[0][0]).any()
+        np.testing.assert_array_equal(got[0], want[0])
+        ref = m.reference(x)[0]
+        assert np.array_equal(np.isnan(got[0]), np.isnan(ref))
+
+
 def test_state_dict_errors_name_the_key():
     m = fastlstm.LSTM(3, 4, num_layers=2)
     sd = m.state_dict()

@@ -455,3 +455,214 @@ def test_not_keras_files(tmp_path):
     with pytest.raises(fastlstm.FormatError):
         fk.load_keras(q)
     assert not fk.sniff(b"hello world") and fk.sniff(b"\x89HDF\r\n\x1a\n" + b"\0" * 8)
+
+
+# ------------------------------------------------- hostile sizes, activations, options
+def _fill_only_weights(path, shapes, compression=None):
+    """A Keras 3 weights file whose LSTM datasets declare `shapes` but hold no
+    data (HDF5 returns the fill value): a few KB declaring many MB."""
+    import h5py
+    with h5py.File(path, "w") as f:
+        g = f.create_group("layers/lstm/cell/vars")
+        for k, shape in enumerate(shapes):
+            chunks = tuple(min(d, 1024) for d in shape)
+            g.create_dataset(str(k), shape=shape, dtype="f4", chunks=chunks,
+                             compression=compression, fillvalue=0.0)
+
+
+@pytest.fixture
+def count_reads(monkeypatch):
+    """Every HDF5 dataset read (h5py.Dataset.__getitem__) is recorded."""
+    h5py = pytest.importorskip("h5py")
+    reads = []
+    orig = h5py.Dataset.__getitem__
+
+    def getitem(self, key):
+        reads.append((self.name, self.shape))
+        return orig(self, key)
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", getitem)
+    return reads
+
+
+def test_huge_declared_kernel_is_refused_from_its_header(tmp_path, count_reads):
+    # The audit's file: a (20000, 40000) float32 kernel (3.2 GB) in 8 KB.
+    path = tmp_path / "bomb.weights.h5"
+    _fill_only_weights(path, [(20000, 40000), (4, 16), (16,)], compression="gzip")
+    assert path.stat().st_size < 64 << 10
+    for call in (fastlstm.list_stacks, fk.list_keras_stacks, fk.load_keras, fastlstm.load):
+        with pytest.raises(fastlstm.FormatError, match=r"kernel has shape \(20000, 40000\)"):
+            call(path)
+    assert count_reads == []  # refused from the shapes: nothing was read
+
+
+def test_consistent_but_huge_weights_are_refused_before_reading(tmp_path, count_reads):
+    # Shapes of a real LSTM(2048) (64 MB of float32) declared in a few KB.
+    U = 2048
+    path = tmp_path / "big.weights.h5"
+    _fill_only_weights(path, [(IN, 4 * U), (U, 4 * U), (4 * U,)])
+    assert path.stat().st_size < 64 << 10
+    (name, info), = fastlstm.list_stacks(path)  # listing reads headers only
+    assert (info["input_size"], info["hidden_size"]) == (IN, U)
+    assert count_reads == []
+    with pytest.raises(fastlstm.FormatError, match="refused before reading"):
+        fk.load_keras(path)
+    # Only the kernel (96 KB) fits the budget; the recurrent kernel is never read.
+    assert [shape for _, shape in count_reads] == [(IN, 4 * U)]
+    # The same weights file inside a .keras archive: the budget is relative to
+    # the archive member, whatever the HDF5 inside declares.
+    config = {"class_name": "Sequential", "config": {"name": "s", "layers": [
+        {"class_name": "InputLayer", "config": {"name": "in", "batch_shape": [None, T, IN]}},
+        {"class_name": "LSTM", "config": {"name": "lstm", "units": U}}]}}
+    archive = tmp_path / "big.keras"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("config.json", json.dumps(config))
+        zf.writestr("metadata.json", json.dumps({"keras_version": "3.0.0"}))
+        zf.write(path, "model.weights.h5")
+    assert fastlstm.list_stacks(archive)[0][1]["hidden_size"] == U
+    with pytest.raises(fastlstm.FormatError, match="refused before reading"):
+        fastlstm.load(archive)
+
+
+def test_non_float_or_non_dataset_weights_are_refused_unread(tmp_path, count_reads):
+    import h5py
+    path = tmp_path / "odd.weights.h5"
+    with h5py.File(path, "w") as f:
+        g = f.create_group("layers/lstm/cell/vars")
+        g.create_dataset("0", shape=(IN, 16), dtype="i4")
+        g.create_dataset("1", shape=(4, 16), dtype="f4")
+        g.create_dataset("2", shape=(16,), dtype="f4")
+    with pytest.raises(fastlstm.FormatError, match="floating-point"):
+        fk.load_keras(path)
+    with h5py.File(path, "a") as f:
+        del f["layers/lstm/cell/vars/0"]
+        f.create_group("layers/lstm/cell/vars/0")
+    with pytest.raises(fastlstm.FormatError, match="not an HDF5 dataset"):
+        fk.list_keras_stacks(path)
+    assert count_reads == []
+
+
+def _layer_activation_model(keras, activation, seed=0):
+    L = keras.layers
+    model = keras.Sequential([keras.Input((T, IN)),
+                              L.LSTM(4, activation=activation, return_sequences=True)])
+    _randomize(model, seed, scale=1.0)
+    x = (np.random.default_rng(seed).normal(size=(N, T, IN)) * 3).astype(np.float32)
+    return model, x
+
+
+@pytest.mark.parametrize("make,want_act", [
+    (lambda L: L.LeakyReLU(negative_slope=0.01), ("leakyrelu", 0.01)),
+    (lambda L: L.LeakyReLU(), ("leakyrelu", 0.3)),
+    (lambda L: L.ReLU(), ("relu", None)),
+    (lambda L: L.ReLU(negative_slope=0.25), ("leakyrelu", 0.25)),
+    (lambda L: L.Activation("softsign"), ("softsign", None)),
+])
+def test_activation_layers_read_with_their_settings(keras, tmp_path, make, want_act):
+    model, x = _layer_activation_model(keras, make(keras.layers))
+    path = tmp_path / "act.keras"
+    model.save(path)
+    want = model.predict(x, verbose=0)
+    for src in (path, model):
+        stack = fk.load_keras(src)
+        lstm = stack.lstms[0]
+        assert lstm.activations[1] == want_act[0]
+        if want_act[1] is not None:
+            assert lstm.activation_alpha[1] == pytest.approx(want_act[1])
+        assert rel_err(want, stack(x)) <= 1e-5
+
+
+def test_elu_layer_reads_its_alpha(keras, tmp_path):
+    # Saved as {"class_name": "ELU", "config": {"name": "elu", "alpha": 0.5, ...}}:
+    # "elu" is the layer's name, not the function (whose alpha is 1).
+    model, x = _layer_activation_model(keras, keras.layers.ELU(alpha=0.5), seed=1)
+    want = model.predict(x, verbose=0)
+    path = tmp_path / "elu.keras"
+    model.save(path)
+    for src in (path, model):
+        stack = fk.load_keras(src)
+        assert stack.lstms[0].activations[1] == "elu"
+        assert stack.lstms[0].activation_alpha[1] == pytest.approx(0.5)
+        assert rel_err(want, stack(x)) <= 1e-5
+    with zipfile.ZipFile(path) as zf:
+        cfg = json.loads(zf.read("config.json"))
+    lstm = next(l for l in cfg["config"]["layers"] if l["class_name"] == "LSTM")
+    act = lstm["config"]["activation"]
+    assert act["class_name"] == "ELU" and act["config"]["name"].startswith("elu")
+    del act["config"]["alpha"]  # not guessed
+    data = _rezip(path, config__json=json.dumps(cfg).encode())
+    with pytest.raises(fastlstm.FormatError,
+                       match=r"layer 'lstm\w*': activation: a serialised 'ELU' layer.*alpha"):
+        fk.load_keras(io.BytesIO(data))
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda L: L.ReLU(max_value=0.5), r"'ReLU' layer.*max_value=0.5"),
+    (lambda L: L.ReLU(threshold=0.1), r"'ReLU' layer.*threshold=0.1"),
+    (lambda L: L.Softmax(), r"'Softmax' layer.*cannot run"),
+])
+def test_unsupported_activation_layers_are_refused(keras, tmp_path, make, match):
+    model, _ = _layer_activation_model(keras, make(keras.layers))
+    path = tmp_path / "act.keras"
+    model.save(path)
+    with pytest.raises(fastlstm.FormatError, match=r"layer 'lstm\w*': activation: .*" + match):
+        fk.load_keras(path)
+
+
+def test_unknown_serialized_activation_object(built):
+    model, x, want, paths = built("lstm")
+    with zipfile.ZipFile(paths["keras"]) as zf:
+        cfg = json.loads(zf.read("config.json"))
+    lstm = next(l for l in cfg["config"]["layers"] if l["class_name"] == "LSTM")
+    lstm["config"]["recurrent_activation"] = {
+        "module": "my_pkg", "class_name": "Sigmoidish", "config": {"name": "sigmoid"},
+        "registered_name": "my_pkg>Sigmoidish"}
+    data = _rezip(paths["keras"], config__json=json.dumps(cfg).encode())
+    with pytest.raises(fastlstm.FormatError,
+                       match=r"recurrent_activation: a serialised 'Sigmoidish'"):
+        fk.load_keras(io.BytesIO(data))
+
+
+def test_stateful_layers_warn(keras, tmp_path):
+    L = keras.layers
+    inp = keras.Input((T, IN), batch_size=N)
+    model = _randomize(keras.Model(inp, L.LSTM(4, stateful=True, return_sequences=True,
+                                               unroll=True)(inp)), 12)
+    path = tmp_path / "stateful.keras"
+    model.save(path)
+    x = np.random.default_rng(12).normal(size=(N, T, IN)).astype(np.float32)
+    first = model.predict(x, verbose=0, batch_size=N)
+    with pytest.warns(UserWarning, match=r"'lstm\w*' are stateful=True.*initial_state=.*stream"):
+        stack = fk.load_keras(path)
+    assert stack.layers[0].stateful
+    assert fk.list_keras_stacks(path)[0]["layers"][0]["stateful"] is True
+    assert rel_err(first, stack(x)) <= 1e-5  # a first call: Keras' zero state too
+    with pytest.warns(UserWarning, match="stateful"):
+        fk.from_keras(model)
+
+
+def test_fastlstm_load_options_on_keras_files(built):
+    model, x, want, paths = built("stacked")
+    stack = fastlstm.load(paths["keras"])
+    q = fastlstm.load(paths["keras"], weights="int8")
+    assert isinstance(q, fk.KerasStack) and len(q.layers) == len(stack.layers)
+    assert all(m.weights_precision == "int8" for m in q.lstms)
+    assert all(m.weights_precision == "float32" for m in stack.lstms)
+    ref = stack.astype("int8")
+    assert rel_err(ref(x), q(x)) == 0.0
+    assert rel_err(want, q(x)) <= 0.1
+    with pytest.raises(ValueError, match="weights"):
+        fastlstm.load(paths["keras"], weights="int4")
+    # batch_first: the Keras layout by default; False takes and gives (T, N, ...).
+    assert rel_err(want, fastlstm.load(paths["keras"], batch_first=True)(x)) <= 1e-5
+    model_b, x_b, want_b, paths_b = built("bi_concat")
+    tm = fastlstm.load(paths_b["keras"], batch_first=False)
+    assert rel_err(want_b.transpose(1, 0, 2), tm(x_b.transpose(1, 0, 2))) <= 1e-5
+    time_major = fastlstm.load(paths["keras"], batch_first=False)
+    assert rel_err(want, time_major(x.transpose(1, 0, 2))) <= 1e-5  # last output: (N, U)
+    f64 = fastlstm.load(paths["h5"], dtype=np.float64, num_threads=1)
+    assert all(np.dtype(m.dtype) == np.float64 for m in f64.lstms)
+    assert rel_err(want, f64(x)) <= 1e-5
+    with pytest.raises(TypeError, match="batch_first"):
+        fastlstm.load(paths["keras"], batch_first="yes")
+    with pytest.raises(TypeError, match=r"^activations: not an argument for Keras files"):
+        fastlstm.load(paths["keras"], activations=("sigmoid", "tanh", "tanh"))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import fastlstm
-from fastlstm import _engine
+from fastlstm import WeightsError, _engine
 from fastlstm.network import Network
 from tolerances import max_rel_err
 
@@ -470,6 +470,55 @@ def test_keras_mask_zero_and_generation(keras, tmp_path):
         seq = np.concatenate([seq, nxt[:, None].astype(np.int32)], 1)
     got = net.generate(prompt, 12, temperature=0)
     np.testing.assert_array_equal(got, seq[:, 4:])
+
+
+@pytest.mark.parametrize("stack", ["bi", "uni_bi"])
+def test_keras_mask_zero_bidirectional(keras, tmp_path, stack):
+    """Keras' Bidirectional outputs zeros for both halves at masked steps
+    (zero_output_for_mask), where a lone LSTM repeats its last output: the
+    head then sees zeros past each sequence's end."""
+    L = keras.layers
+    lstms = ([L.Bidirectional(L.LSTM(6, return_sequences=True))] if stack == "bi" else
+             [L.LSTM(5, return_sequences=True), L.Bidirectional(L.LSTM(6, return_sequences=True))])
+    model = keras.Sequential([keras.Input((None,), dtype="int32"),
+                              L.Embedding(30, 8, mask_zero=True)] + lstms + [L.Dense(4)])
+    _randomize(model, 22)
+    tok = np.random.default_rng(16).integers(1, 30, (3, 8)).astype(np.int32)
+    tok[1, 5:] = 0
+    tok[2, 2:] = 0
+    want = np.asarray(model.predict(tok, verbose=0))
+    model.save(tmp_path / "m.keras")
+    net = Network.from_keras(str(tmp_path / "m.keras"))
+    assert max_rel_err(net(tok), want) <= TOL
+
+
+def test_no_head_padding_is_zero_after_the_activation():
+    """Without a head the activation still applies; past each sequence's end
+    the output is zeros (as documented), not activation(0)."""
+    lstm = fastlstm.LSTM(5, 7, seed=3)
+    x = np.random.default_rng(3).standard_normal((2, 6, 5)).astype(np.float32)
+    for act in ("sigmoid", "softmax"):
+        net = Network(lstm, activation=act)
+        out = net(x, lengths=[6, 2])
+        assert not out[1, 2:].any() and (out[1, :2] > 0).all() and (out[0] > 0).all()
+
+
+def test_pickle_checks_the_arrays():
+    """A pickle whose head or embedding does not fit its LSTMs is refused (they
+    would make generate() read out of bounds), not loaded."""
+    import pickle
+    lstm = fastlstm.LSTM(4, 6, seed=1)
+    net = Network(lstm, embedding=np.ones((10, 4), np.float32), head=np.ones((10, 6), np.float32),
+                  head_bias=np.zeros(10, np.float32))
+    state = net.__getstate__()
+    for key, bad in (("embedding", np.ones((10, 2), np.float32)),
+                     ("head_bias", np.zeros(3, np.float32)),
+                     ("head_weight", np.ones((10, 3), np.float32)), ("lstms", [])):
+        broken = dict(state, **{key: bad})
+        with pytest.raises(WeightsError, match="pickle"):
+            Network.__new__(Network).__setstate__(broken)
+    again = pickle.loads(pickle.dumps(net))
+    np.testing.assert_array_equal(again(np.array([[1, 2, 3]])), net(np.array([[1, 2, 3]])))
 
 
 def test_keras_unsupported_layers(keras, tmp_path):

@@ -974,3 +974,38 @@ def test_int8_float32_inputs_saved(tmp_path, prec, version):
         assert cfg["activation_bits"] == 8 and cfg["input_weights_precision"] == "float32"
     else:
         assert "activation_bits" not in cfg and "input_weights_precision" not in cfg
+
+
+def test_quantized_weights_are_copies():
+    """quantized_weights() hands out copies: editing them changes neither the
+    model, nor its pickles, nor a later repack (load_state_dict sets weights)."""
+    m = fastlstm.LSTM(4, 6, seed=8)
+    x = np.random.default_rng(8).standard_normal((5, 2, 4)).astype(np.float32)
+    for prec in ("int8", "bfloat16", "float16"):
+        q = m.astype(prec)
+        want = q(x)
+        for form in q.quantized_weights().values():
+            form[1][...] = 0
+            if len(form) > 2:
+                form[2][...] = 1
+        q.load_state_dict({"bias_ih_l0": q.state_dict()["bias_ih_l0"]}, strict=False)  # repack
+        _bitwise(q(x), want, prec)
+        _bitwise(pickle.loads(pickle.dumps(q))(x), want, f"{prec} pickle")
+
+
+def test_int8_rows_below_the_smallest_normal(tmp_path):
+    """A W_hh row whose largest |w| is below float32's smallest normal (zero to
+    the engine, which flushes denormals) is stored as zeros with scale 1, not
+    with a scale that underflows to 0 (a file that could not be read back)."""
+    m = fastlstm.LSTM(3, 4, seed=9)
+    w = m.state_dict()["weight_hh_l0"]
+    w[2] = 1e-43
+    w[5] = -3e-39
+    m.load_state_dict({"weight_hh_l0": w}, strict=False)
+    q = m.astype("int8")
+    data, scale = q.quantized_weights()["weight_hh_l0"][1:]
+    assert not data[2].any() and scale[2] == 1 and not data[5].any() and scale[5] == 1
+    assert (scale > 0).all()
+    q.save(tmp_path / "q.safetensors")
+    r = fastlstm.load(tmp_path / "q.safetensors")
+    _same_quantized(r, q)

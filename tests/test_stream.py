@@ -162,6 +162,14 @@ def test_reset_rows_refuses_bad_rows():
         s.reset([0.5])
 
 
+def test_reset_empty_rows_list():
+    s = fastlstm.LSTM(2, 3).stream(3)
+    s.step(np.ones((3, 2), np.float32))
+    h = s.state[0]
+    s.reset([])  # no rows: nothing changes
+    np.testing.assert_array_equal(s.state[0], h)
+
+
 def test_state_roundtrip_and_resume():
     rng = np.random.default_rng(6)
     N, T = 3, 14
@@ -248,7 +256,8 @@ def test_step_fast_and_slow_inputs_agree():
     raw = np.zeros(2 * 5 * 4 + 1, np.uint8)
     unaligned = raw[1:].view(np.float32).reshape(2, 5)
     forms = [lambda a: a, lambda a: a.tolist(), lambda a: a.astype(np.float64),
-             lambda a: np.asfortranarray(a), lambda a: np.repeat(a, 2, axis=1)[:, ::2]]
+             lambda a: np.asfortranarray(a), lambda a: np.repeat(a, 2, axis=1)[:, ::2],
+             lambda a: a.astype(">f4"), lambda a: a.astype(">f8")]  # byte-swapped
 
     def unaligned_copy(a):
         unaligned[...] = a

@@ -601,3 +601,44 @@ def test_convert_weights_refused_before_any_swap():
     with pytest.raises(fastlstm.DTypeError, match="float32"):
         ft.LSTM(3, 4, dtype=torch.float64, weights="int8")
     assert ft.LSTM(3, 4, weights="int8").fastlstm.weights_precision == "int8"
+
+
+def test_convert_refusal_of_a_later_lstm_swaps_none():
+    """The weights are stored (quantized) for every LSTM before any is swapped:
+    one that cannot be (W_hh beyond float16's range) leaves the model untouched,
+    and the error names it."""
+    model = nn.Sequential(nn.LSTM(3, 4), nn.LSTM(4, 4)).eval().requires_grad_(False)
+    with torch.no_grad():
+        model[1].weight_hh_l0[0, 0] = 1e6
+    with pytest.raises(fastlstm.WeightsError, match=r"model\.1.*float16"):
+        ft.convert(model, weights="float16")
+    assert type(model[0]) is nn.LSTM and type(model[1]) is nn.LSTM
+
+
+def test_refuses_parameters_made_to_require_grad_after_conversion():
+    m = ft.convert(nn.LSTM(3, 4).eval().requires_grad_(False))
+    x = torch.zeros(2, 1, 3)
+    m.requires_grad_(True)
+    with pytest.raises(ft.UnsupportedError, match="require grad"):
+        m(x)
+    with torch.no_grad():
+        m(x)  # no gradient asked for: fine
+
+
+def test_torchscript_and_tracing_refused_compile_runs():
+    lstm = nn.LSTM(3, 4).eval().requires_grad_(False)
+    m = ft.convert(copy.deepcopy(lstm))
+    x = torch.randn(5, 2, 3)
+    with pytest.raises(ft.UnsupportedError, match="TorchScript"):
+        torch.jit.script(m)
+    with pytest.raises(ft.UnsupportedError, match="trac"):
+        torch.jit.trace(m, (x,))
+    wrapped = nn.Sequential(m).eval()
+    compiled = torch.compile(wrapped, backend="eager")
+    with torch.no_grad():
+        got = compiled(x)[0]
+        want = lstm(x)[0]
+    assert_close(got.numpy(), want.numpy(), np.float32, "torch.compile")
+    with torch.no_grad():  # and again on a new input (no constants baked in)
+        x2 = torch.randn(5, 2, 3)
+        assert_close(compiled(x2)[0].numpy(), lstm(x2)[0].numpy(), np.float32, "second input")

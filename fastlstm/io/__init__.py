@@ -238,13 +238,22 @@ def load(path, name=None, *, format=None, weights=None, **kwargs):
     Other keyword arguments go to the format's loader; the built-in loaders
     of framework files take ``batch_first``, ``dtype``, ``num_threads`` and
     the cell options of ``fastlstm.LSTM``; a fastlstm file takes
-    ``batch_first``, ``dtype`` and ``num_threads``.
+    ``batch_first``, ``dtype`` and ``num_threads``; a Keras file (which
+    loads as a ``fastlstm.io.keras.KerasStack``, ``weights`` applying to
+    each of its LSTMs) ``batch_first``, ``dtype``, ``num_threads``,
+    ``config`` and ``keras_version``.
     """
     if weights is not None:
         from ..model import _check_precision
         weights = _check_precision(weights)  # ValueError before reading the file
-    model = _format(path, format).load(os.fspath(path), name, **kwargs)
-    return model if weights is None else model.astype(weights)
+    fmt = _format(path, format)
+    model = fmt.load(os.fspath(path), name, **kwargs)
+    if weights is None:
+        return model
+    if not callable(getattr(model, "astype", None)):
+        raise TypeError(f"weights: the {fmt.name!r} format loads a {type(model).__name__}, "
+                        f"which cannot change its weights' precision")
+    return model.astype(weights)
 
 
 # ------------------------------------------------------------------ built-ins

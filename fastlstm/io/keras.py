@@ -21,7 +21,12 @@ What is read
 Nothing in a file is executed: ``config.json`` and ``model_config`` are parsed
 as JSON only, no Lambda layer, custom object or pickle is ever loaded, and
 every malformed or truncated file raises ``fastlstm.FormatError``.  h5py is
-imported only when an HDF5 file is read.
+imported only when an HDF5 file is read.  Each weight's shape and dtype are
+checked from its HDF5 header before it is read, listing reads no weight
+data, and no more than 100x a file's size (+1 MiB) of weights is read from
+it (HDF5 fill values and compressed chunks can declare gigabytes in a few
+KB).  A damaged HDF5 file can still crash libhdf5 itself (h5py included):
+read untrusted .h5 files in a separate process.
 
 Semantics (checked against Keras itself in tests/test_io_keras.py)
     Keras LSTM weights are ``kernel`` (In, 4U), ``recurrent_kernel`` (U, 4U)
@@ -35,7 +40,13 @@ Semantics (checked against Keras itself in tests/test_io_keras.py)
     returns its sequence in processing (reversed) order; Bidirectional flips
     the backward sequence back to time order before merging (concat, sum,
     mul, ave, or None for a list).  Keras 2 ``CuDNNLSTM`` stores two biases
-    (8U, input | recurrent), which are summed.
+    (8U, input | recurrent), which are summed.  Activations are function
+    names (hard_sigmoid, sigmoid, tanh, relu, linear, elu, softsign,
+    softplus, leaky_relu) or the layers Activation, LeakyReLU, ReLU (no
+    max_value / threshold) and ELU (with its alpha recorded), their
+    settings read from the config (never their names: ELU(alpha=0.5) is
+    saved named "elu"); any other layer or object raises FormatError
+    naming it.
 
 Calling a stack
     ``KerasStack(x)`` takes batch-major input (N, T, In) (time-major for
@@ -44,12 +55,22 @@ Calling a stack
     ``return_sequences``, a list [y, y_rev] for ``merge_mode=None`` and the
     states appended ([out, h, c], Bidirectional [out, h_f, c_f, h_b, c_b]) with
     ``return_state``.  Masks (Masking layers, ``mask_zero`` embeddings) are
-    not applied: a masked stack computes as if every step were valid.
+    not applied: a masked stack computes as if every step were valid (a
+    warning says so).  ``stateful=True`` is not honoured either: every call
+    starts from zero state, as Keras after ``reset_states()`` (a warning
+    says so); carry the state yourself with ``return_state=True`` and
+    ``initial_state=``, or stream with ``m.stream(batch)`` on a
+    fastlstm.LSTM (``stack.to_lstm()`` or a layer's ``.lstm``).
+    ``load_keras(..., batch_first=)`` overrides the time layout;
+    ``stack.astype(weights)`` stores every LSTM's weights in reduced
+    precision (``fastlstm.load(path, weights="int8")`` calls it).
 """
 from __future__ import annotations
 
+import copy
 import io
 import json
+import os
 import re
 import sys
 import warnings
@@ -193,13 +214,19 @@ def _unique(name, used):
 
 
 def _activation(spec, keras_major, what):
-    """Keras activation -> (fastlstm name, alpha, beta)."""
+    """Keras activation -> (fastlstm name, alpha, beta).
+
+    `spec` is a function name ("tanh"), a serialised function
+    ({"class_name": "function", "config": "tanh"}) or a serialised activation
+    layer ({"class_name": "LeakyReLU", "config": {...}}), whose settings are
+    read where fastlstm has the same function and refused otherwise."""
     name = spec
-    if isinstance(spec, dict):  # serialised function: {"class_name": "function", "config": "tanh"}
-        cfg = spec.get("config")
-        name = cfg if isinstance(cfg, str) else spec.get("class_name")
-        if isinstance(cfg, dict):
-            name = cfg.get("name", spec.get("class_name"))
+    if isinstance(spec, dict):
+        cls, cfg = spec.get("class_name"), spec.get("config")
+        if cls in ("function", None) and isinstance(cfg, str):
+            name = cfg  # Keras 3: a function by its (registered) name
+        else:
+            return _layer_activation(cls, cfg, keras_major, what)
     if name is None:
         name = "linear"
     if not isinstance(name, str):
@@ -209,15 +236,65 @@ def _activation(spec, keras_major, what):
         # Keras <= 2 and tf.keras: clip(0.2x + 0.5); Keras 3: relu6(x + 3) / 6.
         slope = 0.2 if (keras_major or 3) < 3 else 1.0 / 6.0
         return "hardsigmoid", slope, 0.5
-    simple = {"sigmoid": ("sigmoid", None, None), "tanh": ("tanh", None, None),
-              "relu": ("relu", None, None), "linear": ("affine", 1.0, 0.0),
-              "elu": ("elu", 1.0, None), "softsign": ("softsign", None, None),
-              "softplus": ("softplus", None, None),
-              "leaky_relu": ("leakyrelu", 0.2, None)}
-    if key in simple:
-        return simple[key]
+    if key in _SIMPLE_ACTIVATIONS:
+        return _SIMPLE_ACTIVATIONS[key]
     raise FormatError(f"{what}: activation {name!r} has no fastlstm equivalent "
-                      f"(supported: hard_sigmoid, {', '.join(sorted(simple))})")
+                      f"(supported: hard_sigmoid, {', '.join(sorted(_SIMPLE_ACTIVATIONS))}, "
+                      "and the layers Activation, ELU, LeakyReLU, ReLU)")
+
+
+_SIMPLE_ACTIVATIONS = {
+    "sigmoid": ("sigmoid", None, None), "tanh": ("tanh", None, None),
+    "relu": ("relu", None, None), "linear": ("affine", 1.0, 0.0),
+    "elu": ("elu", 1.0, None), "softsign": ("softsign", None, None),
+    "softplus": ("softplus", None, None),
+    "leaky_relu": ("leakyrelu", 0.2, None)}  # keras.activations.leaky_relu: slope 0.2
+
+
+def _layer_activation(cls, cfg, keras_major, what):
+    """A serialised Keras layer used as an activation -> (name, alpha, beta).
+
+    Only layers whose every setting fastlstm reproduces are accepted; their
+    settings are read from the config (never their names: ELU(alpha=0.5) is
+    saved with the name "elu")."""
+    label = f"a serialised {cls!r} layer" if isinstance(cls, str) else "a serialised object"
+    if not isinstance(cfg, dict):
+        raise FormatError(f"{what}: {label} without a readable config")
+    lname = cfg.get("name")
+    label += f" (named {lname!r})" if isinstance(lname, str) else ""
+
+    def number(key, default):
+        v = cfg.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+            raise FormatError(f"{what}: {label} with {key}={v!r}, "
+                              "expected a finite number")
+        return float(v)
+
+    if cls == "Activation":  # keras.layers.Activation("tanh"): the function it wraps
+        inner = cfg.get("activation")
+        if isinstance(inner, dict) and inner.get("class_name") not in ("function", None):
+            raise FormatError(f"{what}: {label} wrapping another layer")
+        return _activation(inner, keras_major, f"{what} ({cls} layer)")
+    if cls == "LeakyReLU":  # negative_slope (Keras 3) or alpha (Keras 2), default 0.3
+        slope = number("negative_slope", cfg.get("alpha", 0.3))
+        return "leakyrelu", slope, None
+    if cls == "ReLU":
+        max_value = cfg.get("max_value")
+        threshold = number("threshold", 0.0)
+        slope = number("negative_slope", 0.0)
+        if max_value is not None or threshold != 0.0:
+            raise FormatError(f"{what}: {label} with max_value={max_value!r}, "
+                              f"threshold={threshold!r}: fastlstm has no capped or "
+                              "thresholded ReLU")
+        return ("relu", None, None) if slope == 0.0 else ("leakyrelu", slope, None)
+    if cls == "ELU":
+        if "alpha" not in cfg:  # Keras 2 and 3 record it; refuse rather than guess
+            raise FormatError(f"{what}: {label} whose config does not record its alpha")
+        return "elu", number("alpha", 1.0), None
+    raise FormatError(f"{what}: {label}, which fastlstm cannot run "
+                      "(supported layers: Activation, ELU, LeakyReLU, ReLU without "
+                      "max_value/threshold; functions: hard_sigmoid, "
+                      f"{', '.join(sorted(_SIMPLE_ACTIVATIONS))})")
 
 
 def _as_float_array(value, what):
@@ -228,6 +305,75 @@ def _as_float_array(value, what):
     if arr.dtype.kind != "f":
         raise FormatError(f"{what}: expected floating-point weights, got dtype {arr.dtype}")
     return arr
+
+
+class _Ref:
+    """A weight array not read yet: ``shape`` and ``dtype`` come from the
+    HDF5 header (checking them reads no data); ``read()`` reads it."""
+
+    __slots__ = ("shape", "dtype", "what", "_get")
+
+    def __init__(self, shape, dtype, what, get):
+        self.shape, self.dtype, self.what, self._get = shape, dtype, what, get
+
+    @property
+    def ndim(self):
+        return len(self.shape)
+
+    @property
+    def nbytes(self):
+        n = self.dtype.itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+    def read(self):
+        arr = _as_float_array(self._get(), self.what)
+        if arr.shape != self.shape:
+            raise FormatError(f"{self.what}: read shape {arr.shape}, header says {self.shape}")
+        return arr
+
+
+def _dataset_ref(node, what):
+    """A _Ref to an HDF5 dataset, after checking what its header declares."""
+    if not isinstance(node, _h5py().Dataset):
+        raise FormatError(f"{what}: not an HDF5 dataset")
+    shape = node.shape
+    if shape is None:
+        raise FormatError(f"{what}: a dataset without a shape (null dataspace)")
+    dtype = node.dtype
+    if dtype.kind != "f":
+        raise FormatError(f"{what}: expected floating-point weights, got dtype {dtype}")
+    return _Ref(tuple(int(d) for d in shape), dtype, what, lambda: node[()])
+
+
+def _array_ref(value, what):
+    arr = _as_float_array(value, what)
+    return _Ref(arr.shape, arr.dtype, what, lambda: arr)
+
+
+class _ReadBudget:
+    """Bytes of weights a file may have read from it: _MAX_INFLATE_RATIO
+    times its size (a .keras archive: the compressed size of its weights
+    file) plus 1 MiB.  HDF5 fill values and compressed chunks let a small
+    file declare huge datasets; each is charged here before it is read.
+    ``size=None`` (live Keras objects): no limit."""
+
+    def __init__(self, size):
+        self.size = size
+        self.limit = None if size is None else _MAX_INFLATE_RATIO * size + (1 << 20)
+        self.used = 0
+
+    def read(self, ref):
+        n = ref.nbytes
+        if self.limit is not None and self.used + n > self.limit:
+            before = f" after {self.used} bytes of other weights" if self.used else ""
+            raise FormatError(
+                f"{ref.what}: declares shape {ref.shape} {ref.dtype} ({n} bytes){before}: "
+                f"more than the {self.limit} bytes a {self.size}-byte file may expand to "
+                f"({_MAX_INFLATE_RATIO}x its size + 1 MiB): refused before reading")
+        self.used += n
+        return ref.read()
 
 
 # ------------------------------------------------------------- layer configs
@@ -461,6 +607,8 @@ def _produces_sequence(spec, tensor_index):
 
 
 # ------------------------------------------------------------ weight sources
+# Every source's get(spec) returns [[kernel, recurrent_kernel, bias?], ...]
+# per direction as _Refs: shapes are checked before anything is read.
 class _NewFormatWeights:
     """Keras 3 / tf.keras >= 2.13 weights file (``layers/<path>/cell/vars/<k>``)."""
 
@@ -481,7 +629,7 @@ class _NewFormatWeights:
         keys = sorted((k for k in grp.keys() if k.isdigit()), key=int)
         if [int(k) for k in keys] != list(range(len(keys))):
             raise FormatError(f"{what}: weights {path!r}/vars are not numbered 0..n-1")
-        return [_as_float_array(grp[k][()], f"{what}: {path}/vars/{k}") for k in keys]
+        return [_dataset_ref(grp[k], f"{what}: {path}/vars/{k}") for k in keys]
 
     def _find(self, spec):
         """The layer's group: its computed path, or the sibling whose vars
@@ -538,7 +686,7 @@ class _LegacyWeights:
         for n in names:
             if n not in grp:
                 raise FormatError(f"{what}: weight {n!r} listed but missing")
-            arrays.append((n, _as_float_array(grp[n][()], f"{what}: {n}")))
+            arrays.append((n, _dataset_ref(grp[n], f"{what}: {n}")))
         if spec.class_name != "Bidirectional":
             return [[a for _, a in arrays]]
         fwd = [a for n, a in arrays if any(p.startswith("forward_") for p in n.split("/"))]
@@ -572,13 +720,14 @@ def _live_layer_weights(layer):
 
 
 def _np_weights(layer):
-    return [_as_float_array(w, f"layer {getattr(layer, 'name', '?')!r}")
+    return [_array_ref(w, f"layer {getattr(layer, 'name', '?')!r}")
             for w in layer.get_weights()]
 
 
 # --------------------------------------------------------------- conversion
-def _check_lstm_weights(arrays, cls, cfg, what):
-    """Validate [kernel, recurrent_kernel, (bias)] and return (kernel, rk, bias|None, units)."""
+def _check_lstm_shapes(arrays, cls, cfg, what):
+    """Validate the shapes of [kernel, recurrent_kernel, (bias)] (arrays or
+    _Refs: nothing is read) and return the units."""
     if len(arrays) not in (2, 3):
         raise FormatError(f"{what}: expected kernel, recurrent_kernel[, bias], got "
                           f"{len(arrays)} arrays")
@@ -594,14 +743,23 @@ def _check_lstm_weights(arrays, cls, cfg, what):
         raise FormatError(f"{what}: kernel has shape {kernel.shape}, expected (In, {4 * units})")
     use_bias = bool(cfg.get("use_bias", True)) if cls != "CuDNNLSTM" else True
     if bias is not None:
-        if cls == "CuDNNLSTM" and bias.shape == (8 * units,):
-            bias = bias[:4 * units].astype(np.float64) + bias[4 * units:]
-        elif bias.shape != (4 * units,):
+        if bias.shape != (4 * units,) and not (cls == "CuDNNLSTM"
+                                               and bias.shape == (8 * units,)):
             raise FormatError(f"{what}: bias has shape {bias.shape}, expected ({4 * units},)")
         if not use_bias:
             raise FormatError(f"{what}: use_bias=False but a bias is stored")
     elif use_bias and "use_bias" in cfg:
         raise FormatError(f"{what}: use_bias=True but no bias is stored")
+    return units
+
+
+def _check_lstm_weights(arrays, cls, cfg, what):
+    """Validate [kernel, recurrent_kernel, (bias)] and return (kernel, rk, bias|None, units)."""
+    units = _check_lstm_shapes(arrays, cls, cfg, what)
+    kernel, rk = arrays[0], arrays[1]
+    bias = arrays[2] if len(arrays) == 3 else None
+    if bias is not None and bias.shape == (8 * units,):  # CuDNNLSTM: input | recurrent
+        bias = bias[:4 * units].astype(np.float64) + bias[4 * units:]
     return kernel, rk, bias, units
 
 
@@ -618,32 +776,38 @@ def _cell_options(cls, cfg, keras_major, what):
             "activation_beta": (rec[2], act[2], act[2])}
 
 
-def _build(spec, weights, keras_major, dtype, num_threads):
-    """A KerasLayer from a spec and its weights [[k, rk, b?], ...per direction]."""
+def _build(spec, weights, keras_major, dtype, num_threads, read=None, batch_first=None):
+    """A KerasLayer from a spec and its weights [[k, rk, b?], ...per direction]
+    (_Refs, read with `read` once every shape and option is checked)."""
     what = f"layer {spec.name!r}"
     dirs = spec.directions()
     if len(weights) != len(dirs):
         raise FormatError(f"{what}: expected weights for {len(dirs)} direction(s)")
-    cells = []
-    for (cls, cfg), arrays in zip(dirs, weights):
+    checked = []
+    for (cls, cfg), refs in zip(dirs, weights):
         if cfg.get("time_major", False) != dirs[0][1].get("time_major", False):
             raise FormatError(f"{what}: directions disagree on time_major")
-        k, rk, b, units = _check_lstm_weights(arrays, cls, cfg, what)
-        opts = _cell_options(cls, cfg, keras_major, what)
-        cells.append({"kernel": k, "rk": rk, "bias": b, "units": units, "opts": opts,
-                      "go_backwards": bool(cfg.get("go_backwards", False))})
-    if len(cells) == 2 and cells[0]["kernel"].shape[0] != cells[1]["kernel"].shape[0]:
+        _check_lstm_shapes(refs, cls, cfg, what)
+        checked.append((cls, cfg, refs, _cell_options(cls, cfg, keras_major, what)))
+    if len(checked) == 2 and checked[0][2][0].shape[0] != checked[1][2][0].shape[0]:
         raise FormatError(f"{what}: forward and backward kernels disagree on the input size")
     cfg0 = dirs[0][1]
     merge_mode = spec.config.get("merge_mode", "concat") if spec.class_name == "Bidirectional" else None
     if merge_mode not in _MERGE_MODES:
         raise FormatError(f"{what}: unknown merge_mode {merge_mode!r}")
+    read = read or _Ref.read
+    cells = []
+    for cls, cfg, refs, opts in checked:
+        k, rk, b, units = _check_lstm_weights([read(r) for r in refs], cls, cfg, what)
+        cells.append({"kernel": k, "rk": rk, "bias": b, "units": units, "opts": opts,
+                      "go_backwards": bool(cfg.get("go_backwards", False))})
     layer = KerasLayer.__new__(KerasLayer)
     layer.name = spec.name
     layer.class_name = spec.class_name
     layer.return_sequences = bool(cfg0.get("return_sequences", False))
     layer.return_state = bool(cfg0.get("return_state", False))
-    layer.time_major = bool(cfg0.get("time_major", False))
+    layer.time_major = (bool(cfg0.get("time_major", False)) if batch_first is None
+                        else not batch_first)
     layer.merge_mode = merge_mode
     layer.input_index = spec.input_index
     layer.stateful = bool(cfg0.get("stateful", False))
@@ -802,7 +966,8 @@ class KerasStack:
     Attributes: ``layers`` (KerasLayer), ``lstms`` (every fastlstm.LSTM, in
     order), ``keras_version`` (as read from the source, or None),
     ``input_size``, ``name``.  ``to_lstm()`` fuses the stack into one
-    multi-layer fastlstm.LSTM when the layers allow it.
+    multi-layer fastlstm.LSTM when the layers allow it; ``astype(weights)``
+    is a copy in reduced precision.
     """
 
     def __init__(self, layers, keras_version=None, source=None):
@@ -822,6 +987,14 @@ class KerasStack:
         if any(layer.masked for layer in self.layers):
             warnings.warn("the Keras model masks the input of this LSTM stack; fastlstm does "
                           "not apply masks (every step counts as valid)", stacklevel=3)
+        stateful = [layer.name for layer in self.layers if layer.stateful]
+        if stateful:
+            warnings.warn(f"Keras layer(s) {', '.join(map(repr, stateful))} are stateful=True; "
+                          "fastlstm does not carry h and c from one call to the next (every "
+                          "call starts from zero state): pass the states returned with "
+                          "return_state=True as initial_state= (a fastlstm.LSTM: hx=), or "
+                          "stream with m.stream(batch) (m = stack.to_lstm() or a layer's "
+                          ".lstm)", stacklevel=3)
 
     @property
     def name(self):
@@ -860,6 +1033,19 @@ class KerasStack:
 
     predict = __call__
 
+    def astype(self, weights, **kwargs):
+        """A copy of this stack whose fastlstm.LSTM objects store their
+        weights in ``weights`` precision (``fastlstm.LSTM.astype``, same
+        keyword arguments); ``fastlstm.load(path, weights=...)`` calls it."""
+        layers = []
+        for layer in self.layers:
+            new = copy.copy(layer)
+            new.lstms = [m.astype(weights, **kwargs) for m in layer.lstms]
+            layers.append(new)
+        out = KerasStack.__new__(KerasStack)  # the checks and warnings were done
+        out.layers, out.keras_version, out.source = layers, self.keras_version, self.source
+        return out
+
     def to_lstm(self):
         """The whole stack as one fastlstm.LSTM (torch semantics), when every
         layer is a plain LSTM going forward, or every layer a Bidirectional
@@ -897,13 +1083,17 @@ class KerasStack:
 
 # ------------------------------------------------------------------ sources
 class _Source:
-    """A parsed Keras source: stacks of specs, weights, version."""
+    """A parsed Keras source: stacks of specs, weights, version.
 
-    def __init__(self, stacks, weights, keras_version, closer=None):
+    ``weights.get(spec)`` gives _Refs (nothing read); ``read(ref)`` reads one,
+    within the budget of a file of ``size`` bytes (None: a live object)."""
+
+    def __init__(self, stacks, weights, keras_version, closer=None, size=None):
         self.stacks = stacks
         self.weights = weights
         self.keras_version = keras_version
         self.closer = closer
+        self.read = _ReadBudget(size).read
 
     def close(self):
         if self.closer is not None:
@@ -1050,19 +1240,33 @@ def _open_source(source, config=None, keras_version=None):
     """Parse any supported source into a _Source (caller closes it)."""
     if _is_live_keras(source):
         return _live_source(source)
-    what = str(source) if not hasattr(source, "read") else "Keras file"
     if isinstance(source, (bytes, bytearray)):
         source = io.BytesIO(bytes(source))
+    what = str(source) if not hasattr(source, "read") else "Keras file"
     config = _coerce_config(config)
     head = _read_head(source, what)
     if head[:4] == b"PK\x03\x04" or head[:4] == b"PK\x05\x06":
         return _keras_archive(source, what, config, keras_version)
     if is_hdf5(head):
-        return _h5_source(_open_h5(source), what, config, keras_version, close=True)
+        size = _source_size(source, what)
+        return _h5_source(_open_h5(source), what, config, keras_version, close=True, size=size)
     raise FormatError(f"{what}: neither a .keras archive nor an HDF5 file")
 
 
 _MAX_INFLATE_RATIO = 100
+
+
+def _source_size(source, what):
+    """Size in bytes of a path or a seekable file object (left at 0)."""
+    try:
+        if hasattr(source, "read"):
+            source.seek(0, os.SEEK_END)
+            size = source.tell()
+            source.seek(0)
+            return int(size)
+        return os.path.getsize(source)
+    except (OSError, TypeError, ValueError) as exc:
+        raise FormatError(f"{what}: cannot tell the file's size ({exc})") from exc
 
 
 def _read_head(source, what, n=4096):
@@ -1123,10 +1327,13 @@ def _keras_archive(source, what, config, keras_version):
     except BaseException:
         h5.close()
         raise
-    return _Source(stacks, _NewFormatWeights(h5), keras_version, h5.close)
+    # The weights may expand (HDF5 compression, fill values) as the zip may:
+    # the budget is relative to the bytes the member takes in the archive.
+    return _Source(stacks, _NewFormatWeights(h5), keras_version, h5.close,
+                   size=winfo.compress_size)
 
 
-def _h5_source(h5, what, config, keras_version, close):
+def _h5_source(h5, what, config, keras_version, close, size):
     closer = h5.close if close else None
     try:
         attrs = h5.attrs
@@ -1145,7 +1352,7 @@ def _h5_source(h5, what, config, keras_version, close):
             weights = _NewFormatWeights(h5)
             stacks = (_stacks_from_config(config, what) if config is not None
                       else _infer_new_format(h5))
-            return _Source(stacks, weights, keras_version, closer)
+            return _Source(stacks, weights, keras_version, closer, size)
         else:
             raise FormatError(f"{what}: HDF5 file without Keras weights "
                               "(no model_weights, layer_names or layers)")
@@ -1156,7 +1363,7 @@ def _h5_source(h5, what, config, keras_version, close):
             stacks = _stacks_from_config(config, what)
         else:
             stacks = _infer_legacy(wgroup, layer_names)
-        return _Source(stacks, _LegacyWeights(wgroup), keras_version, closer)
+        return _Source(stacks, _LegacyWeights(wgroup), keras_version, closer, size)
     except BaseException:
         if closer is not None:
             closer()
@@ -1207,18 +1414,24 @@ class _LiveLayer:
 
 # --------------------------------------------------------------- public API
 def _describe(src, stack, index):
+    """The listing of one stack, from the config and the weights' HDF5
+    headers only (no weight is read)."""
     layers = []
     for s in stack:
         dirs = s.directions()
+        what = f"layer {s.name!r}"
         w = src.weights.get(s)
+        if len(w) != len(dirs):
+            raise FormatError(f"{what}: expected weights for {len(dirs)} direction(s)")
+        units = [_check_lstm_shapes(refs, cls, cfg, what) for (cls, cfg), refs in zip(dirs, w)]
         layers.append({
             "name": s.name, "class_name": s.class_name,
-            "input_size": int(w[0][0].shape[0]) if w and w[0] and w[0][0].ndim == 2 else None,
-            "units": int(w[0][1].shape[0]) if w and len(w[0]) > 1 and w[0][1].ndim == 2 else None,
+            "input_size": int(w[0][0].shape[0]), "units": int(units[0]),
             "bidirectional": s.class_name == "Bidirectional",
             "merge_mode": s.config.get("merge_mode", "concat") if s.class_name == "Bidirectional" else None,
             "go_backwards": bool(dirs[0][1].get("go_backwards", False)),
             "return_sequences": s.return_sequences, "return_state": s.return_state,
+            "stateful": bool(dirs[0][1].get("stateful", False)),
             "activation": dirs[0][1].get("activation", "tanh"),
             "recurrent_activation": dirs[0][1].get("recurrent_activation", "sigmoid"),
         })
@@ -1237,10 +1450,14 @@ def list_keras_stacks(source, *, config=None):
     load_keras), ``format`` ('keras'), ``index``, ``keras_version``,
     ``num_layers``, ``input_size``, ``layers`` (each with name, class_name,
     input_size, units, bidirectional, merge_mode, go_backwards,
-    return_sequences, return_state, activation, recurrent_activation),
-    ``external_inputs`` (the first layer also takes tensors such as an
-    initial state from elsewhere in the graph) and ``masked`` (a Masking
-    layer or mask_zero embedding feeds it: masks are not applied)."""
+    return_sequences, return_state, stateful, activation,
+    recurrent_activation), ``external_inputs`` (the first layer also takes
+    tensors such as an initial state from elsewhere in the graph) and
+    ``masked`` (a Masking layer or mask_zero embedding feeds it: masks are
+    not applied).
+    Only the configuration and the weights' HDF5 headers are read (shapes
+    are checked, no weight data is read); inconsistent shapes raise
+    FormatError."""
     src = _guarded(lambda: _open_source(source, config))
     try:
         return _guarded(lambda: [_describe(src, st, k) for k, st in enumerate(src.stacks)])
@@ -1286,7 +1503,7 @@ def _guarded(fn):
 
 
 def load_keras(source, name=None, *, config=None, keras_version=None, dtype=np.float32,
-               num_threads=None):
+               num_threads=None, batch_first=None):
     """Load the LSTM stack of a Keras file or live Keras object.
 
     source: a path or file object (.keras archive, legacy full-model .h5,
@@ -1303,8 +1520,20 @@ def load_keras(source, name=None, *, config=None, keras_version=None, dtype=np.f
     keras_version: override the version read from the file (it decides the
     slope of hard_sigmoid: 0.2 before Keras 3, 1/6 from Keras 3 on).
     dtype: float32 (default) or float64 for the fastlstm.LSTM objects.
+    batch_first: the time layout of the stack's inputs and sequence outputs.
+    None (default): as in Keras, (N, T, ...), or (T, N, ...) for tf.keras
+    ``time_major=True`` layers; True: (N, T, ...); False: (T, N, ...),
+    whatever the layers say.
     Returns a KerasStack.
+
+    Each weight's shape and dtype are checked against the layer's from the
+    HDF5 headers before anything is read, and a file may not have more
+    bytes of weights read from it than _MAX_INFLATE_RATIO (100) times its
+    size plus 1 MiB (a .keras archive: its weights member's compressed
+    size), so a small file declaring huge datasets raises FormatError.
     """
+    if batch_first is not None and not isinstance(batch_first, (bool, np.bool_)):
+        raise TypeError(f"batch_first: expected True, False or None, got {batch_first!r}")
     src = _guarded(lambda: _open_source(source, config, keras_version))
     try:
         chosen = _pick(src.stacks, name)
@@ -1312,7 +1541,8 @@ def load_keras(source, name=None, *, config=None, keras_version=None, dtype=np.f
         major = _keras_major(version)
 
         def build():
-            return [_build(spec, src.weights.get(spec), major, dtype, num_threads)
+            return [_build(spec, src.weights.get(spec), major, dtype, num_threads,
+                           read=src.read, batch_first=batch_first)
                     for spec in chosen]
         layers = _guarded(build)
     finally:
@@ -1321,12 +1551,12 @@ def load_keras(source, name=None, *, config=None, keras_version=None, dtype=np.f
                       source=None if _is_live_keras(source) else str(source))
 
 
-def from_keras(obj, name=None, *, dtype=np.float32, num_threads=None):
+def from_keras(obj, name=None, *, dtype=np.float32, num_threads=None, batch_first=None):
     """A KerasStack from a live Keras model or LSTM / Bidirectional layer
     (weights are copied)."""
     if not _is_live_keras(obj):
         raise TypeError(f"from_keras: expected a Keras model or layer, got {type(obj).__name__}")
-    return load_keras(obj, name, dtype=dtype, num_threads=num_threads)
+    return load_keras(obj, name, dtype=dtype, num_threads=num_threads, batch_first=batch_first)
 
 
 # ------------------------------------------------ fastlstm.io format registry
@@ -1354,8 +1584,20 @@ def list_stacks(path, **kwargs):
     return [(d["name"], d) for d in list_keras_stacks(path, **kwargs)]
 
 
+_LOAD_ARGS = ("config", "keras_version", "dtype", "num_threads", "batch_first")
+
+
 def load(path, name=None, **kwargs):
-    """fastlstm.load for Keras files: a KerasStack (see load_keras)."""
+    """fastlstm.load for Keras files: a KerasStack (see load_keras).
+
+    Takes load_keras' keyword arguments (config, keras_version, dtype,
+    num_threads, batch_first); fastlstm.load's ``weights=`` is
+    ``KerasStack.astype``.  The cell options of fastlstm.LSTM
+    (activations, clip, ...) come from the Keras config and are refused."""
+    for key in kwargs:
+        if key not in _LOAD_ARGS:
+            raise TypeError(f"{key}: not an argument for Keras files (their cell options "
+                            f"come from the Keras config); they take {', '.join(_LOAD_ARGS)}")
     return load_keras(path, name, **kwargs)
 
 

@@ -7,7 +7,8 @@
  * splits (hidden blocks with a barrier per step; batch rows without any),
  * time steps beyond one input-projection chunk, several layers, both
  * directions, lengths, and the reduced-precision paths (int8 W_hh and W_ih
- * with 16- and 8-bit codes, bfloat16).
+ * with 16- and 8-bit codes, bfloat16 with float32 and with bfloat16
+ * activations).
  */
 #include <math.h>
 #include <stdio.h>
@@ -33,7 +34,7 @@ static void quantize_rows(const float *w, long rows, int K, int8_t *q, float *sc
 }
 
 /* wmode: 0 float32, 1 int8 W_hh + W_ih (16-bit codes), 2 the same with 8-bit
- * codes, 3 bfloat16 W_hh. */
+ * codes, 3 bfloat16 W_hh, 4 bfloat16 W_hh + W_ih with bfloat16 dot products. */
 static int run_config(int T, int N, int In, int H, int L, int D, int wmode, int use_len, int reps)
 {
     fl_cell_opts o;
@@ -59,14 +60,23 @@ static int run_config(int T, int N, int In, int H, int L, int D, int wmode, int 
             if (wmode == 2 && fl_cell_set_act_bits(cells[c], 8)) return 1;
             free(q);
             free(sc);
-        } else if (wmode == 3) {
-            uint16_t *bf = malloc(sizeof(uint16_t) * 4 * H * H);
+        } else if (wmode == 3 || wmode == 4) {
+            uint16_t *bf = malloc(sizeof(uint16_t) * 4 * H * (K > H ? K : H));
             for (long i = 0; i < 4L * H * H; i++) {
                 uint32_t u;
                 memcpy(&u, &whh[i], 4);
                 bf[i] = (uint16_t)(u >> 16);
             }
-            if (fl_cell_set_whh_reduced(cells[c], FL_W_BF16, bf, NULL)) return 1;
+            if (fl_cell_set_whh_reduced(cells[c], wmode == 3 ? FL_W_BF16 : FL_W_BF16D, bf, NULL))
+                return 1;
+            if (wmode == 4) { /* bfloat16 W_ih: the input rows rounded per chunk */
+                for (long i = 0; i < 4L * H * K; i++) {
+                    uint32_t u;
+                    memcpy(&u, &wih[i], 4);
+                    bf[i] = (uint16_t)(u >> 16);
+                }
+                if (fl_cell_set_wih_reduced(cells[c], FL_W_BF16D, bf, NULL)) return 1;
+            }
             free(bf);
         }
         free(wih);
@@ -105,7 +115,7 @@ int main(void)
 {
     int fail = 0;
     /* T beyond one chunk (the G chunk is about 48 rows at least: T * N >> 48) */
-    for (int wmode = 0; wmode < 4; wmode++) {
+    for (int wmode = 0; wmode < 5; wmode++) {
         fail |= run_config(130, 5, 25, 58, 2, 1, wmode, 0, 4);  /* small steps: batch split */
         fail |= run_config(90, 3, 12, 160, 2, 2, wmode, 1, 3);  /* hidden split, lengths, bidir */
         fail |= run_config(70, 16, 20, 40, 1, 1, wmode, 1, 3);  /* batch split, lengths */
