@@ -65,7 +65,7 @@ class _Weights:
             keys = sorted((k for k in grp.keys() if k.isdigit()), key=int)
             if [int(k) for k in keys] != list(range(len(keys))):
                 raise FormatError(f"{what}: weights {path!r}/vars are not numbered 0..n-1")
-            return [fk._as_float_array(grp[k][()], f"{what}: {path}/vars/{k}") for k in keys]
+            return [self._read(grp[k], f"{what}: {path}/vars/{k}") for k in keys]
         if name not in self.group:
             raise FormatError(f"{what}: no weights group {name!r}")
         grp = self.group[name]
@@ -76,8 +76,25 @@ class _Weights:
         for n in names:
             if n not in grp:
                 raise FormatError(f"{what}: weight {n!r} listed but missing")
-            out.append(fk._as_float_array(grp[n][()], f"{what}: {n}"))
+            out.append(self._read(grp[n], f"{what}: {n}"))
         return out
+
+    def _read(self, ds, what):
+        """One weight dataset, its header checked before any data is read: a
+        floating-point dataset of at most the Keras loader's bound (~100x the
+        file's size + 1 MiB; a small file may declare a huge dataset)."""
+        h5py = fk._h5py()
+        if not isinstance(ds, h5py.Dataset):
+            raise FormatError(f"{what}: expected a weight dataset, got {type(ds).__name__}")
+        if ds.dtype.kind != "f":
+            raise FormatError(f"{what}: dtype {ds.dtype} is not floating point")
+        nbytes = int(np.prod([int(d) for d in ds.shape], dtype=object)) * ds.dtype.itemsize
+        fsize = int(ds.file.id.get_filesize())
+        if nbytes > fk._MAX_INFLATE_RATIO * fsize + (1 << 20):
+            raise FormatError(f"{what}: declares shape {ds.shape} {ds.dtype} ({nbytes} bytes), "
+                              f"more than a {fsize}-byte file may expand to; refused before "
+                              f"reading")
+        return fk._as_float_array(ds[()], what)
 
     def _find(self, name, path):
         h5 = self.h5

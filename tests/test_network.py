@@ -574,3 +574,22 @@ def test_large_vocabulary_head_threads():
     np.testing.assert_array_equal(a, net.generate(prompt, 25, num_threads=2, **kw))
     np.testing.assert_array_equal(net.generate(prompt, 25, temperature=0, num_threads=2),
                                   torch_greedy(m, prompt, 25))
+
+
+def test_keras_huge_declared_embedding_refused_before_reading(keras, tmp_path):
+    """A small weights file declaring a huge Embedding table (no data written):
+    refused from the dataset's header, nothing allocated."""
+    import h5py
+    L = keras.layers
+    model = keras.Sequential([keras.Input((None,), dtype="int32"), L.Embedding(30, 8),
+                              L.LSTM(6, return_sequences=True), L.Dense(4)])
+    model.save(tmp_path / "m.h5")
+    with h5py.File(tmp_path / "m.h5", "r+") as f:
+        found = []
+        f.visititems(lambda n, o: found.append(n) if isinstance(o, h5py.Dataset)
+                     and o.shape == (30, 8) else None)
+        assert found, "no embedding table in the file"
+        del f[found[0]]
+        f.create_dataset(found[0], shape=(400000, 20000), dtype="f4")  # 32 GB, unwritten
+    with pytest.raises(fastlstm.FormatError, match="refused before reading"):
+        Network.from_keras(str(tmp_path / "m.h5"))
