@@ -8,6 +8,8 @@ See README.md for the API, the loaders and the architecture.
 """
 import os as _os
 
+import numpy as _np
+
 from . import _engine
 from .errors import DTypeError, FastLSTMError, FormatError, ShapeError, WeightsError
 from .model import LSTM
@@ -83,9 +85,9 @@ def set_num_threads(n=None):
     if n is None:
         _engine.num_threads_set(0)
         return
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if isinstance(n, bool) or not isinstance(n, (int, _np.integer)) or n < 1:
         raise ValueError(f"n: expected a positive int or None, got {n!r}")
-    _engine.num_threads_set(n)
+    _engine.num_threads_set(int(min(n, 2 ** 31 - 1)))  # the engine clamps to the CPUs
 
 
 def get_num_threads():

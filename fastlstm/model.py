@@ -497,6 +497,7 @@ class LSTM:
 
     def __setstate__(self, state):
         state = dict(state)
+        _check_pickled_config(state)
         state.setdefault("input_weights_precision", "float32")  # pickles before int8 W_ih
         int8 = state.get("weights_precision", "float32") == "int8"
         if not state.pop("activation_bits_v2", False) and not int8:
@@ -833,6 +834,36 @@ def _check_lengths(lengths, N, T, unbatched):
         raise ShapeError(
             f"lengths: values must be in [0, T={T}], got min {arr.min()} and max {arr.max()}")
     return arr.astype(np.int32)
+
+
+def _check_pickled_config(state):
+    """The configuration of a pickled LSTM, checked as the constructor checks
+    it (a bad one would fail at the first call, or worse)."""
+    try:
+        In = _positive_int(state["input_size"], "input_size", 0)
+        H = _positive_int(state["hidden_size"], "hidden_size", 1)
+        L = _positive_int(state["num_layers"], "num_layers", 1)
+        P = _positive_int(state["proj_size"], "proj_size", 0)
+        D = 2 if _flag(state["bidirectional"], "bidirectional") else 1
+        if P >= H or max(In, H) >= 2 ** 24 or 4 * H * max(In, H) >= 2 ** 40 or L * D >= 2 ** 31:
+            raise ValueError(f"sizes input {In}, hidden {H}, proj {P}, layers {L} out of range")
+        _dtype_of(state["dtype"])
+        for key in ("bias", "batch_first", "peepholes", "input_forget"):
+            _flag(state[key], key)
+        _parse_activations(state["activations"], state["activation_alpha"],
+                           state["activation_beta"])
+        _nonneg_float(state["clip"], "clip")
+        _nonneg_float(state["cell_clip"], "cell_clip")
+        prec = state.get("weights_precision", "float32")
+        if prec not in _ACT_BITS:
+            raise ValueError(f"weights_precision {prec!r}")
+        in_prec = state.get("input_weights_precision", "float32")
+        if in_prec not in ("float32", prec):
+            raise ValueError(f"input_weights_precision {in_prec!r} with {prec}")
+        if not isinstance(state["_params"], dict) or not isinstance(state.get("_qforms", {}), dict):
+            raise TypeError("weights are not dicts")
+    except (KeyError, TypeError, ValueError, DTypeError) as exc:
+        raise WeightsError(f"pickle: not a valid fastlstm.LSTM configuration ({exc})") from exc
 
 
 def _flag(value, name):

@@ -179,3 +179,28 @@ def test_weight_updates_while_other_threads_call():
     w.join()
     assert not errors
     assert seen  # at least one consistent result; usually both
+
+
+@pytest.mark.parametrize("change", [
+    {"activations": ("sigmoid", "nope", "tanh")}, {"num_layers": 0}, {"hidden_size": -1},
+    {"proj_size": 99}, {"dtype": "float16"}, {"clip": -1.0}, {"bias": "yes"},
+    {"weights_precision": "int4"}, {"input_weights_precision": "int8"}, {"_params": []},
+])
+def test_bad_pickled_configuration_refused(change):
+    """A pickle's configuration is checked as the constructor checks it: a bad
+    one is a WeightsError at load, not a KeyError or an engine error later."""
+    state = fastlstm.LSTM(3, 5, seed=1).__getstate__()
+    state.update(change)
+    with pytest.raises(fastlstm.WeightsError, match="pickle"):
+        fastlstm.LSTM.__new__(fastlstm.LSTM).__setstate__(state)
+
+
+def test_set_num_threads_accepts_numpy_ints_and_clamps():
+    prev = fastlstm.get_num_threads()
+    try:
+        fastlstm.set_num_threads(np.int64(1))
+        assert fastlstm.get_num_threads() == 1
+        fastlstm.set_num_threads(2 ** 31)  # more than the engine's int: clamped, no OverflowError
+        assert fastlstm.get_num_threads() >= 1
+    finally:
+        fastlstm.set_num_threads(prev)
