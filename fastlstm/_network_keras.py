@@ -100,13 +100,13 @@ class _Weights:
         h5 = self.h5
         if path in h5:
             v = h5[path].get("vars")
-            got = None if v is None else v.attrs.get("name")
+            got = None if v is None else fk._attr(v, "name")
             if got is None or fk._text(got) == name:
                 return path
         if "layers" in h5:
             for key in h5["layers"].keys():
                 v = h5["layers"][key].get("vars")
-                if v is not None and "name" in v.attrs and fk._text(v.attrs["name"]) == name:
+                if v is not None and "name" in v.attrs and fk._text(fk._attr(v, "name")) == name:
                     return f"layers/{key}"
         if path in h5:
             return path
@@ -156,7 +156,7 @@ def _open(source, config):
     h5 = fk._open_h5(source)
     try:
         if config is None and "model_config" in h5.attrs:
-            config = fk._coerce_config(fk._json(fk._text(h5.attrs["model_config"]),
+            config = fk._coerce_config(fk._json(fk._text(fk._attr(h5, "model_config")),
                                                 f"{what}: model_config"))
         if config is None:
             raise FormatError(f"{what}: weights-only file: pass config= (the model's config)")

@@ -666,3 +666,26 @@ def test_fastlstm_load_options_on_keras_files(built):
         fastlstm.load(paths["keras"], batch_first="yes")
     with pytest.raises(TypeError, match=r"^activations: not an argument for Keras files"):
         fastlstm.load(paths["keras"], activations=("sigmoid", "tanh", "tanh"))
+
+
+def test_damaged_attribute_type_is_a_format_error_not_a_crash():
+    """A Keras 3 .weights.h5 with 7 bytes changed (found by byte mutation):
+    an attribute's type record says variable-length sequence where Keras wrote
+    a variable-length string, and libhdf5 crashes (SIGSEGV) converting it.
+    Attribute type classes are checked first: every entry point gives a
+    FormatError.  Run in subprocesses, so a regression fails instead of
+    killing the test run."""
+    import subprocess
+    import sys
+    path = os.path.join(os.path.dirname(__file__), "data", "keras_damaged", "vlen_type.weights.h5")
+    for call in ("fastlstm.list_stacks(p)", "fastlstm.load(p)", "fastlstm.io.keras.load_keras(p)"):
+        code = ("import fastlstm, fastlstm.io.keras\n"
+                f"p = {path!r}\n"
+                "try:\n"
+                f"    {call}\n"
+                "except fastlstm.FormatError as e:\n"
+                "    print('FormatError', e)\n")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, (call, r.returncode, r.stderr[-500:])
+        assert r.stdout.startswith("FormatError") and "type class" in r.stdout, (call, r.stdout)

@@ -151,16 +151,38 @@ def _text(value):
     raise FormatError(f"expected a string attribute, got {type(value).__name__}")
 
 
+def _attr(node, name, default=None):
+    """Attribute ``name`` of an HDF5 node, its type class checked before libhdf5
+    converts it: Keras writes strings, floats (an empty list) and integers only,
+    and libhdf5 crashes converting some damaged type records (a variable-length
+    string turned into a variable-length sequence by a few flipped bytes)."""
+    attrs = node.attrs
+    if name not in attrs:
+        return default
+    h5t = _h5py().h5t
+    try:
+        cls = attrs.get_id(name).get_type().get_class()
+    except Exception as exc:  # noqa: BLE001 - h5py raises several kinds here
+        raise FormatError(f"attribute {name!r} of {node.name!r}: unreadable ({exc})") from exc
+    if cls not in (h5t.STRING, h5t.FLOAT, h5t.INTEGER):
+        raise FormatError(f"attribute {name!r} of {node.name!r}: HDF5 type class {cls}, not a "
+                          f"string or number as Keras writes (a damaged file?)")
+    try:
+        return attrs[name]
+    except Exception as exc:  # noqa: BLE001
+        raise FormatError(f"attribute {name!r} of {node.name!r}: unreadable ({exc})") from exc
+
+
 def _str_list_attr(node, name):
     """A list-of-strings attr, re-joining the chunks Keras writes for big lists
     (``name0``, ``name1``, ... when one attr would exceed HDF5's 64 KB)."""
     attrs = node.attrs
     if name in attrs:
-        chunks = [attrs[name]]
+        chunks = [_attr(node, name)]
     elif f"{name}0" in attrs:
         chunks, k = [], 0
         while f"{name}{k}" in attrs:
-            chunks.append(attrs[f"{name}{k}"])
+            chunks.append(_attr(node, f"{name}{k}"))
             k += 1
     else:
         return None
@@ -638,14 +660,14 @@ class _NewFormatWeights:
         h5 = self.h5
         if path in h5:
             named = h5[path].get("vars")
-            got = None if named is None else named.attrs.get("name")
+            got = None if named is None else _attr(named, "name")
             if got is None or _text(got) == spec.name:
                 return path
         parent = path.rsplit("/", 1)[0] if "/" in path else ""
         if parent in h5:
             for key in h5[parent].keys():
                 v = h5[parent][key].get("vars")
-                if v is not None and "name" in v.attrs and _text(v.attrs["name"]) == spec.name:
+                if v is not None and "name" in v.attrs and _text(_attr(v, "name")) == spec.name:
                     return f"{parent}/{key}"
         return path
 
@@ -1227,7 +1249,7 @@ def _infer_new_format(h5):
             continue
         v = g.get("vars")
         if v is not None and "name" in v.attrs:
-            spec.name = _text(v.attrs["name"])
+            spec.name = _text(_attr(v, "name"))
         found.append((base, count, spec))
     if len({b for b, _, _ in found}) > 1:
         raise FormatError("this weights-only file mixes LSTM and Bidirectional layers, whose "
@@ -1340,10 +1362,11 @@ def _h5_source(h5, what, config, keras_version, close, size):
         if keras_version is None:
             for node in (h5, h5.get("model_weights")):
                 if node is not None and "keras_version" in node.attrs:
-                    keras_version = _text(node.attrs["keras_version"])
+                    keras_version = _text(_attr(node, "keras_version"))
                     break
         if config is None and "model_config" in attrs:
-            config = _coerce_config(_json(_text(attrs["model_config"]), f"{what}: model_config"))
+            config = _coerce_config(_json(_text(_attr(h5, "model_config")),
+                                          f"{what}: model_config"))
         if "model_weights" in h5 and isinstance(h5["model_weights"], _h5py().Group):
             wgroup = h5["model_weights"]
         elif _str_list_attr(h5, "layer_names") is not None:
