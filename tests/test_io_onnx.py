@@ -14,7 +14,7 @@ import pytest
 import fastlstm
 from fastlstm.io import onnx as fo
 from io_fuzzing import SEED, Fuzzer, flip_bytes, iters, truncate
-from tolerances import ORT_ATOL, ORT_RTOL, assert_close
+from tolerances import ORT_ATOL, ORT_RTOL, assert_close, assert_lstm_close
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -576,6 +576,306 @@ def test_torch_export_single_layer_without_states(tmp_path):
     out, (h, c) = m(x)
     assert_close(out, t_out.numpy(), np.float32)
     assert_close(c, t_c.numpy(), np.float32)
+
+
+def _dynamo_export(tmp_path, mod, x, hx=None, dynamic=False):
+    """torch.onnx.export with the default (dynamo) exporter; dynamic: the
+    batch size is a dynamic dimension.  (torch 2.13 cannot export the
+    sequence length of an nn.LSTM as dynamic: it is fixed to x's.)"""
+    torch = pytest.importorskip("torch")
+    import logging
+    import warnings
+    path = tmp_path / "dynamo.onnx"
+    args = (torch.from_numpy(x),) if hx is None else (
+        torch.from_numpy(x), tuple(torch.from_numpy(a) for a in hx))
+    shapes = None
+    if dynamic:
+        n = torch.export.Dim("N", min=2)
+        xs = {0: n} if mod.batch_first else {1: n}
+        shapes = (xs,) if hx is None else (xs, ({1: n}, {1: n}))
+    level = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(mod, args, str(path), dynamic_shapes=shapes, verbose=False)
+    finally:
+        logging.disable(level)
+    return path
+
+
+@pytest.mark.parametrize("layers, bidirectional, batch_first, dynamic, states", [
+    (2, False, False, False, False), (2, True, True, False, True), (3, False, True, True, True),
+    (3, True, False, True, False), (2, True, False, True, True), (1, True, True, False, False),
+])
+def test_torch_dynamo_export(tmp_path, layers, bidirectional, batch_first, dynamic, states):
+    # torch 2.13's default exporter links the layers with Transpose and a
+    # Reshape to [T, N, D*H] (a constant, or computed from Shape when the
+    # batch is dynamic), and passes zero initial states as constants
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(40 + layers)
+    D, T, N, In, H = (2 if bidirectional else 1), 5, 2, 3, 4
+    mod = torch.nn.LSTM(In, H, num_layers=layers, bidirectional=bidirectional,
+                        batch_first=batch_first).eval()
+    rng = np.random.default_rng(41)
+
+    def data(n):
+        x = rng.standard_normal((n, T, In) if batch_first else (T, n, In)).astype(np.float32)
+        return x, tuple(rng.standard_normal((D * layers, n, H)).astype(np.float32)
+                        for _ in range(2))
+    x, hx = data(N)
+    path = _dynamo_export(tmp_path, mod, x, hx if states else None, dynamic)
+    ((name, info),) = fastlstm.list_stacks(path)
+    assert (info["num_layers"], info["bidirectional"], info["variant"]) == \
+        (layers, bidirectional, "standard")
+    assert [i["layer"] for i in fo.list_stacks(path)] == list(range(layers))
+    m = fastlstm.load(path)
+    assert (m.num_layers, m.bidirectional, m.batch_first) == (layers, bidirectional, batch_first)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed_names = [i.name for i in sess.get_inputs()]
+    for n in (N, 3) if dynamic else (N,):
+        x, hx = data(n)
+        with torch.no_grad():
+            targs = (torch.from_numpy(x),) + (
+                (tuple(torch.from_numpy(a) for a in hx),) if states else ())
+            t_out, (t_h, t_c) = mod(*targs)
+        got = m(x, hx) if states else m(x)
+        assert_lstm_close(got, (t_out.numpy(), (t_h.numpy(), t_c.numpy())), np.float32,
+                          f"torch N={n}")
+        y, yh, yc = sess.run(None, dict(zip(feed_names, (x,) + (hx if states else ()))))
+        assert_lstm_close(got, (y, (yh, yc)), np.float32, f"onnxruntime N={n}")
+
+
+def _chained_lstms(link, D=1, T=4, N=3, In=3, H=4, declare=True, value_info=(), seed=42):
+    """Two LSTM nodes 'a' -> 'b': a's Y 'y0' goes through the nodes and
+    initializers `link(D, T, N, H)` returns to b's X 'x1'.  declare: the graph
+    input x has the fixed shape [T, N, In] (else symbolic)."""
+    rng = np.random.default_rng(seed)
+    direction = "bidirectional" if D == 2 else "forward"
+    ws = {"W0": (D, 4 * H, In), "R0": (D, 4 * H, H), "B0": (D, 8 * H),
+          "W1": (D, 4 * H, D * H), "R1": (D, 4 * H, H), "B1": (D, 8 * H)}
+    inits = [numpy_helper.from_array(rng.uniform(-0.4, 0.4, s).astype(np.float32), k)
+             for k, s in ws.items()]
+    link_nodes, link_inits = link(D, T, N, H)
+    inits += [numpy_helper.from_array(np.asarray(v, np.int64), k) for k, v in link_inits.items()]
+    nodes = [helper.make_node("LSTM", ["x", "W0", "R0", "B0"], ["y0", "yh0", "yc0"], name="a",
+                              hidden_size=H, direction=direction)]
+    nodes += link_nodes
+    nodes.append(helper.make_node("LSTM", ["x1", "W1", "R1", "B1"], ["y1", "yh1", "yc1"],
+                                  name="b", hidden_size=H, direction=direction))
+    f = TensorProto.FLOAT
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", f, [T, N, In] if declare else
+                                                   ["T", "N", In])],
+        [helper.make_tensor_value_info(n, f, None) for n in ("y1", "yh0", "yc0", "yh1", "yc1")],
+        initializer=inits,
+        value_info=[helper.make_tensor_value_info(n, f, s) for n, s in value_info])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    return model
+
+
+def _transpose_reshape(target, perm=(0, 2, 1, 3), allowzero=0):
+    """Link: Transpose(y0, perm) then Reshape to the constant target(D, T, N, H)."""
+    def link(D, T, N, H):
+        return ([helper.make_node("Transpose", ["y0"], ["t0"], perm=list(perm)),
+                 helper.make_node("Reshape", ["t0", "shape"], ["x1"], allowzero=allowzero)],
+                {"shape": target(D, T, N, H)})
+    return link
+
+
+def _computed_reshape(parts):
+    """Link: Transpose(y0, 0 2 1 3) then Reshape to Concat of parts: (source,
+    start, end) slices of Shape(source) for source 't0' or 'y0', or ints."""
+    def link(D, T, N, H):
+        nodes = [helper.make_node("Transpose", ["y0"], ["t0"], perm=[0, 2, 1, 3]),
+                 helper.make_node("Shape", ["t0"], ["s_t0"]),
+                 helper.make_node("Shape", ["y0"], ["s_y0"])]
+        inits, names = {}, []
+        for k, p in enumerate(parts):
+            if isinstance(p, tuple):
+                src, a, b = p
+                inits[f"a{k}"], inits[f"b{k}"] = [a], [b]
+                nodes.append(helper.make_node("Slice", [f"s_{src}", f"a{k}", f"b{k}"], [f"p{k}"]))
+            else:
+                inits[f"p{k}"] = [p(D, H) if callable(p) else p]
+            names.append(f"p{k}")
+        nodes += [helper.make_node("Concat", names, ["shape"], axis=0),
+                  helper.make_node("Reshape", ["t0", "shape"], ["x1"])]
+        return nodes, inits
+    return link
+
+
+DH = lambda D, H: D * H  # noqa: E731
+LINKS_OK = {
+    "fixed": _transpose_reshape(lambda D, T, N, H: [T, N, D * H]),
+    "zeros": _transpose_reshape(lambda D, T, N, H: [0, 0, -1]),
+    "fixed_minus1": _transpose_reshape(lambda D, T, N, H: [T, -1, D * H]),
+    "shape_of_transpose": _computed_reshape([("t0", 0, 2), DH]),
+    "shape_of_y": _computed_reshape([("y0", 0, 1), ("y0", 2, 3), -1]),
+}
+LINKS_BAD = {  # valid ONNX, but not the layer-to-layer reshaping: never merged
+    "swapped": _transpose_reshape(lambda D, T, N, H: [N, T, D * H]),
+    "wrong_perm": _transpose_reshape(lambda D, T, N, H: [0, 0, -1], perm=(0, 2, 3, 1)),
+    "shape_swapped": _computed_reshape([("t0", 1, 2), ("t0", 0, 1), DH]),
+    "shape_of_y_swapped": _computed_reshape([("y0", 2, 3), ("y0", 0, 1), DH]),
+}
+
+
+def _run_chain(model, x):
+    y1, yh0, yc0, yh1, yc1 = ort_run(model, {"x": x})
+    T, D, N, H = y1.shape
+    return (y1.transpose(0, 2, 1, 3).reshape(T, N, D * H),
+            (np.concatenate([yh0, yh1]), np.concatenate([yc0, yc1])))
+
+
+@pytest.mark.parametrize("D", [1, 2])
+@pytest.mark.parametrize("link", sorted(LINKS_OK))
+def test_layer_links_that_are_merged(tmp_path, D, link):
+    model = _chained_lstms(LINKS_OK[link], D)
+    path = tmp_path / "chain.onnx"
+    onnx.save(model, str(path))
+    ((name, info),) = fastlstm.list_stacks(path)
+    assert (name, info["num_layers"], info["nodes"]) == ("a", 2, ["a", "b"])
+    x = np.random.default_rng(43).standard_normal((4, 3, 3)).astype(np.float32)
+    assert_lstm_close(fastlstm.load(path)(x), _run_chain(model, x), np.float32, link)
+
+
+@pytest.mark.parametrize("D", [1, 2])
+@pytest.mark.parametrize("link", sorted(LINKS_BAD))
+def test_layer_links_that_are_not_merged(tmp_path, D, link):
+    model = _chained_lstms(LINKS_BAD[link], D)
+    path = tmp_path / "chain.onnx"
+    onnx.save(model, str(path))
+    ort_run(model, {"x": np.zeros((4, 3, 3), np.float32)})  # a model onnxruntime runs
+    assert [i["num_layers"] for _, i in fastlstm.list_stacks(path)] == [1, 1]
+    with pytest.raises(fastlstm.FormatError, match="2 separate LSTM stacks"):
+        fastlstm.load(path)
+
+
+def test_fixed_reshape_target_needs_declared_sizes(tmp_path):
+    # [T, N, D*H] as numbers is the layer link only if the graph says the
+    # node's sequence and batch sizes are T and N
+    link = LINKS_OK["fixed"]
+    for declare, vinfo, merged in (
+            (True, (), True),
+            (False, (), False),                                      # nothing declared
+            (False, [("y0", [4, 2, 3, 4])], True),                  # Y declares T, N
+            (True, [("y0", [4, 2, 5, 4])], False),                  # contradicts x
+            (True, [("y0", [4, 1, 3, 4])], False)):                 # contradicts D
+        model = _chained_lstms(link, 2, declare=declare, value_info=vinfo)
+        assert [i["stack_layers"] for i in fo.list_stacks(model.SerializeToString())] == \
+            ([2, 2] if merged else [1, 1]), (declare, vinfo)
+
+
+# ------------------------------------------------------------ what a stack cannot carry
+def _with_constants(model, h0=None, c0=None, seq=None, x_shape=None):
+    """The one-node model with initial_h / initial_c / sequence_lens as
+    initializers (x_shape: X's declared shape)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    lstm = [n for n in m.graph.node if n.op_type == "LSTM"][0]
+    while len(lstm.input) < 7:
+        lstm.input.append("")
+    for k, (name, v) in enumerate((("seq_c", seq), ("h0_c", h0), ("c0_c", c0))):
+        if v is not None:
+            m.graph.initializer.append(numpy_helper.from_array(v, name))
+            lstm.input[4 + k] = name
+    if x_shape is not None:
+        m.graph.input[0].CopyFrom(helper.make_tensor_value_info("X", TensorProto.FLOAT, x_shape))
+    return m
+
+
+def test_constant_states_and_lengths_are_not_dropped(tmp_path):
+    # load_onnx applies them; an LSTM model cannot hold them, so
+    # fastlstm.load / load_stack refuse them rather than drop them silently
+    model, _ = make_lstm(3, 4, states=False, seed=44)
+    rng = np.random.default_rng(45)
+    x = rng.standard_normal((5, 2, 3)).astype(np.float32)
+    h0 = rng.standard_normal((1, 2, 4)).astype(np.float32)
+    path = tmp_path / "c.onnx"
+    for kw, what in ((dict(h0=h0, c0=np.zeros_like(h0)), "initial_h 'h0_c'"),
+                     (dict(c0=h0), "initial_c 'c0_c'"),
+                     (dict(h0=h0, c0=h0), "initial_h 'h0_c' and initial_c 'c0_c'"),
+                     (dict(seq=np.array([5, 3], np.int32), x_shape=[5, 2, 3]), "sequence_lens"),
+                     (dict(seq=np.array([5, 5], np.int32)), "sequence_lens")):  # T unknown
+        m = _with_constants(model, **kw)
+        onnx.save(m, str(path))
+        check(fo.load_onnx(path)(x), ort_run(m, {"X": x}), True, what)
+        for load in (fastlstm.load, fo.load_stack):
+            with pytest.raises(fastlstm.FormatError, match=f"constant {what}.*load_onnx"):
+                load(path)
+    # all-zero states and lengths equal to the declared sequence length:
+    # ignoring them is exact
+    zeros = np.zeros_like(h0)
+    for kw in (dict(h0=zeros, c0=zeros), dict(seq=np.array([5, 5], np.int32), x_shape=[5, 2, 3])):
+        m = _with_constants(model, **kw)
+        onnx.save(m, str(path))
+        Y, Yh, Yc = ort_run(m, {"X": x})
+        assert_lstm_close(fastlstm.load(path)(x), (Y[:, 0], (Yh, Yc)), np.float32, str(kw))
+
+
+def test_cycle_of_lstm_nodes_is_a_format_error(tmp_path):
+    H = 4
+    rng = np.random.default_rng(46)
+    inits, nodes = [numpy_helper.from_array(np.array([1], np.int64), "ax")], []
+    for k, (x, y) in enumerate((("xa", "ya"), ("xb", "yb"), ("xc", "yc"))):
+        inits += [numpy_helper.from_array(rng.normal(size=(1, 4 * H, H)).astype(np.float32), n)
+                  for n in (f"W{k}", f"R{k}")]
+        nodes.append(helper.make_node("LSTM", [x, f"W{k}", f"R{k}"], [y], name=f"L{k}",
+                                      hidden_size=H))
+    nodes += [helper.make_node("Squeeze", [y, "ax"], [x]) for y, x in
+              (("ya", "xb"), ("yb", "xc"), ("yc", "xa"))]
+    graph = helper.make_graph(nodes, "g", [], [helper.make_tensor_value_info(
+        "ya", TensorProto.FLOAT, None)], inits)
+    path = tmp_path / "cycle.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)]), str(path))
+    for fn in (fo.list_stacks, fo.load_onnx, fastlstm.list_stacks, fastlstm.load):
+        with pytest.raises(fastlstm.FormatError, match="cycle .'L0' -> 'L1' -> 'L2' -> 'L0'"):
+            fn(path)
+
+
+def test_empty_tensor_with_huge_dims_is_a_format_error(tmp_path):
+    model, _ = make_lstm(3, 4, seed=47)
+    for t in model.graph.initializer:
+        if t.name == "w_W":
+            t.CopyFrom(helper.make_tensor("w_W", TensorProto.FLOAT, [1, 0, 2 ** 62], b"",
+                                          raw=True))
+    path = tmp_path / "huge.onnx"
+    onnx.save(model, str(path))
+    for fn in (fo.load_onnx, fastlstm.load):
+        with pytest.raises(fastlstm.FormatError, match="'w_W': dimensions .* too large"):
+            fn(path)
+    (info,) = fo.list_stacks(path)
+    assert not info["loadable"] and "too large" in info["problem"]
+
+
+def test_one_bad_node_leaves_the_others_loadable(tmp_path):
+    # a node fastlstm does not understand (here an unknown activation) is
+    # listed with its problem; the other nodes of the file still load
+    model, _ = make_lstm(3, 4, states=False, seed=48)
+    lstm = [n for n in model.graph.node if n.op_type == "LSTM"][0]
+    bad = helper.make_node("LSTM", list(lstm.input), ["Y2"], name="bad", hidden_size=4,
+                           activations=["Gelu", "Tanh", "Tanh"])
+    model.graph.node.append(bad)
+    path = tmp_path / "two.onnx"
+    onnx.save(model, str(path))
+    good, bad_info = fo.list_stacks(path)
+    assert good["loadable"] and good["name"] == "lstm" and good["hidden_size"] == 4
+    assert (bad_info["name"], bad_info["loadable"]) == ("bad", False)
+    assert "unknown activation 'Gelu'" in bad_info["problem"]
+    x = np.random.default_rng(49).standard_normal((5, 2, 3)).astype(np.float32)
+    single, _ = make_lstm(3, 4, states=False, seed=48)
+    want = ort_run(single, {"X": x})
+    check(fo.load_onnx(path, "lstm")(x), want, True)
+    assert_close(fastlstm.load(path, "lstm")(x)[0], want[0][:, 0], np.float32)
+    stacks = dict(fastlstm.list_stacks(path))
+    assert set(stacks) == {"lstm", "bad"} and "Gelu" in stacks["bad"]["problem"]
+    for load in (fo.load_onnx, fo.load_stack, fastlstm.load):
+        with pytest.raises(fastlstm.FormatError, match="Gelu"):
+            load(path, "bad")
+    with pytest.raises(fastlstm.FormatError, match="pass name="):
+        fo.load_onnx(path)
 
 
 # ------------------------------------------------------------ sniffing, registry

@@ -18,8 +18,11 @@ TensorProto, and anything malformed raises fastlstm.FormatError.
 
 What is read (ONNX facts, from onnx.proto and the LSTM operator spec):
   ModelProto: ir_version (1), graph (7), opset_import (8).
-  GraphProto: node (1), initializer (5), input (11), output (12),
-    sparse_initializer (15, only to name it in an error).
+  GraphProto: node (1), initializer (5), input (11), output (12), value_info
+    (13), sparse_initializer (15, only to name it in an error).
+  ValueInfoProto (graph inputs, outputs, value_info): name (1), and the dims
+    of type (2) -> tensor_type (1) -> shape (2) -> dim (1): dim_value (1),
+    dim_param (2); read only to prove a layer link (see below).
   NodeProto: input (1), output (2), name (3), op_type (4), attribute (5),
     domain (7).
   AttributeProto: name (1), f (2), i (3), s (4), t (5), floats (7), ints (8),
@@ -63,6 +66,31 @@ stack is a torch-export chain of LSTM nodes (or one node), listed as
 torch.nn.LSTM equivalent are listed but raise FormatError pointing here.
 Every function here also takes the model as bytes instead of a path
 (external data then cannot be found).
+
+Chains: node k's Y [T, D, N, H] becomes node k+1's X [T, N, D*H] through
+  * Squeeze(axes=[1]) (one direction; torch's TorchScript exporter), or
+  * Transpose(perm=[0, 2, 1, 3]) then Reshape to a target proven to be
+    [T, N, D*H] (both exporters, any D): a constant such as [0, 0, -1], or
+    one computed from constants and Shape / Slice / Concat / Mul / Reshape
+    of the layer's own tensors (the dynamo exporter with dynamic shapes),
+    followed symbolically here, nothing executed.  A fixed size in the
+    target (the dynamo exporter writes [T, N, D*H] as numbers) must equal
+    the T or N the graph declares for the node's X, Y, Y_h or Y_c (or the
+    tensor X is a Transpose of), all declarations agreeing; otherwise the
+    nodes stay separate stacks, never merged on a guess.
+  The nodes must share direction and cell options, and node k+1's
+  input_size must be D*H.  LSTM nodes that feed each other in a cycle
+  (a malformed graph) raise FormatError naming the cycle.
+What a stack cannot carry: a fastlstm.LSTM takes the initial state (and
+lengths) at each call, so load_stack / fastlstm.load refuse (FormatError,
+pointing to load_onnx) a node whose initial_h / initial_c / sequence_lens
+are constants in the file, unless ignoring them is exact: states all zero
+(as the dynamo exporter writes torch's default state), lengths all equal
+to the declared sequence length.  Run-time values (graph inputs) are the
+caller's to pass.
+A node whose attributes or inputs are not understood is listed with
+loadable False and its problem, and raises FormatError when loaded; the
+file's other nodes load as usual.
 
 sequence_lens goes to the engine's `lengths=` argument (PackedSequence
 semantics, the same as onnxruntime's: Y is zero past each length, Y_h/Y_c
@@ -341,6 +369,11 @@ class _Tensor:
         if self.data_type not in _DTYPES:
             name = _DTYPE_NAMES.get(self.data_type, str(self.data_type))
             raise FormatError(f"{self.what}: unsupported data type {name}")
+        # Empty tensors may carry other large dimensions; NumPy must still
+        # be able to describe them (the other readers' bound).
+        if math.prod(max(d, 1) for d in self.dims) * \
+                np.dtype(_DTYPES[self.data_type][0]).itemsize >= 2 ** 48:
+            raise FormatError(f"{self.what}: dimensions {list(self.dims)} too large")
 
     @property
     def dtype_name(self):
@@ -586,7 +619,8 @@ _INTERPRETED = {
     "Constant": {b"value", b"value_float", b"value_floats", b"value_int", b"value_ints",
                  b"value_string", b"value_strings", b"sparse_value"},
     "Identity": set(), "Squeeze": {b"axes"}, "Transpose": {b"perm"},
-    "Reshape": {b"allowzero"},
+    "Reshape": {b"allowzero"}, "Shape": {b"start", b"end"}, "Slice": {b"starts", b"ends", b"axes"},
+    "Concat": {b"axis"}, "Mul": set(),
 }
 
 
@@ -640,12 +674,13 @@ class _Graph:
         self._inits = _Index()     # name -> initializer span
         self._inputs = _Index()    # name -> (name span)
         self._sparse = _Index()
+        self._vinfos = _Index()    # name -> ValueInfoProto span (inputs, outputs, value_info)
         self._producers = _Index()  # output name -> node index
         self._consumers = _Index()  # input name -> node index
         self._nodes = {}
         self._tensors = {}
         for f, wt, v in _fields(buf, s, e):
-            if f in (1, 5, 11, 15):
+            if f in (1, 5, 11, 12, 13, 15):
                 _want(f, wt, _LEN, "graph")
             if f == 1:
                 self._node_spans.extend(v)
@@ -656,6 +691,11 @@ class _Graph:
                 sp = _name_field(buf, v, 1, "graph input")
                 if sp:
                     self._inputs.add(bytes(buf[sp[0]:sp[1]]), *sp)
+                    self._vinfos.add(bytes(buf[sp[0]:sp[1]]), *v)
+            elif f in (12, 13):
+                sp = _name_field(buf, v, 1, "graph value_info")
+                if sp:
+                    self._vinfos.add(bytes(buf[sp[0]:sp[1]]), *v)
             elif f == 15:
                 for f2, wt2, v2 in _fields(buf, *v):
                     if f2 == 1 and wt2 == _LEN:
@@ -722,6 +762,54 @@ class _Graph:
 
     def is_graph_input(self, name):
         return self._named(self._inputs, name)
+
+    def declared_shape(self, name):
+        """The shape the graph declares for tensor `name` (graph input,
+        output or value_info: ValueInfoProto.type.tensor_type.shape) as a
+        tuple with an int per fixed dimension and None per symbolic or
+        unknown one; None if no declaration gives one, or declarations
+        disagree.  Only read to prove a fact, so anything unexpected counts
+        as undeclared."""
+        found = set()
+        key = name.encode()
+        for a, b in self._vinfos.get(key):
+            try:
+                sp = _name_field(self.buf, (a, b), 1, "value_info")
+                if sp is None or bytes(self.buf[sp[0]:sp[1]]) != key:
+                    continue
+                shape = self._vinfo_shape(a, b)
+            except FormatError:
+                return None
+            if shape is not None:
+                found.add(shape)
+        return found.pop() if len(found) == 1 else None
+
+    def _vinfo_shape(self, a, b):
+        def sub(span, field):
+            got = None
+            for f, wt, v in _fields(self.buf, *span):
+                if f == field and wt == _LEN:
+                    got = v
+            return got
+        tp = sub((a, b), 2)                     # ValueInfoProto.type
+        tt = tp and sub(tp, 1)                  # TypeProto.tensor_type
+        shp = tt and sub(tt, 2)                 # TypeProto.Tensor.shape
+        if not shp:
+            return None
+        dims = []
+        for f, wt, v in _fields(self.buf, *shp):
+            if f != 1:
+                continue
+            if wt != _LEN or len(dims) >= _MAX_DIMS:
+                return None
+            d = None
+            for f2, wt2, v2 in _fields(self.buf, *v):
+                if f2 == 1 and wt2 == _VARINT:  # dim_value
+                    d = _signed(v2)
+                elif f2 == 2:                   # dim_param: symbolic
+                    d = None
+            dims.append(d if d is not None and d >= 0 else None)
+        return tuple(dims)
 
     def constant(self, name, what, base_dir=None, *, tensor=False):
         """The constant value named `name` (an initializer, a Constant node's
@@ -919,6 +1007,8 @@ def _cells(names, alphas, betas, D, what):
 class _Spec:
     """An LSTM node's attributes and input names, checked; no weight data."""
 
+    broken = False
+
     def __init__(self, graph, node, name):
         buf = graph.buf
         self.node = node
@@ -1005,6 +1095,37 @@ class _Spec:
         }
 
 
+class _BadSpec:
+    """An LSTM node whose attributes or inputs are not understood: listed
+    (loadable False, problem the reason), never linked into a chain, and
+    loading it raises FormatError with that reason.  Other nodes of the
+    file stay loadable."""
+
+    broken = True
+    direction = layout = num_directions = hidden_size = input_size = dtype = None
+
+    def __init__(self, node, name, exc):
+        self.node = node
+        self.name = name
+        self.what = f"LSTM node {name!r}"
+        self.problem = str(exc)
+        self.inputs = {r: v for r, v in zip(_INPUT_ROLES, node.inputs) if v}
+        self.outputs = list(node.outputs)
+
+    def fail(self):
+        raise FormatError(self.problem)
+
+    def info(self):
+        keys = ("input_size", "hidden_size", "direction", "bidirectional", "num_directions",
+                "layout", "batch_first", "dtype", "peepholes", "bias", "activations",
+                "activation_alpha", "activation_beta", "clip", "input_forget")
+        return {"name": self.name, "format": "onnx", "op_type": "LSTM",
+                "node_index": self.node.index, "num_layers": 1, **dict.fromkeys(keys),
+                "default_cell": False, "inputs": dict(self.inputs),
+                "outputs": dict(zip(("Y", "Y_h", "Y_c"), self.outputs)),
+                "loadable": False, "problem": self.problem}
+
+
 def _read(source):
     """(buffer, base_dir) of a path or bytes-like."""
     if isinstance(source, (bytes, bytearray, memoryview)):
@@ -1039,7 +1160,11 @@ class _Model:
             while name in used:
                 name += "_"
             used.add(name)
-            self.specs.append(_Spec(self.graph, node, name))
+            try:
+                spec = _Spec(self.graph, node, name)
+            except FormatError as exc:  # this node only: the others stay loadable
+                spec = _BadSpec(node, name, exc)
+            self.specs.append(spec)
         self.chains = _find_chains(self.graph, self.specs)
 
     def spec(self, name):
@@ -1170,6 +1295,8 @@ class OnnxLSTM:
     """
 
     def __init__(self, model, spec):
+        if spec.broken:
+            spec.fail()
         W, R, B, P, H, In, dtype = _node_weights(model, spec)
         self._spec = spec
         self.name = spec.name
@@ -1293,19 +1420,24 @@ class OnnxLSTM:
 # --------------------------------------------------------------------------
 # torch.onnx.export chains: LSTM -> (Squeeze | Transpose+Reshape) -> LSTM
 # --------------------------------------------------------------------------
+def _const_vec(graph, name):
+    """The integer constant `name` (at most 64 values) as a flat list, or None."""
+    try:
+        v = graph.constant(name, "", tensor=True)
+        if v.size > 64:
+            return None
+        arr = v.array(None)
+    except FormatError:
+        return None
+    if arr.dtype.kind not in "iu":
+        return None
+    return [int(x) for x in arr.reshape(-1)]
+
+
 def _const_ints(graph, node, k, attr):
     """A node's integer parameter: input k if present, else attribute `attr`."""
     if len(node.inputs) > k and node.inputs[k]:
-        try:
-            v = graph.constant(node.inputs[k], "", tensor=True)
-            if v.size > 64:
-                return None
-            arr = v.array(None)
-        except FormatError:
-            return None
-        if arr.dtype.kind not in "iu":
-            return None
-        return [int(x) for x in arr.reshape(-1)]
+        return _const_vec(graph, node.inputs[k])
     if attr in node.attrs:
         try:
             return node.attrs[attr].get(graph.buf, _A_INTS, node.label)
@@ -1314,34 +1446,201 @@ def _const_ints(graph, node, k, attr):
     return None
 
 
+def _int_attr(graph, node, name, default):
+    """A node's INT attribute (`default` if absent); None if malformed."""
+    if name not in node.attrs:
+        return default
+    try:
+        return node.attrs[name].get(graph.buf, _A_INT, node.label)
+    except FormatError:
+        return None
+
+
 def _only(graph, name, op):
     """The nodes of type `op` consuming `name` as their first input."""
     return [n for n in graph.consumers(name)
             if n.op_type == op and n.domain in ("", "ai.onnx") and n.inputs[0] == name]
 
 
-def _next_in_chain(graph, spec, by_node):
-    """The spec fed by `spec`'s Y reshaped the way torch.onnx.export does."""
-    y = spec.outputs[0]
-    if not y:
+def _made_by(graph, name, op):
+    """The default-domain `op` node whose first output is `name`, or None."""
+    node = graph.producer(name)
+    if node is None or node.op_type != op or node.domain not in ("", "ai.onnx") or \
+            node.outputs[0] != name or not node.inputs or not node.inputs[0]:
         return None
-    D = spec.num_directions
+    return node
+
+
+def _perm(graph, tr, rank):
+    """A Transpose node's perm if it is a permutation of range(rank), else None."""
+    perm = _const_ints(graph, tr, 99, "perm")
+    return perm if perm is not None and sorted(perm) == list(range(rank)) else None
+
+
+# Shapes of a layer's tensors, as the LSTM operator fixes them (layout 0):
+# "T" and "N" stand for the node's sequence and batch sizes, None for unknown.
+def _node_dims(spec):
+    D, H = spec.num_directions, spec.hidden_size
+    known = {spec.inputs["X"]: ("T", "N", spec.input_size)}
+    for name, dims in zip(spec.outputs, (("T", D, "N", H), (D, "N", H), (D, "N", H))):
+        if name:
+            known[name] = dims
+    return known
+
+
+def _dims_of(graph, known, name, depth=0):
+    """Dims of `name`: one of `known`, or a Transpose (of a Transpose ...) of one."""
+    if name in known:
+        return known[name]
+    tr = _made_by(graph, name, "Transpose")
+    if tr is None or depth >= 4:
+        return None
+    src = _dims_of(graph, known, tr.inputs[0], depth + 1)
+    perm = src and _perm(graph, tr, len(src))
+    return None if not perm else tuple(src[p] for p in perm)
+
+
+def _declared_TN(graph, spec, known):
+    """(T, N) of the node as ints where the graph declares them (shapes of
+    its X, Y, Y_h, Y_c, or of the tensor X is a Transpose of, e.g. a
+    batch_first graph input), else None.  A declaration that contradicts
+    another, or the node's own sizes, leaves both None."""
+    seen = {"T": set(), "N": set()}
+    bad = False
+
+    def add(decl, dims):
+        nonlocal bad
+        if decl is None:
+            return
+        if len(decl) != len(dims):
+            bad = True
+            return
+        for got, want in zip(decl, dims):
+            if got is None or want is None:
+                continue
+            if isinstance(want, str):
+                seen[want].add(got)
+            elif got != want:
+                bad = True
+    for name, dims in known.items():
+        add(graph.declared_shape(name), dims)
+    tr = _made_by(graph, spec.inputs["X"], "Transpose")
+    if tr is not None:
+        src = graph.declared_shape(tr.inputs[0])
+        perm = src and _perm(graph, tr, len(src))
+        if perm:
+            add(tuple(src[p] for p in perm), known[spec.inputs["X"]])
+    if bad:
+        return None, None
+    return tuple(next(iter(v)) if len(v) == 1 else None for v in (seen["T"], seen["N"]))
+
+
+def _shape_vector(graph, known, name, depth=0):
+    """The 1-D integer tensor `name` as a list (per element an int, "T",
+    "N" or None), when it is a constant or computed from constants and the
+    Shape of tensors whose dims are known, by the ops exporters write a
+    reshape target with (Shape, Slice, Concat, Mul, Reshape to 1-D,
+    Identity); None otherwise.  Nothing is executed: each op's effect on
+    the list is spelled out here."""
+    if depth > 24:
+        return None
+    try:
+        t = graph.constant(name, "", tensor=True)
+    except FormatError:
+        t = None
+    if t is not None:
+        return _const_vec(graph, name) if len(t.dims) == 1 else None
+    node = graph.producer(name)
+    if node is None or node.domain not in ("", "ai.onnx") or node.outputs[0] != name or \
+            not node.inputs or not node.inputs[0]:
+        return None
+    op = node.op_type
+    rec = lambda n: _shape_vector(graph, known, n, depth + 1) if n else None  # noqa: E731
+
+    def clamp(i, n):
+        return min(max(i + n if i < 0 else i, 0), n)
+    if op == "Identity":
+        return rec(node.inputs[0])
+    if op == "Shape":
+        dims = _dims_of(graph, known, node.inputs[0])
+        start, end = _int_attr(graph, node, "start", 0), _int_attr(graph, node, "end", None)
+        if dims is None or start is None or ("end" in node.attrs and end is None):
+            return None
+        n = len(dims)
+        return list(dims[clamp(start, n):n if end is None else clamp(end, n)])
+    if op == "Slice":
+        v = rec(node.inputs[0])
+        starts, ends = _const_ints(graph, node, 1, "starts"), _const_ints(graph, node, 2, "ends")
+        def given(k, attr):
+            return bool(len(node.inputs) > k and node.inputs[k]) or attr in node.attrs
+        if v is None or starts is None or ends is None or len(starts) != 1 or len(ends) != 1 \
+                or (given(3, "axes") and _const_ints(graph, node, 3, "axes") not in ([0], [-1])) \
+                or (given(4, "steps") and _const_ints(graph, node, 4, "steps") != [1]):
+            return None
+        return v[clamp(starts[0], len(v)):clamp(ends[0], len(v))]
+    if op == "Concat":
+        parts = [rec(i) for i in node.inputs]
+        if _int_attr(graph, node, "axis", None) not in (0, -1) or None in parts:
+            return None
+        return [d for p in parts for d in p]
+    if op == "Mul" and len(node.inputs) == 2:
+        a, b = rec(node.inputs[0]), rec(node.inputs[1])
+        if a is None or b is None or len(a) != 1 or len(b) != 1:
+            return None
+        return [a[0] * b[0] if isinstance(a[0], int) and isinstance(b[0], int) else None]
+    if op == "Reshape" and len(node.inputs) == 2:
+        v = rec(node.inputs[0])
+        if v is None or _const_ints(graph, node, 1, "shape") not in ([-1], [len(v)]):
+            return None
+        return v
+    return None
+
+
+def _is_link_target(v, DH, allowzero, T, N):
+    """True if Reshape to `v` makes [T, N, D*H] of a [T, N, D, H] tensor:
+    the last entry D*H (or -1), the first T (the symbol, a 0 copying it when
+    allowzero is 0, or the declared fixed size) and the second N likewise;
+    with the last entry D*H one of the first two may be -1 (the count of
+    elements then fixes it)."""
+    if v is None or len(v) != 3:
+        return False
+    e0, e1, e2 = v
+    ok0 = e0 == "T" or (e0 == 0 and not allowzero) or (T is not None and T > 0 and e0 == T)
+    ok1 = e1 == "N" or (e1 == 0 and not allowzero) or (N is not None and N > 0 and e1 == N)
+    if e2 == DH:
+        return (ok0 and (ok1 or e1 == -1)) or (ok1 and e0 == -1)
+    return e2 == -1 and ok0 and ok1
+
+
+def _next_in_chain(graph, spec, by_node):
+    """The spec fed by `spec`'s Y reshaped to [T, N, D*H] the way the torch
+    exporters do: a Squeeze of axis 1 (one direction), or a Transpose
+    (perm 0, 2, 1, 3) then a Reshape whose target is proven to be [T, N,
+    D*H] (see _shape_vector, _is_link_target)."""
+    y = spec.outputs[0]
+    if not y or spec.layout != 0 or not spec.hidden_size:
+        return None
+    D, H = spec.num_directions, spec.hidden_size
     mids = []
     if D == 1:
         for sq in _only(graph, y, "Squeeze"):
             if _const_ints(graph, sq, 1, "axes") == [1]:
                 mids.append(sq.outputs[0] if sq.outputs else "")
-    else:
-        for tr in _only(graph, y, "Transpose"):
-            if not tr.outputs or _const_ints(graph, tr, 99, "perm") != [0, 2, 1, 3]:
+    known = T = N = None
+    for tr in _only(graph, y, "Transpose"):
+        if not tr.outputs or not tr.outputs[0] or \
+                _const_ints(graph, tr, 99, "perm") != [0, 2, 1, 3]:
+            continue
+        for rs in _only(graph, tr.outputs[0], "Reshape"):
+            allowzero = _int_attr(graph, rs, "allowzero", 0)
+            if len(rs.inputs) != 2 or not rs.outputs or allowzero is None:
                 continue
-            for rs in _only(graph, tr.outputs[0], "Reshape"):
-                shape = _const_ints(graph, rs, 1, "shape")
-                if shape is not None and len(shape) == 3 and shape[:2] == [0, 0] and \
-                        shape[2] in (-1, D * (spec.hidden_size or -2)):
-                    if "allowzero" in rs.attrs and rs.attrs["allowzero"].i:
-                        continue
-                    mids.append(rs.outputs[0] if rs.outputs else "")
+            if known is None:
+                known = _node_dims(spec)
+                T, N = _declared_TN(graph, spec, known)
+            if _is_link_target(_shape_vector(graph, known, rs.inputs[1]), D * H, allowzero,
+                               T, N):
+                mids.append(rs.outputs[0])
     for mid in mids:
         for n in graph.consumers(mid) if mid else ():
             nxt = by_node.get(n.index)
@@ -1355,14 +1654,15 @@ def _compatible(a, b):
             and a.cells == b.cells and a.same_cells and a.clip == b.clip
             and a.input_forget == b.input_forget and bool(a.inputs["P"]) == bool(b.inputs["P"])
             and not a.inputs["sequence_lens"] and not b.inputs["sequence_lens"]
-            and a.hidden_size == b.hidden_size and a.problem is None and b.problem is None)
+            and a.hidden_size == b.hidden_size and a.problem is None and b.problem is None
+            and b.input_size == a.num_directions * a.hidden_size)
 
 
 def _find_chains(graph, specs):
     """Lists of specs forming torch-export style stacks (each spec in one)."""
-    by_node = {s.node.index: s for s in specs}
+    by_node = {s.node.index: s for s in specs if not s.broken}
     nxt, has_prev = {}, set()
-    for s in specs:
+    for s in by_node.values():
         n = _next_in_chain(graph, s, by_node)
         if n is not None and n is not s and n.name not in has_prev and _compatible(s, n):
             nxt[s.name] = n
@@ -1377,6 +1677,18 @@ def _find_chains(graph, specs):
             seen.add(cur.name)
             chain.append(cur)
         chains.append(chain)
+    # Each node has at most one successor and one predecessor, so the nodes
+    # no chain start reaches are exactly those on cycles.
+    placed = {s.name for c in chains for s in c}
+    left = [s for s in specs if s.name not in placed]
+    if left:
+        cycle, cur = [left[0]], nxt[left[0].name]
+        while cur is not left[0]:
+            cycle.append(cur)
+            cur = nxt[cur.name]
+        path = " -> ".join(repr(s.name) for s in cycle + cycle[:1])
+        raise FormatError(f"malformed graph: LSTM nodes feed each other in a cycle ({path}); "
+                          f"an ONNX graph must be acyclic")
     return chains
 
 
@@ -1391,9 +1703,10 @@ def list_stacks(path):
     layout, batch_first, dtype, peepholes, bias, activations /
     activation_alpha / activation_beta (one entry per direction), clip,
     input_forget, default_cell, inputs / outputs (tensor names by role),
-    loadable and problem (why not, e.g. weights that are run-time inputs),
-    stack (name of the first node of the torch-export chain holding this
-    node, see load_stack) and layer (its index in that chain).
+    loadable and problem (why not, e.g. weights that are run-time inputs,
+    or attributes not understood: then the keys describing the cell are
+    None), stack (name of the first node of the torch-export chain holding
+    this node, see load_stack) and layer (its index in that chain).
     """
     model = _Model(path)
     out = {}
@@ -1416,24 +1729,30 @@ def load_onnx(path, name=None):
 
 def load_stack(path, name=None, *, batch_first=None, dtype=None, num_threads=None):
     """A fastlstm.LSTM (torch.nn.LSTM semantics) for a chain of LSTM nodes as
-    torch.onnx.export writes a multi-layer nn.LSTM: node k's Y reshaped to
-    [T, N, D*H] (Squeeze, or Transpose + Reshape) is node k+1's X, with the
-    same direction and cell options.  `name`: any node of the chain (None:
+    torch.onnx.export writes a multi-layer nn.LSTM (either exporter): node
+    k's Y reshaped to [T, N, D*H] (Squeeze, or Transpose + Reshape, see the
+    module docstring) is node k+1's X, with the same direction and cell
+    options.  `name`: any node of the chain (None:
     the model must hold exactly one chain).  A single node is a one-layer
     stack.  batch_first (None: detected) is set when the first node has
     layout 1 or its X is a Transpose (perm 1, 0, 2) of a graph input, as
     torch exports batch_first LSTMs.  dtype: None keeps the weights' (float64
     if they are double, else float32).  Reverse-only nodes and bidirectional
     nodes with different activations per direction have no torch
-    equivalent: use load_onnx for those (FastLSTMError here)."""
+    equivalent: use load_onnx for those (FastLSTMError here).  So do nodes
+    with constant initial states or sequence_lens in the file, unless all
+    zero / all the declared sequence length (FormatError here)."""
     if dtype is not None and np.dtype(dtype) not in (np.float32, np.float64):
         raise DTypeError(f"dtype: expected float32 or float64, got {np.dtype(dtype)}")
     model = _Model(path)
     chain = _chain(model, name)
     first = chain[0]
     for s in chain:
+        if s.broken:
+            s.fail()
         if s.direction == "reverse" or not s.same_cells:
             raise FastLSTMError(_no_torch_equivalent(s))
+        _check_constant_inputs(model, s)
     if batch_first is None:
         g = model.graph
         prod = g.producer(first.inputs["X"])
@@ -1459,6 +1778,33 @@ def load_stack(path, name=None, *, batch_first=None, dtype=None, num_threads=Non
                      dtype=dtype, peepholes=bool(first.inputs["P"]), cell=first.cells[0],
                      clip=first.clip, input_forget=first.input_forget, state_dict=sd,
                      num_threads=num_threads)
+
+
+def _check_constant_inputs(model, spec):
+    """FormatError if the graph gives `spec` a constant initial_h / initial_c
+    / sequence_lens that a fastlstm.LSTM cannot carry (it takes the states
+    and lengths at each call).  Ignoring them is exact, and allowed, when the
+    states are all zeros and the lengths all equal the sequence length the
+    graph declares for the node's input."""
+    g, kept = model.graph, []
+    for role in ("initial_h", "initial_c", "sequence_lens"):
+        name = spec.inputs[role]
+        if not name or not g.is_constant(name):
+            continue  # none, or a run-time value: the caller passes it at each call
+        v = g.constant(name, f"{spec.what}: {role}", model.base_dir)
+        if role == "sequence_lens":
+            T = _declared_TN(g, spec, _node_dims(spec))[0]
+            exact = T is not None and v.dtype.kind in "iu" and v.ndim == 1 and bool((v == T).all())
+        else:
+            exact = v.dtype.kind in "fiub" and not np.any(v)
+        if not exact:
+            kept.append(f"{role} {name!r}")
+    if kept:
+        raise FormatError(
+            f"{spec.what} has constant {' and '.join(kept)} in the file, which a fastlstm.LSTM "
+            f"cannot carry (it takes the initial state and lengths at each call), so loading it "
+            f"as one would silently change the results. Use fastlstm.io.onnx.load_onnx(path, "
+            f"name={spec.name!r}): the node it returns applies them by default.")
 
 
 def _no_torch_equivalent(spec):
@@ -1510,6 +1856,13 @@ def _registry_list(path):
     out = []
     for chain in model.chains:
         s = chain[0]
+        if s.broken:
+            out.append((s.name, {"format": "onnx", "kind": "LSTM", "input_size": None,
+                                 "hidden_size": None, "proj_size": 0, "num_layers": 1,
+                                 "num_directions": None, "bidirectional": None, "bias": None,
+                                 "dtype": None, "variant": "not loadable", "nodes": [s.name],
+                                 "problem": s.problem}))
+            continue
         info = {"format": "onnx", "kind": "LSTM", "input_size": s.input_size,
                 "hidden_size": s.hidden_size, "proj_size": 0, "num_layers": len(chain),
                 "num_directions": s.num_directions, "bidirectional": s.num_directions == 2,
