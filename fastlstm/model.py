@@ -774,7 +774,8 @@ def _quantize(w, prec, name="W_hh"):
     """float32 (4H, K) -> (qform, dequantized float32 values).
 
     float16: IEEE round to nearest even (values beyond its range refused).
-    bfloat16: the upper 16 bits of float32, rounded to nearest even.
+    bfloat16: the upper 16 bits of float32, rounded to nearest even (finite
+    values that would round to Inf refused).
     int8: symmetric, one scale per output row: scale = max|row| / 127,
     q = round(w / scale) in [-127, 127]; W = q * scale.
     """
@@ -790,6 +791,9 @@ def _quantize(w, prec, name="W_hh"):
         rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
         rounded = np.where(np.isnan(w), np.uint16(0x7FC0), rounded)
         deq = (rounded.astype(np.uint32) << 16).view(np.float32)
+        if (np.isinf(deq) & np.isfinite(w)).any():  # as float16 refuses its range
+            raise WeightsError(f"weights: {name} has values beyond bfloat16's range "
+                               f"(~3.39e38): they would round to Inf")
         return ("bfloat16", np.ascontiguousarray(rounded)), deq
     if not np.isfinite(w).all():
         raise WeightsError(f"weights: int8 storage needs finite {name}")

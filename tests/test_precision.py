@@ -1009,3 +1009,17 @@ def test_int8_rows_below_the_smallest_normal(tmp_path):
     q.save(tmp_path / "q.safetensors")
     r = fastlstm.load(tmp_path / "q.safetensors")
     _same_quantized(r, q)
+
+
+def test_bfloat16_refuses_values_that_round_to_inf():
+    """float32 values above bfloat16's largest finite (~3.39e38) would round to
+    Inf: refused, as float16 refuses its range; Inf itself stays Inf."""
+    m = fastlstm.LSTM(3, 4, seed=2)
+    w = m.state_dict()["weight_hh_l0"]
+    w[0, 0] = 3.4e38
+    m.load_state_dict({"weight_hh_l0": w}, strict=False)
+    with pytest.raises(fastlstm.WeightsError, match="bfloat16's range"):
+        m.astype("bfloat16")
+    w[0, 0] = np.inf
+    m.load_state_dict({"weight_hh_l0": w}, strict=False)
+    assert np.isinf(m.astype("bfloat16").state_dict()["weight_hh_l0"][0, 0])
