@@ -12,6 +12,10 @@ carries (h, c) from one call to the next, as a real-time loop must:
                   between back-to-back steps)
   fastlstm call   ``y, (h, c) = m(x_t[None], (h, c), num_threads=n)``: the
                   one-shot API at T=1, for reference (not a peer)
+  fastlstm bf16 / int8 step
+                  the same stream with ``astype("bfloat16")`` / ``astype("int8")``
+                  weights, for reference (not the target's subject: that is
+                  float32); checked against float32 within 5e-2 / 1e-1
   torch           ``y, (h, c) = lstm(x, (h, c))`` with x (1, 1, H): nn.LSTM
                   with hx at T=1; torch.set_num_threads(n), the whole timing
                   inside one torch.inference_mode() block (no per-call context
@@ -56,11 +60,16 @@ if HERE not in sys.path:
 import peers  # noqa: E402
 from run_all import SETTLE_S, time_interleaved  # noqa: E402
 
-ENGINES = ("fastlstm", "fastlstm_call", "torch", "torch_nodnn", "torch_cell", "onnxruntime")
+ENGINES = ("fastlstm", "fastlstm_call", "fastlstm_bf16", "fastlstm_int8", "torch", "torch_nodnn",
+           "torch_cell", "onnxruntime")
 PEERS = ("torch", "torch_nodnn", "onnxruntime")  # speedup: against the fastest of these
 LABEL = {"fastlstm": "fastlstm step", "fastlstm_call": "fastlstm m(x, hx)",
          "torch": "torch nn.LSTM", "torch_nodnn": "torch nn.LSTM oneDNN off",
-         "torch_cell": "torch LSTMCell", "onnxruntime": "ORT"}
+         "torch_cell": "torch LSTMCell", "onnxruntime": "ORT",
+         "fastlstm_bf16": "fastlstm bf16 step", "fastlstm_int8": "fastlstm int8 step"}
+# Max abs difference from fastlstm float32 over the check steps: the reduced
+# precisions round the weights (and activations); float32 engines: peers.TOLERANCE.
+TOL = {"fastlstm_bf16": 5e-2, "fastlstm_int8": 1e-1}
 TARGET = 5.0
 CHECK_STEPS = 32
 
@@ -83,6 +92,15 @@ def make_fastlstm(module, threads):
     s = m.stream(1, num_threads=threads)
     return StepRunner("fastlstm", s.step, lambda x: np.ascontiguousarray(x, np.float32),
                       s.reset, threads, {"isa": fastlstm.cpu_info()["isa"]})
+
+
+def _make_fastlstm_reduced(precision, name):
+    def make(module, threads):
+        import fastlstm
+        s = fastlstm.LSTM.from_torch(module).astype(precision).stream(1, num_threads=threads)
+        return StepRunner(name, s.step, lambda x: np.ascontiguousarray(x, np.float32),
+                          s.reset, threads, {"weights": precision})
+    return make
 
 
 def make_fastlstm_call(module, threads):
@@ -208,7 +226,9 @@ def make_ort(module, threads):
                       {"providers": sess.get_providers(), "api": "InferenceSession.run"})
 
 
-MAKERS = {"fastlstm": make_fastlstm, "fastlstm_call": make_fastlstm_call, "torch": make_torch,
+MAKERS = {"fastlstm": make_fastlstm, "fastlstm_call": make_fastlstm_call,
+          "fastlstm_bf16": _make_fastlstm_reduced("bfloat16", "fastlstm_bf16"),
+          "fastlstm_int8": _make_fastlstm_reduced("int8", "fastlstm_int8"), "torch": make_torch,
           "torch_nodnn": make_torch_nodnn, "torch_cell": make_torch_cell, "onnxruntime": make_ort}
 
 
@@ -252,7 +272,7 @@ def markdown_table(results):
                 cells.append("skipped" if e in r["skipped"] else "–")
                 continue
             s = f"{r['engines'][e]['median_us']:.2f}"
-            if peers.is_mismatch(r["max_abs_diff"].get(e, 0.0)):
+            if peers.is_mismatch(r["max_abs_diff"].get(e, 0.0), TOL.get(e, peers.TOLERANCE)):
                 s += " (MISMATCH)"
             cells.append(f"**{s}**" if e == "fastlstm" else s)
         sp = r["speedup"]
@@ -359,8 +379,8 @@ def main(argv=None):
                 continue
             s = stats[name]
             diff = "" if name == "fastlstm" else (
-                f"  diff {diffs[name]:.1e}" + ("  <-- MISMATCH" if peers.is_mismatch(diffs[name])
-                                               else ""))
+                f"  diff {diffs[name]:.1e}" + ("  <-- MISMATCH" if peers.is_mismatch(
+                    diffs[name], TOL.get(name, peers.TOLERANCE)) else ""))
             print(f"   {LABEL[name]:<25} {s['median_us']:9.2f} µs  (IQR {s['q25_us']:.2f}-"
                   f"{s['q75_us']:.2f}, {s['calls']} calls){diff}")
         if speedup:
@@ -376,7 +396,8 @@ def main(argv=None):
     torch.backends.mkldnn.enabled = True
     peers.note_load_end(machine)
     mismatches = [{"hidden": r["hidden"], "engine": e, "max_abs_diff": d}
-                  for r in results for e, d in r["max_abs_diff"].items() if peers.is_mismatch(d)]
+                  for r in results for e, d in r["max_abs_diff"].items()
+                  if peers.is_mismatch(d, TOL.get(e, peers.TOLERANCE))]
     doc = {
         **peers.result_header(argv),
         "benchmark": "stream step latency",
