@@ -933,9 +933,9 @@ def test_rows_independent_of_their_tile(isa, prec):
             assert np.array_equal(h1[:, 0], h[:, n]) and np.array_equal(c1[:, 0], c[:, n])
 
 
-@pytest.mark.parametrize("prec", ["int8", I8_A16])
+@pytest.mark.parametrize("prec", ["int8", I8_A16, "bfloat16"])
 def test_int8_inputs_threads_chunks_layers(isa, prec):
-    """int8 W_ih with threads that split the batch: each thread's quantized
+    """int8 (and bfloat16) W_ih with threads that split the batch: each thread's quantized
     input rows must stay its own across time chunks and layers (the threads
     do not wait for each other, one may be chunks ahead).  A regression test:
     per-chunk offsets let a thread in the next chunk overwrite rows another
