@@ -513,6 +513,9 @@ class LSTM:
                 np.shape(params[k]) != shapes[k] or np.asarray(params[k]).dtype != self.dtype
                 for k in shapes):
             raise WeightsError(f"pickle: weights do not match the configuration of {self!r}")
+        self._qforms = _check_pickled_qforms(state.get("_qforms", {}), params,
+                                             self.weights_precision,
+                                             self.input_weights_precision, repr(self))
         self._stack = self._new_stack(params)
 
     # ---------------------------------------------------------- constructors
@@ -868,6 +871,50 @@ def _check_pickled_config(state):
             raise TypeError("weights are not dicts")
     except (KeyError, TypeError, ValueError, DTypeError) as exc:
         raise WeightsError(f"pickle: not a valid fastlstm.LSTM configuration ({exc})") from exc
+
+
+def _check_pickled_qforms(qforms, params, prec, in_prec, what):
+    """The reduced-precision weights of a pickle, checked before the engine
+    packs them: exactly the stored matrices the precisions imply, each of its
+    weight's shape and type (the packers read 4H x K elements), and each
+    dequantizing to the pickled float32 weight bit for bit -- what
+    state_dict() and reference() give is what the engine runs."""
+    def bad(why):
+        return WeightsError(f"pickle: reduced-precision weights do not match {what}: {why}")
+    want = {k for k in params
+            if _stored_precision(k, params[k].shape, prec, in_prec) != "float32"}
+    if set(qforms) != want:
+        raise bad(f"stored matrices {sorted(qforms)}, expected {sorted(want)}")
+    out = {}
+    for k in sorted(want):
+        qf, w = qforms[k], params[k]
+        p = _stored_precision(k, w.shape, prec, in_prec)
+        n = 3 if p == "int8" else 2
+        if not isinstance(qf, tuple) or len(qf) != n or qf[0] != p:
+            raise bad(f"{k}: expected a {p} form")
+        data = qf[1]
+        dt = np.int8 if p == "int8" else np.uint16
+        if not isinstance(data, np.ndarray) or data.dtype != dt or data.shape != w.shape:
+            raise bad(f"{k}: expected {np.dtype(dt).name} data of shape {w.shape}")
+        data = np.ascontiguousarray(data)
+        if p == "int8":
+            scale = qf[2]
+            if (not isinstance(scale, np.ndarray) or scale.dtype != np.float32
+                    or scale.shape != (w.shape[0],)):
+                raise bad(f"{k}: expected float32 scales of shape ({w.shape[0]},)")
+            scale = np.ascontiguousarray(scale)
+            deq = (data.astype(np.float32) * scale[:, None]).astype(np.float32)
+            qf = (p, data, scale)
+        else:
+            if p == "float16":
+                deq = data.view(np.float16).astype(np.float32)
+            else:
+                deq = (data.astype(np.uint32) << 16).view(np.float32)
+            qf = (p, data)
+        if deq.view(np.uint32).tobytes() != np.ascontiguousarray(w).view(np.uint32).tobytes():
+            raise bad(f"{k}: the {p} values differ from the float32 weights")
+        out[k] = qf
+    return out
 
 
 def _flag(value, name):

@@ -204,3 +204,65 @@ def test_set_num_threads_accepts_numpy_ints_and_clamps():
         assert fastlstm.get_num_threads() >= 1
     finally:
         fastlstm.set_num_threads(prev)
+
+
+def _tamper_qforms(form, edit, **astype_kw):
+    m = fastlstm.LSTM(5, 18, num_layers=2, seed=3).astype(form, **astype_kw)
+    state = m.__getstate__()
+    state["_qforms"] = {k: list(v) for k, v in state["_qforms"].items()}
+    edit(state["_qforms"])
+    state["_qforms"] = {k: tuple(v) for k, v in state["_qforms"].items()}
+    return state
+
+
+def _shrink(q):
+    q["weight_hh_l1"][1] = q["weight_hh_l1"][1][:, :-1].copy()
+
+
+def _flip(q):
+    a = q["weight_hh_l0"][1].copy()
+    a[3, 4] ^= 1  # one stored weight changed: no longer the pickled float32 weights
+    q["weight_hh_l0"][1] = a
+
+
+def _drop(q):
+    del q["weight_ih_l0"]
+
+
+def _retype(q):
+    q["weight_hh_l0"][1] = q["weight_hh_l0"][1].view(np.int16 if q["weight_hh_l0"][0] != "int8"
+                                                     else np.uint8)
+
+
+def _scales(q):
+    q["weight_hh_l0"][2] = q["weight_hh_l0"][2][:-1].copy()
+
+
+def _extra_ih(q):  # float16 stores W_hh only: a W_ih form is one matrix too many
+    q["weight_ih_l0"] = ["float16", np.zeros((72, 5), np.uint16)]
+
+
+@pytest.mark.parametrize("form,edit", [
+    (f, e) for f in ("int8", "bfloat16", "float16") for e in (_shrink, _flip, _retype)
+] + [("int8", _drop), ("bfloat16", _drop), ("float16", _extra_ih), ("int8", _scales)])
+def test_pickled_reduced_weights_checked(form, edit):
+    """The reduced-precision weights of a pickle are what the engine packs:
+    a wrong shape or type (the packers read 4H x K elements), a missing or
+    extra matrix, or values that are not the pickled float32 weights'
+    (state_dict() and reference() would then disagree with the engine) are
+    WeightsErrors at load."""
+    state = _tamper_qforms(form, edit)
+    with pytest.raises(WeightsError, match="reduced-precision"):
+        fastlstm.LSTM.__new__(fastlstm.LSTM).__setstate__(state)
+
+
+@pytest.mark.parametrize("form,kw", [("int8", {}), ("int8", {"input_weights": "float32"}),
+                                     ("bfloat16", {}), ("bfloat16", {"activation_bits": 32}),
+                                     ("bfloat16", {"input_weights": "float32"}), ("float16", {})])
+def test_reduced_precision_pickles_round_trip(form, kw):
+    m = fastlstm.LSTM(7, 33, num_layers=2, bidirectional=True, proj_size=5, seed=4).astype(form, **kw)
+    m2 = pickle.loads(pickle.dumps(m))
+    x = np.random.default_rng(0).standard_normal((6, 3, 7)).astype(np.float32)
+    for a, b in zip(_outputs(m, x), _outputs(m2, x)):
+        assert a.tobytes() == b.tobytes()
+    assert m2.quantized_weights().keys() == m.quantized_weights().keys()
