@@ -299,6 +299,14 @@ static void FN(thread_)(void *arg, int tid, int nt)
                  * enough of them or one step, else time steps. */
                 const int tmaj = nrows >= rmax || nts == 1;
 #ifdef FL_HAVE_LSTMQ
+                /* A one-step call (a streaming step) with float32 weights: the
+                 * input projection runs inside the recurrent kernel (lstmx),
+                 * block by block, the same bits without G's round trip. */
+                const int fuse = T == 1 && kr->lstmx && !cell->wihq && cell->wtype == FL_W_F32;
+#else
+                const int fuse = 0;
+#endif
+#ifdef FL_HAVE_LSTMQ
                 if (cell->wihq) {
                     /* int8 W_ih: quantize the chunk's input rows once, like h
                      * (fl_quantize_h), into rows m of the GEMM's order: time
@@ -344,7 +352,7 @@ static void FN(thread_)(void *arg, int tid, int nt)
                     }
                 } else
 #endif
-                if (nrows > 0) {
+                if (nrows > 0 && !fuse) {
                     if (tmaj)
                         FN(input_gemm_)(cell, kc, xa, xst, xsn, ga, (ptrdiff_t)N * ldg, ldg,
                                         0, nts, nrows, j0, j1);
@@ -467,6 +475,19 @@ static void FN(thread_)(void *arg, int tid, int nt)
                                 kr->lstmq(cell->wtype, R, Hout, An, n < rs ? ysn : Hout, pq, NULL,
                                           Gt + n * ldg + (ptrdiff_t)j * FL_PW, ldg,
                                           cst + (ptrdiff_t)n * H + j * FL_BW, H,
+                                          hdst + n * ldh + j * FL_BW, ldh, nvalid, &epi);
+                            }
+                            continue;
+                        }
+                        if (fuse) {
+                            const float *wxj = (const float *)cell->wih + (size_t)j * cell->in * FL_PW;
+                            const float *bj = (const float *)cell->bias + (size_t)j * FL_PW;
+                            const float *pj = (const float *)whh + (size_t)j * Hout * FL_PW;
+                            for (int n = n0, R; n < r1; n += R) {
+                                R = FN(seg_tile_)(n, n0, rs, r1, rmax);
+                                kr->lstmx(R, cell->in, xa + (ptrdiff_t)(n - n0) * xsn, xsn, wxj, bj, Hout,
+                                          FN(hprev_row_)(n, rs, Aprev, ysn, h0, Hout), n < rs ? ysn : Hout,
+                                          pj, cst + (ptrdiff_t)n * H + j * FL_BW, H,
                                           hdst + n * ldh + j * FL_BW, ldh, nvalid, &epi);
                             }
                             continue;

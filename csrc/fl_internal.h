@@ -154,6 +154,16 @@ typedef void (*fl_lstmb_f32)(int R, int K, const uint16_t *B, ptrdiff_t ldb, con
                              ptrdiff_t ldh, int nvalid, const fl_epi *epi);
 typedef void (*fl_lstmb2_f32)(int K, const uint16_t *B, const void *panel, const float *G,
                               float *c, float *h, int nvalid2, const fl_epi *epi);
+/* lstmx: one time step with its input projection fused (float32 panels):
+ *     acc = bias[col];  acc += X[r][k] wx[k][col], k < Kx;  acc += A[r][k] w[k][col], k < K
+ * one chain per column in that order, then the gate math: bitwise what gemm
+ * (G = bias + x W_ih^T) followed by lstm gives, since G is stored and
+ * reloaded exactly; without the round trip of G and with one call per tile
+ * instead of two.  A NULL means h_{t-1} = 0.  NULL if the ISA has none. */
+typedef void (*fl_lstmx_f32)(int R, int Kx, const float *X, ptrdiff_t ldx, const float *wx,
+                             const float *bias, int K, const float *A, ptrdiff_t lda,
+                             const float *panel, float *c, ptrdiff_t ldc, float *h, ptrdiff_t ldh,
+                             int nvalid, const fl_epi *epi);
 
 typedef struct {
     int rmax;
@@ -164,6 +174,7 @@ typedef struct {
     fl_lstmi8_f32 lstmi8;
     fl_lstmb_f32 lstmb;
     fl_lstmb2_f32 lstmb2;
+    fl_lstmx_f32 lstmx;
     const char *name;
 } fl_kernels_f32;
 typedef struct { int rmax; fl_gemm_f64 gemm; fl_lstm_f64 lstm; const char *name; } fl_kernels_f64;

@@ -268,3 +268,32 @@ def test_step_fast_and_slow_inputs_agree():
         s = m.stream(2, num_threads=1)
         got = np.stack([s.step(form(x[t])) for t in range(6)])
         assert got.dtype == np.float32 and np.array_equal(got, want)
+
+
+ONE_STEP = [  # (input, hidden, layers, proj, batch, bidirectional, cell options)
+    (600, 40, 1, 0, 13, False, {}),              # input beyond one K chunk; row tiles 5+4+4
+    (9, 24, 2, 0, 8, True, {"peepholes": True}),  # the generic epilogue; a second layer
+    (5, 33, 2, 7, 7, True, {"clip": 0.5}),        # projection; a partial last block
+    (6, 20, 1, 0, 6, False, {}),                  # one full tile of six rows
+]
+
+
+@pytest.mark.parametrize("cfg", ONE_STEP, ids=lambda c: "I{}_H{}_L{}_P{}_N{}_D{}".format(*c[:6]))
+def test_one_step_call_equals_longer_call_bitwise(cfg, isa):
+    """A one-step call (what Stream.step runs) fuses the input projection into
+    the recurrent kernel; its outputs and states are bitwise those of the
+    unfused path, here step 0 of a two-step call whose rows all have length 1
+    (the reverse direction then also starts at step 0, from the same h0)."""
+    In, H, L, P, N, bidir, opts = cfg
+    rng = np.random.default_rng(In + H)
+    m = fastlstm.LSTM(In, H, num_layers=L, proj_size=P, bidirectional=bidir, seed=H, **opts)
+    D = 2 if bidir else 1
+    x = rng.standard_normal((2, N, In)).astype(np.float32)
+    h0 = rng.standard_normal((L * D, N, P or H)).astype(np.float32)
+    c0 = rng.standard_normal((L * D, N, H)).astype(np.float32)
+    for nt in THREADS:
+        for hx in (None, (h0, c0)):
+            y1, (h1, c1) = m(x[:1], hx, num_threads=nt)
+            y2, (h2, c2) = m(x, hx, lengths=[1] * N, num_threads=nt)
+            assert np.array_equal(y1[0], y2[0]), f"threads={nt} hx={hx is not None}"
+            assert np.array_equal(h1, h2) and np.array_equal(c1, c2)

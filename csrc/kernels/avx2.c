@@ -288,7 +288,7 @@ static void lstmb_avx2(int R, int K, const uint16_t *B, ptrdiff_t ldb, const voi
 }
 
 const fl_kernels_f32 fl_kernels_f32_avx2 = {1, gemm_avx2, lstm_avx2, lstmq_avx2, NULL, lstmi8_avx2,
-                                          lstmb_avx2, NULL, "avx2"};
+                                          lstmb_avx2, NULL, NULL, "avx2"};
 
 #if defined(__clang__)
 #pragma clang attribute pop

@@ -276,6 +276,51 @@ static void lstm_avx512(int R, int K, const float *A, ptrdiff_t lda, const float
     }
 }
 
+AI void lstmx_r(const int R, int Kx, const float *X, ptrdiff_t ldx, const float *wx,
+                const float *bias, int K, const float *A, ptrdiff_t lda, const float *panel,
+                float *c, ptrdiff_t ldc, float *h, ptrdiff_t ldh, int nvalid, const fl_epi *epi)
+{
+    __m512 acc[RMAX][4];
+    const __m512 b0 = _mm512_loadu_ps(bias), b1 = _mm512_loadu_ps(bias + 16);
+    const __m512 b2 = _mm512_loadu_ps(bias + 32), b3 = _mm512_loadu_ps(bias + 48);
+    _Pragma("GCC unroll 6") for (int r = 0; r < R; r++)
+    {
+        acc[r][0] = b0; acc[r][1] = b1; acc[r][2] = b2; acc[r][3] = b3;
+    }
+    {   /* the input projection, then h_{t-1}, continuing the same chains */
+        const float *A_ = A, *panel_ = panel;
+        const int K_ = K;
+        ptrdiff_t lda_ = lda;
+        {
+            const float *A = X, *panel = wx;
+            const int K = Kx;
+            const ptrdiff_t lda = ldx;
+            KLOOP(R)
+        }
+        if (A_) {
+            const float *A = A_, *panel = panel_;
+            const int K = K_;
+            const ptrdiff_t lda = lda_;
+            KLOOP(R)
+        }
+    }
+    epilogue(R, acc, c, ldc, h, ldh, nvalid, epi);
+}
+
+static void lstmx_avx512(int R, int Kx, const float *X, ptrdiff_t ldx, const float *wx,
+                         const float *bias, int K, const float *A, ptrdiff_t lda, const float *panel,
+                         float *c, ptrdiff_t ldc, float *h, ptrdiff_t ldh, int nvalid, const fl_epi *epi)
+{
+    switch (R) {
+    case 1: lstmx_r(1, Kx, X, ldx, wx, bias, K, A, lda, panel, c, ldc, h, ldh, nvalid, epi); break;
+    case 2: lstmx_r(2, Kx, X, ldx, wx, bias, K, A, lda, panel, c, ldc, h, ldh, nvalid, epi); break;
+    case 3: lstmx_r(3, Kx, X, ldx, wx, bias, K, A, lda, panel, c, ldc, h, ldh, nvalid, epi); break;
+    case 4: lstmx_r(4, Kx, X, ldx, wx, bias, K, A, lda, panel, c, ldc, h, ldh, nvalid, epi); break;
+    case 5: lstmx_r(5, Kx, X, ldx, wx, bias, K, A, lda, panel, c, ldc, h, ldh, nvalid, epi); break;
+    default: lstmx_r(6, Kx, X, ldx, wx, bias, K, A, lda, panel, c, ldc, h, ldh, nvalid, epi); break;
+    }
+}
+
 /* float16 / bfloat16 W_hh: each panel row is widened to float32 once and
  * used for all R rows. */
 AI void load_wrow(const int WT, const void *panel, int k, __m512 w[4])
@@ -692,7 +737,7 @@ static void lstmi8_avx512(int R, int K, const int16_t *Q, ptrdiff_t ldq, const f
 }
 
 const fl_kernels_f32 fl_kernels_f32_avx512 = {RMAX, gemm_avx512, lstm_avx512, lstmq_avx512, lstmq2_avx512,
-                                                lstmi8_avx512, lstmb_avx512, lstmb2_avx512,
+                                                lstmi8_avx512, lstmb_avx512, lstmb2_avx512, lstmx_avx512,
                                                 "avx512"};
 
 #if defined(__clang__)

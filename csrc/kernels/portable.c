@@ -136,5 +136,5 @@ static void lstmb_portable_f32(int R, int K, const uint16_t *B, ptrdiff_t ldb, c
 
 const fl_kernels_f32 fl_kernels_f32_portable = {1, gemm_portable_f32, lstm_portable_f32,
                                                 lstmq_portable_f32, NULL, lstmi8_portable_f32,
-                                                lstmb_portable_f32, NULL, "portable"};
+                                                lstmb_portable_f32, NULL, NULL, "portable"};
 const fl_kernels_f64 fl_kernels_f64_portable = {1, gemm_portable_f64, lstm_portable_f64, "portable"};
