@@ -30,6 +30,12 @@ CONFIGS = [
     dict(input_size=6, hidden_size=20, T=9, N=7, dtype=np.float64, bidirectional=True),
     dict(input_size=6, hidden_size=20, T=9, N=4, peepholes=True, cell_clip=0.5),
     dict(input_size=5, hidden_size=17, T=10, N=6, lengths=True, bidirectional=True),
+    # large enough for two threads, split by direction (one each, a barrier per
+    # layer): few rows with W_hh in half an L2, many rows, float64, lengths
+    dict(input_size=16, hidden_size=128, T=40, N=3, bidirectional=True, num_layers=3, lengths=True),
+    dict(input_size=10, hidden_size=64, T=30, N=17, bidirectional=True, num_layers=2),
+    dict(input_size=12, hidden_size=48, T=40, N=5, bidirectional=True, dtype=np.float64),
+    dict(input_size=7, hidden_size=36, T=30, N=4, bidirectional=True, peepholes=True, clip=2.0),
 ]
 
 
