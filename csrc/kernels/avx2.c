@@ -74,6 +74,73 @@ AI __m256 v_tanh(__m256 x)
     return _mm256_blendv_ps(tb, ts, small);
 }
 
+/* exp of n vectors (n <= 4) in place, each statement across all n (v_exp's
+ * operations, value for value, for arguments already within [FL_EXP_LO,
+ * FL_EXP_HI] or NaN: so without its clamp): independent chains side by side
+ * instead of one chain's latency at a time. */
+AI void v_exp_n(const int n, __m256 *x)
+{
+    __m256 t[4], r[4], p[4];
+    _Pragma("GCC unroll 4") for (int i = 0; i < n; i++)
+        t[i] = _mm256_round_ps(_mm256_mul_ps(x[i], _mm256_set1_ps(FL_LOG2E)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _Pragma("GCC unroll 4") for (int i = 0; i < n; i++)
+    {
+        r[i] = _mm256_fnmadd_ps(t[i], _mm256_set1_ps(FL_LN2_HI), x[i]);
+        r[i] = _mm256_fnmadd_ps(t[i], _mm256_set1_ps(FL_LN2_LO), r[i]);
+    }
+    _Pragma("GCC unroll 4") for (int i = 0; i < n; i++)
+        p[i] = _mm256_fmadd_ps(_mm256_set1_ps(FL_EXP_P0), r[i], _mm256_set1_ps(FL_EXP_P1));
+    _Pragma("GCC unroll 4") for (int i = 0; i < n; i++)
+        p[i] = _mm256_fmadd_ps(p[i], r[i], _mm256_set1_ps(FL_EXP_P2));
+    _Pragma("GCC unroll 4") for (int i = 0; i < n; i++)
+        p[i] = _mm256_fmadd_ps(p[i], r[i], _mm256_set1_ps(FL_EXP_P3));
+    _Pragma("GCC unroll 4") for (int i = 0; i < n; i++)
+        p[i] = _mm256_fmadd_ps(p[i], r[i], _mm256_set1_ps(FL_EXP_P4));
+    _Pragma("GCC unroll 4") for (int i = 0; i < n; i++)
+        p[i] = _mm256_fmadd_ps(p[i], r[i], _mm256_set1_ps(FL_EXP_P5));
+    _Pragma("GCC unroll 4") for (int i = 0; i < n; i++)
+    {
+        __m256 y = _mm256_fmadd_ps(p[i], _mm256_mul_ps(r[i], r[i]),
+                                   _mm256_add_ps(r[i], _mm256_set1_ps(1.0f)));
+        __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(t[i]), _mm256_set1_epi32(127)), 23);
+        x[i] = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+    }
+}
+
+/* tanh's two branches (v_tanh), given the reciprocal 1/(exp(2 min(|x|, 9)) + 1). */
+AI __m256 tanh_from_rcp(__m256 x, __m256 rc)
+{
+    const __m256 one = _mm256_set1_ps(1.0f);
+    const __m256 signbit = _mm256_set1_ps(-0.0f);
+    __m256 small = _mm256_cmp_ps(_mm256_andnot_ps(signbit, x), _mm256_set1_ps(FL_TANH_SMALL), _CMP_LT_OQ);
+    __m256 z = _mm256_mul_ps(x, x);
+    __m256 p = _mm256_set1_ps(FL_TANH_T0);
+    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(FL_TANH_T1));
+    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(FL_TANH_T2));
+    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(FL_TANH_T3));
+    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(FL_TANH_T4));
+    __m256 ts = _mm256_fmadd_ps(_mm256_mul_ps(p, z), x, x);
+    __m256 tb = _mm256_fnmadd_ps(_mm256_set1_ps(2.0f), rc, one);
+    tb = _mm256_or_ps(tb, _mm256_and_ps(x, signbit));
+    return _mm256_blendv_ps(tb, ts, small);
+}
+
+/* The argument of tanh's exponential: 2 min(|x|, FL_TANH_CLAMP). */
+AI __m256 tanh_exp_arg(__m256 x)
+{
+    __m256 ac = _mm256_min_ps(_mm256_set1_ps(FL_TANH_CLAMP), _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x));
+    return _mm256_add_ps(ac, ac);
+}
+
+/* The argument of sigmoid's exponential: -x, x clamped to +-FL_SIG_CLAMP. */
+AI __m256 sig_exp_arg(__m256 x)
+{
+    x = _mm256_max_ps(_mm256_set1_ps(-FL_SIG_CLAMP), x);
+    x = _mm256_min_ps(_mm256_set1_ps(FL_SIG_CLAMP), x);
+    return _mm256_sub_ps(_mm256_setzero_ps(), x);
+}
+
 AI void dot(int K, const float *a, const float *panel, __m256 acc[8])
 {
     __m256 a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3];
@@ -112,13 +179,19 @@ static inline __attribute__((always_inline)) void epilogue1(__m256 acc[8], float
             fl_epilogue_generic_f32(1, pre, cr, ldc, hr, ldh, nvalid, epi);
             return;
         }
+        /* v_sigmoid / v_tanh operation for operation, the four gates'
+         * exponentials of a half side by side (v_exp_n); sigmoid's
+         * 1 + exp(-x) and tanh's exp(2|x|) + 1 share one reciprocal pass. */
         for (int half = 0; half < 2; half++) {
             int n = nvalid - 8 * half;
             if (n <= 0) break;
-            __m256 i = v_sigmoid(acc[0 + half]);
-            __m256 f = v_sigmoid(acc[2 + half]);
-            __m256 gg = v_tanh(acc[4 + half]);
-            __m256 o = v_sigmoid(acc[6 + half]);
+            const __m256 one = _mm256_set1_ps(1.0f);
+            __m256 e[4] = {sig_exp_arg(acc[0 + half]), sig_exp_arg(acc[2 + half]),
+                           tanh_exp_arg(acc[4 + half]), sig_exp_arg(acc[6 + half])};
+            v_exp_n(4, e);
+            for (int k = 0; k < 4; k++) e[k] = v_rcp(_mm256_add_ps(one, e[k]));
+            __m256 i = e[0], f = e[1], o = e[3];
+            __m256 gg = tanh_from_rcp(acc[4 + half], e[2]);
             float *cp = cr + 8 * half, *hp = hr + 8 * half;
             if (n >= 8) {
                 __m256 cn = _mm256_fmadd_ps(f, _mm256_loadu_ps(cp), _mm256_mul_ps(i, gg));
