@@ -539,11 +539,12 @@ static void FN(thread_)(void *arg, int tid, int nt)
                         }
                     }
                     /* Every thread needs all of h_t for the next step (and the
-                     * next layer all of this one's output); after the call's
-                     * very last step only its own columns are read (h_n
-                     * below) and the pool's closing wait orders the rest: a
-                     * streaming step (T = 1) then costs one barrier, not two. */
-                    if (sync && !(l == L - 1 && d == D - 1 && s == T - 1)) fl_pool_barrier(nt);
+                     * next layer all of this one's output).  Also after the
+                     * call's very last step: h_n (below) may alias h0, which
+                     * the other threads may still be reading (a stream keeps
+                     * its state in place), so a thread must not write its
+                     * columns of h_n before every thread is done with h0. */
+                    if (sync) fl_pool_barrier(nt);
                 }
             }
             /* h_n: the state after each row's last processed step. */

@@ -111,6 +111,59 @@ static int run_config(int T, int N, int In, int H, int L, int D, int wmode, int 
     return bad != 0;
 }
 
+/* Streaming steps: T = 1 calls with the state kept in place (h0 == hn,
+ * c0 == cn, as fastlstm.Stream does) and eager threads, so that even these
+ * tiny calls split the hidden blocks.  Each thread reads all of h0 while the
+ * others write their columns of h_n into the same array: the barrier after
+ * the last step must order the two (TSan reports the race without it).  The
+ * two-thread outputs must equal the one-thread ones step for step. */
+static int run_stream_config(int steps, int N, int In, int H, int L)
+{
+    fl_cell_opts o;
+    fl_cell_opts_default(&o);
+    fl_cell *cells[8];
+    for (int l = 0; l < L; l++) {
+        int K = l ? H : In;
+        float *wih = malloc(sizeof(float) * 4 * H * K), *whh = malloc(sizeof(float) * 4 * H * H);
+        float *b = malloc(sizeof(float) * 4 * H);
+        for (long i = 0; i < 4L * H * K; i++) wih[i] = 0.6f * frand();
+        for (long i = 0; i < 4L * H * H; i++) whh[i] = 0.6f * frand();
+        for (int i = 0; i < 4 * H; i++) b[i] = 0.1f * frand();
+        cells[l] = fl_cell_create(FL_F32, K, H, 0, wih, whh, b, NULL, NULL, &o);
+        free(wih);
+        free(whh);
+        free(b);
+        if (!cells[l]) return 1;
+    }
+    float *x = malloc(sizeof(float) * steps * N * In);
+    for (long i = 0; i < (long)steps * N * In; i++) x[i] = 2.0f * frand();
+    float *h[2], *c[2], *y[2];
+    for (int v = 0; v < 2; v++) {
+        h[v] = calloc((size_t)L * N * H, sizeof(float));
+        c[v] = calloc((size_t)L * N * H, sizeof(float));
+        y[v] = calloc((size_t)steps * N * H, sizeof(float));
+    }
+    void *ws = malloc(fl_workspace_bytes(cells, L, 1, 1, N));
+    for (int v = 0; v < 2; v++)
+        for (int t = 0; t < steps; t++) {
+            fl_io io;
+            memset(&io, 0, sizeof io);
+            io.T = 1; io.N = N; io.x = x + (size_t)t * N * In; io.x_st = (ptrdiff_t)N * In; io.x_sn = In;
+            io.y = y[v] + (size_t)t * N * H; io.y_st = (ptrdiff_t)N * H; io.y_sn = H;
+            io.h0 = io.hn = h[v]; io.c0 = io.cn = c[v];
+            io.eager_threads = 1;
+            if (fl_forward(cells, L, 1, &io, ws, v ? 2 : 1)) return 1;
+        }
+    int bad = memcmp(y[0], y[1], sizeof(float) * steps * N * H) != 0;
+    printf("stream steps %d N %d In %d H %d L %d: two-thread steps %s\n", steps, N, In, H, L,
+           bad ? "DIFFER" : "equal");
+    for (int l = 0; l < L; l++) fl_cell_free(cells[l]);
+    for (int v = 0; v < 2; v++) { free(h[v]); free(c[v]); free(y[v]); }
+    free(x);
+    free(ws);
+    return bad;
+}
+
 int main(void)
 {
     int fail = 0;
@@ -120,6 +173,8 @@ int main(void)
         fail |= run_config(90, 3, 12, 160, 2, 2, wmode, 1, 3);  /* hidden split, lengths, bidir */
         fail |= run_config(70, 16, 20, 40, 1, 1, wmode, 1, 3);  /* batch split, lengths */
     }
+    fail |= run_stream_config(40, 2, 9, 40, 2); /* hidden split (3 blocks), two layers */
+    fail |= run_stream_config(40, 1, 17, 20, 1);
     printf(fail ? "tsan_stress: FAILED\n" : "tsan_stress: OK\n");
     return fail;
 }
