@@ -793,6 +793,10 @@ def _quantize(w, prec, name="W_hh"):
         bits = w.view(np.uint32).astype(np.uint64)
         rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
         rounded = np.where(np.isnan(w), np.uint16(0x7FC0), rounded)
+        # A bfloat16 denormal is a float32 denormal, which every kernel reads as
+        # zero (denormals are flushed): stored as the signed zero it acts as, so
+        # state_dict() and reference() hold exactly what the engine multiplies.
+        rounded = np.where((rounded & 0x7F80) == 0, rounded & 0x8000, rounded).astype(np.uint16)
         deq = (rounded.astype(np.uint32) << 16).view(np.float32)
         if (np.isinf(deq) & np.isfinite(w)).any():  # as float16 refuses its range
             raise WeightsError(f"weights: {name} has values beyond bfloat16's range "

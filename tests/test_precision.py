@@ -1023,3 +1023,34 @@ def test_bfloat16_refuses_values_that_round_to_inf():
     w[0, 0] = np.inf
     m.load_state_dict({"weight_hh_l0": w}, strict=False)
     assert np.isinf(m.astype("bfloat16").state_dict()["weight_hh_l0"][0, 0])
+
+
+@pytest.mark.parametrize("kw", [{}, {"activation_bits": 32}, {"input_weights": "float32"}])
+def test_bfloat16_denormal_weights_stored_as_signed_zeros(kw):
+    """A weight that rounds to a bfloat16 denormal (a float32 denormal, which
+    the kernels flush) is stored as the signed zero the engine multiplies, so
+    state_dict() and reference() describe exactly what runs: the model equals,
+    bit for bit, the one with those weights set to zero."""
+    m = fastlstm.LSTM(5, 20, seed=11)
+    sd = m.state_dict()
+    tiny = {"weight_hh_l0": [(0, 0, 1e-39), (7, 3, -5e-40), (30, 19, 2e-45)],
+            "weight_ih_l0": [(1, 2, -1e-39), (40, 4, 3e-39)]}
+    zeroed = {k: v.copy() for k, v in sd.items()}
+    for k, cells in tiny.items():
+        for r, c, v in cells:
+            sd[k][r, c] = v
+            zeroed[k][r, c] = 0.0
+    m.load_state_dict(sd)
+    q = m.astype("bfloat16", **kw)
+    z = fastlstm.LSTM(5, 20, seed=11)
+    z.load_state_dict(zeroed)
+    qz = z.astype("bfloat16", **kw)
+    x = np.random.default_rng(3).standard_normal((9, 2, 5)).astype(np.float32)
+    _bitwise(q(x), qz(x), "denormal weights vs zeros")
+    got = q.state_dict()
+    for k, cells in tiny.items():
+        stored = k in q.quantized_weights()
+        for r, c, v in cells:
+            if stored:  # a bfloat16 matrix: the signed zero the kernels see
+                assert got[k][r, c] == 0 and np.signbit(got[k][r, c]) == (v < 0)
+                assert q.quantized_weights()[k][1][r, c] == (0x8000 if v < 0 else 0)
