@@ -703,10 +703,9 @@ static int FN(forward_)(fl_cell *const *cells, int L, int D, const fl_io *io, vo
     cx.split_batch = 0;
     cx.split_dir = 0;
     /* Bidirectional, two threads: one direction each.  Each thread then
-     * streams only its direction's weights (half the bytes of a batch split,
-     * so at hidden 256 they stay in its core's L2), tiles all rows (larger
-     * row tiles than half a batch), and waits once per layer instead of once
-     * per step (a hidden split).  Float32 weights and no projection: the
+     * streams only its direction's weights (half the bytes of a batch split),
+     * tiles all rows (larger row tiles than half a batch), and waits once per
+     * layer instead of once per step (a hidden split).  Float32 weights and no projection: the
      * reduced-precision copies of h and the projection's buffer are one per
      * call.  Bitwise the same results: no row's sums depend on the split. */
     /* With few rows a step is bound by reading W_hh: one direction's W_hh
