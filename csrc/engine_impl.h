@@ -330,8 +330,10 @@ static void FN(thread_)(void *arg, int tid, int nt)
                      * wait for each other (once per chunk). */
                     const int M = nrows > 0 ? nts * nrows : 0;
                     const int ldx = cx->ldx;
-                    int16_t *Qx = cx->xq + (ptrdiff_t)n0 * TC * ldx;
-                    float *qxs = cx->xqs + (ptrdiff_t)n0 * TC;
+                    /* a direction split: each thread its direction's copy */
+                    const ptrdiff_t xr0 = (split_dir ? (ptrdiff_t)d * TC * N : 0) + (ptrdiff_t)n0 * TC;
+                    int16_t *Qx = cx->xq + xr0 * ldx;
+                    float *qxs = cx->xqs + xr0;
                     int m0 = sync ? (int)((long)M * tid / nt) : 0;
                     int m1 = sync ? (int)((long)M * (tid + 1) / nt) : M;
                     const int bf = cell->wih_type == FL_W_BF16D;
@@ -397,7 +399,7 @@ static void FN(thread_)(void *arg, int tid, int nt)
                      * row and step, in the same buffers (and copies) as int8's. */
                     uint16_t *hb = NULL;
                     if (cell->wtype == FL_W_BF16D) {
-                        hb = (uint16_t *)(cx->q + (size_t)(sync ? tid : 0) * cx->qcopy);
+                        hb = (uint16_t *)(cx->q + (size_t)(sync || split_dir ? tid : 0) * cx->qcopy);
                         const int kp = fl_whhq_rows(FL_W_BF16D, Hout);
                         for (int n = n0; n < r1; n++) {
                             const REAL *src = FN(hprev_row_)(n, rs, Aprev, ysn, h0, Hout);
@@ -405,7 +407,7 @@ static void FN(thread_)(void *arg, int tid, int nt)
                         }
                     }
                     if (cell->wtype == FL_W_I8) {
-                        char *qb = cx->q + (size_t)(sync ? tid : 0) * cx->qcopy;
+                        char *qb = cx->q + (size_t)(sync || split_dir ? tid : 0) * cx->qcopy;
                         qh = (int16_t *)qb;
                         qs = (float *)(qb + cx->qscale_off);
                         for (int n = n0; n < r1; n++) {
@@ -615,20 +617,22 @@ static size_t FN(plan_)(fl_cell *const *cells, int L, int D, int T, int N, int *
         bytes += nc * copy;
     }
     /* int8 W_ih: the quantized input rows of one chunk (TC x N rows, each
-     * the int16 row and its byte planes, as for h) and their scales. */
+     * the int16 row and its byte planes, as for h) and their scales; two
+     * sets for two directions (a direction split: one per thread). */
     *off_xq = bytes;
     *ldx = 0;
     int kin = 0;
     for (int k = 0; k < L * D; k++)
         if (cells[k]->wihq && cells[k]->in > kin) kin = cells[k]->in;
     if (kin > 0) {
-        size_t rows = (size_t)*TC * (size_t)(N > 0 ? N : 1);
+        size_t rows = (size_t)*TC * (size_t)(N > 0 ? N : 1) * (D == 2 ? 2 : 1);
         *ldx = fl_hq_row_len(kin);
         bytes += (rows * (size_t)*ldx * sizeof(int16_t) + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN;
     }
     *off_xqs = bytes;
     if (kin > 0)
-        bytes += ((size_t)*TC * (size_t)(N > 0 ? N : 1) * sizeof(float) + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN;
+        bytes += ((size_t)*TC * (size_t)(N > 0 ? N : 1) * (D == 2 ? 2 : 1) * sizeof(float) + FL_ALIGN - 1)
+                 / FL_ALIGN * FL_ALIGN;
     return bytes + FL_ALIGN;
 }
 
@@ -705,18 +709,18 @@ static int FN(forward_)(fl_cell *const *cells, int L, int D, const fl_io *io, vo
     /* Bidirectional, two threads: one direction each.  Each thread then
      * streams only its direction's weights (half the bytes of a batch split),
      * tiles all rows (larger row tiles than half a batch), and waits once per
-     * layer instead of once per step (a hidden split).  Float32 weights and no projection: the
-     * reduced-precision copies of h and the projection's buffer are one per
-     * call.  Bitwise the same results: no row's sums depend on the split. */
+     * layer instead of once per step (a hidden split).  Reduced-precision
+     * weights need a copy of h's codes per thread (int8, bfloat16 dot
+     * products; the input rows' codes have one set per direction); no
+     * projection (its buffer is one per call).  Bitwise the same results: no
+     * row's sums depend on the split. */
     /* With few rows a step is bound by reading W_hh: one direction's W_hh
      * whole in a core then needs to stay in its L2 (within fl_gchunk, half
      * of it), else a hidden split, which gives each core half of it, is
      * faster (measured on Zen 5, batch 1, 2 threads: hidden 128 ~12% faster
      * split by direction, hidden 256 ~20% slower; batch 16-32 ~0-10% faster). */
-    int dir_ok = D == 2 && nt == 2 && !c->P
+    int dir_ok = D == 2 && nt == 2 && !c->P && (cx.qcopies == 0 || cx.qcopies >= 2)
                  && (N >= 8 * nt || 4.0 * c->H * c->Hout * sizeof(REAL) <= (double)fl_gchunk);
-    for (int k = 0; k < L * D && dir_ok; k++)
-        dir_ok = cells[k]->wtype == FL_W_F32 && !cells[k]->wihq;
     if (dir_ok && T > 0 && N > 0 && total > 0 && (eager || step_us * (double)T * L * D >= call_us)) {
         cx.split_dir = 1;
     } else if (nt > 1) {
