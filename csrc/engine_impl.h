@@ -288,6 +288,14 @@ static void FN(thread_)(void *arg, int tid, int nt)
             fl_epi epi;
             epi.is_default = cell->is_default;
             epi.opts = &cell->opts;
+#ifdef FL_HAVE_LSTMQ
+            /* A one-step call (a streaming step) with float32 weights: the
+             * input projection runs inside the recurrent kernel (lstmx),
+             * block by block, the same bits without G's round trip. */
+            const int fuse = T == 1 && kr->lstmx && !cell->wihq && cell->wtype == FL_W_F32;
+#else
+            const int fuse = 0;
+#endif
 
             for (int s0 = 0; s0 < T; s0 += TC) {
                 int s1 = FN(imin_)(T, s0 + TC);
@@ -309,14 +317,6 @@ static void FN(thread_)(void *arg, int tid, int nt)
                 /* The input GEMM tiles batch rows (time major) when there are
                  * enough of them or one step, else time steps. */
                 const int tmaj = nrows >= rmax || nts == 1;
-#ifdef FL_HAVE_LSTMQ
-                /* A one-step call (a streaming step) with float32 weights: the
-                 * input projection runs inside the recurrent kernel (lstmx),
-                 * block by block, the same bits without G's round trip. */
-                const int fuse = T == 1 && kr->lstmx && !cell->wihq && cell->wtype == FL_W_F32;
-#else
-                const int fuse = 0;
-#endif
 #ifdef FL_HAVE_LSTMQ
                 if (cell->wihq) {
                     /* int8 W_ih: quantize the chunk's input rows once, like h

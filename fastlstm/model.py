@@ -773,6 +773,16 @@ def _matrix_name(key):
     return ("W_hh" if key.startswith("weight_hh_") else "W_ih") + f" ({key})"
 
 
+def _dequantize(qf):
+    """A stored form (precision, data[, scale]) -> its float32 values, as the
+    kernels widen them."""
+    if qf[0] == "float16":
+        return qf[1].view(np.float16).astype(np.float32)
+    if qf[0] == "bfloat16":
+        return (qf[1].astype(np.uint32) << 16).view(np.float32)
+    return (qf[1].astype(np.float32) * qf[2][:, None]).astype(np.float32)
+
+
 def _quantize(w, prec, name="W_hh"):
     """float32 (4H, K) -> (qform, dequantized float32 values).
 
@@ -788,7 +798,8 @@ def _quantize(w, prec, name="W_hh"):
             h = w.astype(np.float16)
         if np.isinf(h).any() and not np.isinf(w[np.isinf(h)]).all():
             raise WeightsError(f"weights: {name} has values beyond float16's range (65504)")
-        return ("float16", h.view(np.uint16)), h.astype(np.float32)
+        qf = ("float16", h.view(np.uint16))
+        return qf, _dequantize(qf)
     if prec == "bfloat16":
         bits = w.view(np.uint32).astype(np.uint64)
         rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
@@ -796,12 +807,13 @@ def _quantize(w, prec, name="W_hh"):
         # A bfloat16 denormal is a float32 denormal, which every kernel reads as
         # zero (denormals are flushed): stored as the signed zero it acts as, so
         # state_dict() and reference() hold exactly what the engine multiplies.
-        rounded = np.where((rounded & 0x7F80) == 0, rounded & 0x8000, rounded).astype(np.uint16)
-        deq = (rounded.astype(np.uint32) << 16).view(np.float32)
+        qf = ("bfloat16", np.where((rounded & 0x7F80) == 0, rounded & 0x8000,
+                                   rounded).astype(np.uint16))
+        deq = _dequantize(qf)
         if (np.isinf(deq) & np.isfinite(w)).any():  # as float16 refuses its range
             raise WeightsError(f"weights: {name} has values beyond bfloat16's range "
                                f"(~3.39e38): they would round to Inf")
-        return ("bfloat16", np.ascontiguousarray(rounded)), deq
+        return qf, deq
     if not np.isfinite(w).all():
         raise WeightsError(f"weights: int8 storage needs finite {name}")
     amax = np.abs(w).max(axis=1)
@@ -811,9 +823,8 @@ def _quantize(w, prec, name="W_hh"):
     tiny = amax < np.finfo(np.float32).tiny
     w = np.where(tiny[:, None], np.float32(0), w)
     scale = np.where(tiny, 1.0, amax / 127.0).astype(np.float32)
-    q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
-    deq = (q.astype(np.float32) * scale[:, None]).astype(np.float32)
-    return ("int8", q, scale), deq
+    qf = ("int8", np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8), scale)
+    return qf, _dequantize(qf)
 
 
 def _engine_layout(a):
@@ -900,22 +911,15 @@ def _check_pickled_qforms(qforms, params, prec, in_prec, what):
         dt = np.int8 if p == "int8" else np.uint16
         if not isinstance(data, np.ndarray) or data.dtype != dt or data.shape != w.shape:
             raise bad(f"{k}: expected {np.dtype(dt).name} data of shape {w.shape}")
-        data = np.ascontiguousarray(data)
         if p == "int8":
             scale = qf[2]
             if (not isinstance(scale, np.ndarray) or scale.dtype != np.float32
                     or scale.shape != (w.shape[0],)):
                 raise bad(f"{k}: expected float32 scales of shape ({w.shape[0]},)")
-            scale = np.ascontiguousarray(scale)
-            deq = (data.astype(np.float32) * scale[:, None]).astype(np.float32)
-            qf = (p, data, scale)
+            qf = (p, np.ascontiguousarray(data), np.ascontiguousarray(scale))
         else:
-            if p == "float16":
-                deq = data.view(np.float16).astype(np.float32)
-            else:
-                deq = (data.astype(np.uint32) << 16).view(np.float32)
-            qf = (p, data)
-        if deq.view(np.uint32).tobytes() != np.ascontiguousarray(w).view(np.uint32).tobytes():
+            qf = (p, np.ascontiguousarray(data))
+        if _dequantize(qf).tobytes() != np.ascontiguousarray(w).tobytes():
             raise bad(f"{k}: the {p} values differ from the float32 weights")
         out[k] = qf
     return out

@@ -20,25 +20,6 @@
 
 #define AI static inline __attribute__((always_inline))
 
-AI __m256 v_exp(__m256 x)
-{
-    x = _mm256_max_ps(_mm256_set1_ps(FL_EXP_LO), x); /* NaN: keeps x */
-    x = _mm256_min_ps(_mm256_set1_ps(FL_EXP_HI), x);
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(FL_LOG2E)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(FL_LN2_HI), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(FL_LN2_LO), r);
-    __m256 p = _mm256_set1_ps(FL_EXP_P0);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(FL_EXP_P1));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(FL_EXP_P2));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(FL_EXP_P3));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(FL_EXP_P4));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(FL_EXP_P5));
-    __m256 y = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
-
 /* 1/d: rcp (12 bits) and one Newton step (~2^-23). */
 AI __m256 v_rcp(__m256 d)
 {
@@ -46,38 +27,10 @@ AI __m256 v_rcp(__m256 d)
     return _mm256_fmadd_ps(y, _mm256_fnmadd_ps(d, y, _mm256_set1_ps(1.0f)), y);
 }
 
-AI __m256 v_sigmoid(__m256 x)
-{
-    x = _mm256_max_ps(_mm256_set1_ps(-FL_SIG_CLAMP), x);
-    x = _mm256_min_ps(_mm256_set1_ps(FL_SIG_CLAMP), x);
-    __m256 e = v_exp(_mm256_sub_ps(_mm256_setzero_ps(), x));
-    return v_rcp(_mm256_add_ps(_mm256_set1_ps(1.0f), e));
-}
-
-AI __m256 v_tanh(__m256 x)
-{
-    const __m256 one = _mm256_set1_ps(1.0f);
-    const __m256 signbit = _mm256_set1_ps(-0.0f);
-    __m256 a = _mm256_andnot_ps(signbit, x);
-    __m256 small = _mm256_cmp_ps(a, _mm256_set1_ps(FL_TANH_SMALL), _CMP_LT_OQ);
-    __m256 z = _mm256_mul_ps(x, x);
-    __m256 p = _mm256_set1_ps(FL_TANH_T0);
-    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(FL_TANH_T1));
-    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(FL_TANH_T2));
-    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(FL_TANH_T3));
-    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(FL_TANH_T4));
-    __m256 ts = _mm256_fmadd_ps(_mm256_mul_ps(p, z), x, x);
-    __m256 ac = _mm256_min_ps(_mm256_set1_ps(FL_TANH_CLAMP), a);
-    __m256 e = v_exp(_mm256_add_ps(ac, ac));
-    __m256 tb = _mm256_fnmadd_ps(_mm256_set1_ps(2.0f), v_rcp(_mm256_add_ps(e, one)), one);
-    tb = _mm256_or_ps(tb, _mm256_and_ps(x, signbit));
-    return _mm256_blendv_ps(tb, ts, small);
-}
-
-/* exp of n vectors (n <= 4) in place, each statement across all n (v_exp's
- * operations, value for value, for arguments already within [FL_EXP_LO,
- * FL_EXP_HI] or NaN: so without its clamp): independent chains side by side
- * instead of one chain's latency at a time. */
+/* exp of n vectors (n <= 4) in place, each statement across all n:
+ * fl_expf (fl_math.h) lane by lane, for arguments already within
+ * [FL_EXP_LO, FL_EXP_HI] or NaN (so without its clamp); independent chains
+ * side by side instead of one chain's latency at a time. */
 AI void v_exp_n(const int n, __m256 *x)
 {
     __m256 t[4], r[4], p[4];
@@ -108,7 +61,8 @@ AI void v_exp_n(const int n, __m256 *x)
     }
 }
 
-/* tanh's two branches (v_tanh), given the reciprocal 1/(exp(2 min(|x|, 9)) + 1). */
+/* tanh(x) from rc = 1/(exp(tanh_exp_arg(x)) + 1): fl_tanhf's two branches,
+ * both computed and blended. */
 AI __m256 tanh_from_rcp(__m256 x, __m256 rc)
 {
     const __m256 one = _mm256_set1_ps(1.0f);
@@ -139,6 +93,13 @@ AI __m256 sig_exp_arg(__m256 x)
     x = _mm256_max_ps(_mm256_set1_ps(-FL_SIG_CLAMP), x);
     x = _mm256_min_ps(_mm256_set1_ps(FL_SIG_CLAMP), x);
     return _mm256_sub_ps(_mm256_setzero_ps(), x);
+}
+
+AI __m256 v_tanh(__m256 x)
+{
+    __m256 e = tanh_exp_arg(x);
+    v_exp_n(1, &e);
+    return tanh_from_rcp(x, v_rcp(_mm256_add_ps(e, _mm256_set1_ps(1.0f))));
 }
 
 AI void dot(int K, const float *a, const float *panel, __m256 acc[8])
@@ -179,9 +140,9 @@ static inline __attribute__((always_inline)) void epilogue1(__m256 acc[8], float
             fl_epilogue_generic_f32(1, pre, cr, ldc, hr, ldh, nvalid, epi);
             return;
         }
-        /* v_sigmoid / v_tanh operation for operation, the four gates'
-         * exponentials of a half side by side (v_exp_n); sigmoid's
-         * 1 + exp(-x) and tanh's exp(2|x|) + 1 share one reciprocal pass. */
+        /* fl_math.h's sigmoid and tanh, the four gates' exponentials of a
+         * half side by side (v_exp_n); sigmoid's 1 + exp(-x) and tanh's
+         * exp(2|x|) + 1 share one reciprocal pass. */
         for (int half = 0; half < 2; half++) {
             int n = nvalid - 8 * half;
             if (n <= 0) break;

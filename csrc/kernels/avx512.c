@@ -31,14 +31,15 @@ AI __m512 v_rcp(__m512 d)
 }
 
 /* acc[r][q] += A[r][k] * panel[k][16q..16q+15] for k < K. */
-#define KLOOP(R)                                                                 \
-    for (int k = 0; k < K; k++) {                                                \
-        const float *w = panel + (size_t)k * FL_PW;                              \
+#define KLOOP(R) KLOOP_AT(R, A, lda, panel, K)
+#define KLOOP_AT(R, A, lda, panel, K)                                            \
+    for (int k = 0; k < (K); k++) {                                              \
+        const float *w = (panel) + (size_t)k * FL_PW;                            \
         __m512 w0 = _mm512_load_ps(w), w1 = _mm512_load_ps(w + 16);              \
         __m512 w2 = _mm512_load_ps(w + 32), w3 = _mm512_load_ps(w + 48);         \
         _Pragma("GCC unroll 6") for (int r = 0; r < (R); r++)                    \
         {                                                                        \
-            __m512 b = _mm512_set1_ps(A[r * lda + k]);                           \
+            __m512 b = _mm512_set1_ps((A)[r * (lda) + k]);                           \
             acc[r][0] = _mm512_fmadd_ps(b, w0, acc[r][0]);                       \
             acc[r][1] = _mm512_fmadd_ps(b, w1, acc[r][1]);                       \
             acc[r][2] = _mm512_fmadd_ps(b, w2, acc[r][2]);                       \
@@ -81,36 +82,50 @@ AI void v_exp_n(const int n, __m512 *x)
     }
 }
 
-/* tanh of n vectors (n <= EPI_NX) side by side: fl_tanhf's formulas, both
- * branches computed and blended. */
+/* The argument of sigmoid's exponential: -x, x clamped to +-FL_SIG_CLAMP. */
+AI __m512 sig_exp_arg(__m512 x)
+{
+    x = _mm512_max_ps(_mm512_set1_ps(-FL_SIG_CLAMP), x);
+    x = _mm512_min_ps(_mm512_set1_ps(FL_SIG_CLAMP), x);
+    return _mm512_sub_ps(_mm512_setzero_ps(), x);
+}
+
+/* The argument of tanh's exponential: 2 min(|x|, FL_TANH_CLAMP). */
+AI __m512 tanh_exp_arg(__m512 x)
+{
+    __m512 ac = _mm512_min_ps(_mm512_set1_ps(FL_TANH_CLAMP), _mm512_abs_ps(x));
+    return _mm512_add_ps(ac, ac);
+}
+
+/* tanh(x) from rc = 1/(exp(tanh_exp_arg(x)) + 1): fl_tanhf's two branches,
+ * both computed and blended. */
+AI __m512 tanh_from_rcp(__m512 x, __m512 rc)
+{
+    const __m512 one = _mm512_set1_ps(1.0f);
+    __mmask16 small = _mm512_cmp_ps_mask(_mm512_abs_ps(x), _mm512_set1_ps(FL_TANH_SMALL), _CMP_LT_OQ);
+    __m512 z = _mm512_mul_ps(x, x);
+    __m512 p = _mm512_set1_ps(FL_TANH_T0);
+    p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(FL_TANH_T1));
+    p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(FL_TANH_T2));
+    p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(FL_TANH_T3));
+    p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(FL_TANH_T4));
+    __m512 ts = _mm512_fmadd_ps(_mm512_mul_ps(p, z), x, x);
+    __m512 tb = _mm512_fnmadd_ps(_mm512_set1_ps(2.0f), rc, one);
+    __m512i sign = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32((int)0x80000000u));
+    tb = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(tb), sign));
+    return _mm512_mask_blend_ps(small, tb, ts);
+}
+
+/* tanh of n vectors (n <= EPI_NX) side by side. */
 AI void v_tanh_n(const int n, __m512 *x)
 {
     const __m512 one = _mm512_set1_ps(1.0f);
     __m512 e[EPI_NX];
     _Pragma("GCC unroll 24") for (int i = 0; i < n; i++)
-    {
-        __m512 ac = _mm512_min_ps(_mm512_set1_ps(FL_TANH_CLAMP), _mm512_abs_ps(x[i]));
-        e[i] = _mm512_add_ps(ac, ac);
-    }
+        e[i] = tanh_exp_arg(x[i]);
     v_exp_n(n, e);
     _Pragma("GCC unroll 24") for (int i = 0; i < n; i++)
-        e[i] = v_rcp(_mm512_add_ps(e[i], one));
-    _Pragma("GCC unroll 24") for (int i = 0; i < n; i++)
-    {
-        __m512 xi = x[i];
-        __mmask16 small = _mm512_cmp_ps_mask(_mm512_abs_ps(xi), _mm512_set1_ps(FL_TANH_SMALL), _CMP_LT_OQ);
-        __m512 z = _mm512_mul_ps(xi, xi);
-        __m512 p = _mm512_set1_ps(FL_TANH_T0);
-        p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(FL_TANH_T1));
-        p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(FL_TANH_T2));
-        p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(FL_TANH_T3));
-        p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(FL_TANH_T4));
-        __m512 ts = _mm512_fmadd_ps(_mm512_mul_ps(p, z), xi, xi);
-        __m512 tb = _mm512_fnmadd_ps(_mm512_set1_ps(2.0f), e[i], one);
-        __m512i sign = _mm512_and_si512(_mm512_castps_si512(xi), _mm512_set1_epi32((int)0x80000000u));
-        tb = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(tb), sign));
-        x[i] = _mm512_mask_blend_ps(small, tb, ts);
-    }
+        x[i] = tanh_from_rcp(x[i], v_rcp(_mm512_add_ps(e[i], one)));
 }
 
 /* The gate math on R rows of pre-activations (i, f, g, o x 16 lanes), two
@@ -134,24 +149,13 @@ AI void epilogue(const int R, __m512 acc[][4], float *c, ptrdiff_t ldc, float *h
     _Pragma("GCC unroll 6") for (int r0 = 0; r0 < R; r0 += EPI_ROWS)
     {
         const int nr = R - r0 >= EPI_ROWS ? EPI_ROWS : R - r0;
-        __m512 e[EPI_NX], gx[EPI_ROWS];
+        __m512 e[EPI_NX];
         /* e[4j + q]: gate q of row r0 + j; the sigmoid gates as exp(-x), x
          * clamped to +-FL_SIG_CLAMP; g as exp(2 min(|g|, FL_TANH_CLAMP)) */
         _Pragma("GCC unroll 6") for (int j = 0; j < nr; j++)
         {
             _Pragma("GCC unroll 4") for (int q = 0; q < 4; q++)
-            {
-                __m512 x = acc[r0 + j][q];
-                if (q == 2) {
-                    gx[j] = x;
-                    __m512 ac = _mm512_min_ps(_mm512_set1_ps(FL_TANH_CLAMP), _mm512_abs_ps(x));
-                    e[4 * j + q] = _mm512_add_ps(ac, ac);
-                } else {
-                    x = _mm512_max_ps(_mm512_set1_ps(-FL_SIG_CLAMP), x);
-                    x = _mm512_min_ps(_mm512_set1_ps(FL_SIG_CLAMP), x);
-                    e[4 * j + q] = _mm512_sub_ps(_mm512_setzero_ps(), x);
-                }
-            }
+                e[4 * j + q] = q == 2 ? tanh_exp_arg(acc[r0 + j][q]) : sig_exp_arg(acc[r0 + j][q]);
         }
         v_exp_n(4 * nr, e);
         _Pragma("GCC unroll 24") for (int k = 0; k < 4 * nr; k++)
@@ -159,20 +163,7 @@ AI void epilogue(const int R, __m512 acc[][4], float *c, ptrdiff_t ldc, float *h
         __m512 cn[EPI_ROWS], o[EPI_ROWS];
         _Pragma("GCC unroll 6") for (int j = 0; j < nr; j++)
         {
-            /* g = tanh(g): the large-|g| form from the reciprocal above */
-            __m512 x = gx[j];
-            __mmask16 small = _mm512_cmp_ps_mask(_mm512_abs_ps(x), _mm512_set1_ps(FL_TANH_SMALL), _CMP_LT_OQ);
-            __m512 z = _mm512_mul_ps(x, x);
-            __m512 p = _mm512_set1_ps(FL_TANH_T0);
-            p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(FL_TANH_T1));
-            p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(FL_TANH_T2));
-            p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(FL_TANH_T3));
-            p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(FL_TANH_T4));
-            __m512 ts = _mm512_fmadd_ps(_mm512_mul_ps(p, z), x, x);
-            __m512 tb = _mm512_fnmadd_ps(_mm512_set1_ps(2.0f), e[4 * j + 2], one);
-            __m512i sign = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32((int)0x80000000u));
-            tb = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(tb), sign));
-            __m512 g = _mm512_mask_blend_ps(small, tb, ts);
+            __m512 g = tanh_from_rcp(acc[r0 + j][2], e[4 * j + 2]);
             float *cr = c + (r0 + j) * ldc;
             __m512 cp = _mm512_maskz_loadu_ps(m, cr);
             cn[j] = _mm512_fmadd_ps(e[4 * j + 1], cp, _mm512_mul_ps(e[4 * j + 0], g));
@@ -287,23 +278,9 @@ AI void lstmx_r(const int R, int Kx, const float *X, ptrdiff_t ldx, const float 
     {
         acc[r][0] = b0; acc[r][1] = b1; acc[r][2] = b2; acc[r][3] = b3;
     }
-    {   /* the input projection, then h_{t-1}, continuing the same chains */
-        const float *A_ = A, *panel_ = panel;
-        const int K_ = K;
-        ptrdiff_t lda_ = lda;
-        {
-            const float *A = X, *panel = wx;
-            const int K = Kx;
-            const ptrdiff_t lda = ldx;
-            KLOOP(R)
-        }
-        if (A_) {
-            const float *A = A_, *panel = panel_;
-            const int K = K_;
-            const ptrdiff_t lda = lda_;
-            KLOOP(R)
-        }
-    }
+    /* the input projection, then h_{t-1}, continuing the same chains */
+    KLOOP_AT(R, X, ldx, wx, Kx)
+    if (A) KLOOP(R)
     epilogue(R, acc, c, ldc, h, ldh, nvalid, epi);
 }
 

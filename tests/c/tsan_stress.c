@@ -33,22 +33,31 @@ static void quantize_rows(const float *w, long rows, int K, int8_t *q, float *sc
     }
 }
 
+/* A float32 cell with random weights (input K, hidden H); its W_ih and W_hh
+ * are left in wih (4H x K) and whh (4H x H) for reduced-precision copies. */
+static fl_cell *random_cell(int K, int H, float *wih, float *whh)
+{
+    fl_cell_opts o;
+    fl_cell_opts_default(&o);
+    float *b = malloc(sizeof(float) * 4 * H);
+    for (long i = 0; i < 4L * H * K; i++) wih[i] = 0.6f * frand();
+    for (long i = 0; i < 4L * H * H; i++) whh[i] = 0.6f * frand();
+    for (int i = 0; i < 4 * H; i++) b[i] = 0.1f * frand();
+    fl_cell *cell = fl_cell_create(FL_F32, K, H, 0, wih, whh, b, NULL, NULL, &o);
+    free(b);
+    return cell;
+}
+
 /* wmode: 0 float32, 1 int8 W_hh + W_ih (16-bit codes), 2 the same with 8-bit
  * codes, 3 bfloat16 W_hh, 4 bfloat16 W_hh + W_ih with bfloat16 dot products. */
 static int run_config(int T, int N, int In, int H, int L, int D, int wmode, int use_len, int reps)
 {
-    fl_cell_opts o;
-    fl_cell_opts_default(&o);
     fl_cell *cells[8];
     int nc = L * D, Hout = H;
     for (int c = 0; c < nc; c++) {
         int K = c < D ? In : D * Hout;
         float *wih = malloc(sizeof(float) * 4 * H * K), *whh = malloc(sizeof(float) * 4 * H * H);
-        float *b = malloc(sizeof(float) * 4 * H);
-        for (long i = 0; i < 4L * H * K; i++) wih[i] = 0.6f * frand();
-        for (long i = 0; i < 4L * H * H; i++) whh[i] = 0.6f * frand();
-        for (int i = 0; i < 4 * H; i++) b[i] = 0.1f * frand();
-        cells[c] = fl_cell_create(FL_F32, K, H, 0, wih, whh, b, NULL, NULL, &o);
+        cells[c] = random_cell(K, H, wih, whh);
         if (!cells[c]) return 1;
         if (wmode == 1 || wmode == 2) {
             int8_t *q = malloc((size_t)4 * H * (K > H ? K : H));
@@ -81,7 +90,6 @@ static int run_config(int T, int N, int In, int H, int L, int D, int wmode, int 
         }
         free(wih);
         free(whh);
-        free(b);
     }
     size_t ny = (size_t)T * N * D * Hout;
     float *x = malloc(sizeof(float) * T * N * In), *y1 = calloc(ny, sizeof(float));
@@ -119,20 +127,13 @@ static int run_config(int T, int N, int In, int H, int L, int D, int wmode, int 
  * two-thread outputs must equal the one-thread ones step for step. */
 static int run_stream_config(int steps, int N, int In, int H, int L)
 {
-    fl_cell_opts o;
-    fl_cell_opts_default(&o);
     fl_cell *cells[8];
     for (int l = 0; l < L; l++) {
         int K = l ? H : In;
         float *wih = malloc(sizeof(float) * 4 * H * K), *whh = malloc(sizeof(float) * 4 * H * H);
-        float *b = malloc(sizeof(float) * 4 * H);
-        for (long i = 0; i < 4L * H * K; i++) wih[i] = 0.6f * frand();
-        for (long i = 0; i < 4L * H * H; i++) whh[i] = 0.6f * frand();
-        for (int i = 0; i < 4 * H; i++) b[i] = 0.1f * frand();
-        cells[l] = fl_cell_create(FL_F32, K, H, 0, wih, whh, b, NULL, NULL, &o);
+        cells[l] = random_cell(K, H, wih, whh);
         free(wih);
         free(whh);
-        free(b);
         if (!cells[l]) return 1;
     }
     float *x = malloc(sizeof(float) * steps * N * In);
