@@ -275,7 +275,7 @@ static void FN(thread_)(void *arg, int tid, int nt)
         /* A direction split: each thread runs its direction over every row
          * and block, without a barrier per step; both wait at the end of a
          * layer, whose output the next layer reads whole. */
-        if (split_dir && l > 0) fl_pool_barrier(nt);
+        if (split_dir && l > 0) fl_pool_barrier(tid, nt);
         for (int d = 0; d < D; d++) {
             if (split_dir && d != tid) continue;
             REAL *const Gd = cx->G + (split_dir ? d * cx->gstride : 0);
@@ -347,7 +347,7 @@ static void FN(thread_)(void *arg, int tid, int nt)
                             fl_quantize_h(xr, cell->in, ldx / 2, cell->act_bits,
                                           Qx + (ptrdiff_t)m * ldx, qxs + m);
                     }
-                    if (sync) fl_pool_barrier(nt);
+                    if (sync) fl_pool_barrier(tid, nt);
                     if (M > 0 && bf) {
                         if (tmaj)
                             input_gemm_b_(cell, (const uint16_t *)Qx, ldx, ga, (ptrdiff_t)N * ldg, ldg,
@@ -527,7 +527,7 @@ static void FN(thread_)(void *arg, int tid, int nt)
                                             nvalid, &epi, rs > n0 ? NULL : pf);
                     }
                     if (P) {
-                        if (sync) fl_pool_barrier(nt);
+                        if (sync) fl_pool_barrier(tid, nt);
                         REAL *yt = ydir + (ptrdiff_t)t * yst;
                         int pr1 = sync ? nact : r1, pr0 = sync ? 0 : n0;
                         for (int p = p0; p < p1; p++) {
@@ -546,7 +546,7 @@ static void FN(thread_)(void *arg, int tid, int nt)
                      * the other threads may still be reading (a stream keeps
                      * its state in place), so a thread must not write its
                      * columns of h_n before every thread is done with h0. */
-                    if (sync) fl_pool_barrier(nt);
+                    if (sync) fl_pool_barrier(tid, nt);
                 }
             }
             /* h_n: the state after each row's last processed step. */

@@ -286,7 +286,7 @@ static inline int fl_act_planes(const fl_cell *cell) { return cell->act_bits == 
 typedef void (*fl_task_fn)(void *arg, int tid, int nthreads);
 int fl_pool_run(fl_task_fn fn, void *arg, int nthreads);
 /* Barrier among the threads of the current fl_pool_run (between steps). */
-void fl_pool_barrier(int nthreads);
+void fl_pool_barrier(int tid, int nthreads);
 
 /* Scalar conversions of reduced-precision weights (portable paths, packing). */
 static inline float fl_f16_to_f32(uint16_t hbits)

@@ -9,9 +9,12 @@
  *   oversubscribe the cores.
  * - Idle workers spin briefly (a back-to-back call starts in microseconds),
  *   then sleep on a condition variable (no CPU burnt between calls).
- * - fl_pool_barrier(): counter + generation, spin with pause for ~40 us,
- *   then sleep on a futex (Linux; sched_yield elsewhere), so a thread whose
- *   partner was descheduled on a busy machine stops burning the core.
+ * - fl_pool_barrier(): each thread raises its own arrival epoch (a cache
+ *   line of its own) and waits for the others' (no shared counter), spinning
+ *   with pause for ~40 us, then sleeping on a futex (Linux; sched_yield
+ *   elsewhere), so a thread whose partner was descheduled on a busy machine
+ *   stops burning the core.  The end of a call is the same arrival, with
+ *   only the caller waiting.
  * - Congestion: the steps between two barriers are balanced, so a thread
  *   that waits there for more than FL_CONGESTED_NS (0.5 ms: a scheduler time
  *   slice, not noise) means a partner lost its core (other processes busy on
@@ -55,18 +58,50 @@ static pthread_mutex_t g_sleep_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t g_sleep_cond = PTHREAD_COND_INITIALIZER;
 static int g_nworkers = 0; /* guarded by g_call_lock */
 
-static fl_task_fn g_fn;
-static void *g_arg;
-static int g_nt;
-static atomic_uint g_seq;
-static atomic_int g_sleeping;
+/* Cache-line layout.  Between two cores a cache line moves in 70-280 ns on
+ * the VMs we measure on (a ping-pong round trip: 140-570 ns), so what one
+ * call moves between the cores is what a short call (a streaming step: a few
+ * microseconds) pays for.  Every group below has a line of its own:
+ *  - the job: written by the caller only, once per call (fn, arg, nt, base,
+ *    then seq last); idle workers poll seq, so a call moves this line once;
+ *  - one arrival epoch per thread: written by its thread only, read by the
+ *    others in a barrier (a barrier moves each thread's line once, all in
+ *    parallel: no shared counter that every arrival must own in turn);
+ *  - the sleep counters and the congestion statistics: written rarely, read
+ *    by every call from the caller's own cache.
+ * (Before, all of these shared one line with the barrier counter: a step's
+ * two barriers and the job publication bounced it between the cores several
+ * times per call.) */
+#define FL_LINE 64
+static struct {
+    _Alignas(FL_LINE) atomic_uint seq; /* job counter: a new job when it changes */
+    _Atomic(fl_task_fn) fn;
+    void *_Atomic arg;
+    atomic_int nt;
+    atomic_ullong base; /* the participants' arrival epoch when the job starts */
+} g_job;
 
-static atomic_int g_bar_count;
-static atomic_uint g_bar_gen;
-static atomic_int g_bar_sleepers;
-static atomic_llong g_congested_ns;   /* total of between-step barrier waits > FL_CONGESTED_NS */
-static atomic_llong g_solo_until;     /* monotonic ns; calls run alone before it */
-static atomic_uint g_congested_calls; /* calls after which the pool went solo */
+/* Arrival epochs, 64 bits (never wrap).  Thread tid's epoch counts the
+ * barriers it has arrived at; at a job's start every participant sets its own
+ * to the job's base, so within a job all participants count alike.  wake is
+ * the futex word a waiter sleeps on (futexes are 32 bits): bumped by its
+ * thread on arrival when someone sleeps. */
+typedef struct {
+    _Alignas(FL_LINE) atomic_ullong epoch;
+    atomic_uint wake;
+} fl_arrival;
+static fl_arrival g_arrival[FL_MAX_THREADS];
+
+static struct {
+    _Alignas(FL_LINE) atomic_int sleeping; /* idle workers asleep on g_sleep_cond */
+    atomic_int bar_sleepers;               /* barrier waiters asleep on a futex */
+} g_sleep;
+
+static struct {
+    _Alignas(FL_LINE) atomic_llong congested_ns; /* total of between-step barrier waits > FL_CONGESTED_NS */
+    atomic_llong solo_until;     /* monotonic ns; calls run alone before it */
+    atomic_uint congested_calls; /* calls after which the pool went solo */
+} g_stat;
 
 static long long mono_ns(void)
 {
@@ -75,7 +110,7 @@ static long long mono_ns(void)
     return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
-unsigned fl_pool_congested_calls(void) { return atomic_load(&g_congested_calls); }
+unsigned fl_pool_congested_calls(void) { return atomic_load(&g_stat.congested_calls); }
 
 static void bar_sleep(atomic_uint *word, unsigned val)
 {
@@ -127,7 +162,59 @@ void fl_num_threads_set(int n)
     atomic_store(&g_default_threads, n > 0 ? n : 0);
 }
 
-static void barrier_(int nthreads, int between_steps);
+/* Arrive at the next barrier: raise this thread's epoch (seq_cst: ordered
+ * before the read of the sleeper count, against a waiter's raise of that
+ * count before its re-check; see wait_arrivals) and wake sleepers. */
+static unsigned long long arrive_(int tid)
+{
+    unsigned long long e = atomic_load_explicit(&g_arrival[tid].epoch, memory_order_relaxed) + 1;
+    atomic_store(&g_arrival[tid].epoch, e); /* release: this thread's writes before it */
+    if (atomic_load(&g_sleep.bar_sleepers) > 0) {
+        atomic_fetch_add(&g_arrival[tid].wake, 1);
+        bar_wake(&g_arrival[tid].wake);
+    }
+    return e;
+}
+
+static int arrived_(int j, unsigned long long e)
+{
+    return (long long)(atomic_load_explicit(&g_arrival[j].epoch, memory_order_acquire) - e) >= 0;
+}
+
+/* Wait until threads 0..nthreads-1 (but tid) have arrived at epoch e: spin
+ * with pause for ~40 us, then sleep on the futex of the one awaited (a
+ * partner descheduled on a busy machine: stop burning the core). */
+static void wait_arrivals_(int tid, int nthreads, unsigned long long e, int between_steps)
+{
+    long long t_sleep = 0;
+    for (int j = 0; j < nthreads; j++) {
+        if (j == tid) continue;
+        int spins = 0;
+        while (!arrived_(j, e)) {
+            if (spins < FL_BARRIER_SPINS) {
+                spins++;
+                FL_PAUSE();
+                continue;
+            }
+            if (!t_sleep) t_sleep = mono_ns();
+            /* The sleeper count is raised before the epoch is re-read, and
+             * the arriver raises its epoch before reading the count (both
+             * seq_cst): either the arriver sees a sleeper and bumps wake
+             * (the futex call then returns at once or is woken), or the
+             * re-read below sees the arrival and we do not sleep. */
+            unsigned w = atomic_load(&g_arrival[j].wake);
+            atomic_fetch_add(&g_sleep.bar_sleepers, 1);
+            if (!arrived_(j, e)) bar_sleep(&g_arrival[j].wake, w);
+            atomic_fetch_sub(&g_sleep.bar_sleepers, 1);
+        }
+    }
+    /* Steps are balanced: a wait of a scheduler time slice means the partner
+     * was descheduled (ordinary imbalance and noise stay far below 0.5 ms). */
+    if (t_sleep && between_steps) {
+        long long w = mono_ns() - t_sleep;
+        if (w >= FL_CONGESTED_NS) atomic_fetch_add(&g_stat.congested_ns, w);
+    }
+}
 
 static void *worker_main(void *p)
 {
@@ -138,64 +225,46 @@ static void *worker_main(void *p)
     for (;;) {
         unsigned s;
         int spins = 0;
-        while ((s = atomic_load_explicit(&g_seq, memory_order_acquire)) == seen) {
+        while ((s = atomic_load_explicit(&g_job.seq, memory_order_acquire)) == seen) {
             if (spins < FL_IDLE_SPINS) {
                 spins++;
                 FL_PAUSE();
                 continue;
             }
             pthread_mutex_lock(&g_sleep_lock);
-            atomic_fetch_add(&g_sleeping, 1);
-            while (atomic_load(&g_seq) == seen) pthread_cond_wait(&g_sleep_cond, &g_sleep_lock);
-            atomic_fetch_sub(&g_sleeping, 1);
+            atomic_fetch_add(&g_sleep.sleeping, 1);
+            while (atomic_load(&g_job.seq) == seen) pthread_cond_wait(&g_sleep_cond, &g_sleep_lock);
+            atomic_fetch_sub(&g_sleep.sleeping, 1);
             pthread_mutex_unlock(&g_sleep_lock);
         }
+        /* Read the job, then check it is still job s: a worker that is not
+         * in job s (tid >= nt) does not hold the caller back, so the caller
+         * may already be publishing the next one (seqlock: read again). */
+        fl_task_fn fn = atomic_load_explicit(&g_job.fn, memory_order_relaxed);
+        void *arg = atomic_load_explicit(&g_job.arg, memory_order_relaxed);
+        int nt = atomic_load_explicit(&g_job.nt, memory_order_relaxed);
+        unsigned long long base = atomic_load_explicit(&g_job.base, memory_order_relaxed);
+        atomic_thread_fence(memory_order_acquire);
+        if (atomic_load_explicit(&g_job.seq, memory_order_relaxed) != s) continue; /* seen unchanged: reread */
         seen = s;
-        if (tid < g_nt) {
-            int nt = g_nt;
-            g_fn(g_arg, tid, nt);
-            barrier_(nt, 0); /* the caller returns once everyone is here */
+        if (tid < nt) {
+            /* Nobody reads this thread's epoch before it arrives in job s
+             * (the caller waits for an epoch above base). */
+            atomic_store_explicit(&g_arrival[tid].epoch, base, memory_order_relaxed);
+            fn(arg, tid, nt);
+            arrive_(tid); /* the caller returns once every participant is here */
         }
     }
     return NULL;
 }
 
-static void barrier_(int nthreads, int between_steps)
+/* The barrier between steps (tasks call this one). */
+void fl_pool_barrier(int tid, int nthreads)
 {
     if (nthreads <= 1) return;
-    unsigned gen = atomic_load(&g_bar_gen);
-    if (atomic_fetch_add(&g_bar_count, 1) == nthreads - 1) {
-        atomic_store(&g_bar_count, 0);
-        atomic_fetch_add(&g_bar_gen, 1);
-        if (atomic_load(&g_bar_sleepers) > 0) bar_wake(&g_bar_gen);
-        return;
-    }
-    int spins = 0;
-    long long t_sleep = 0;
-    while (atomic_load(&g_bar_gen) == gen) {
-        if (spins < FL_BARRIER_SPINS) {
-            spins++;
-            FL_PAUSE();
-        } else {
-            if (!t_sleep) t_sleep = mono_ns();
-            /* sleepers is raised before the generation is re-read (inside the
-             * futex call, atomically), so the last arriver either sees it and
-             * wakes us, or we see the new generation and do not sleep. */
-            atomic_fetch_add(&g_bar_sleepers, 1);
-            bar_sleep(&g_bar_gen, gen);
-            atomic_fetch_sub(&g_bar_sleepers, 1);
-        }
-    }
-    /* Steps are balanced: a wait of a scheduler time slice means the partner
-     * was descheduled (ordinary imbalance and noise stay far below 0.5 ms). */
-    if (t_sleep && between_steps) {
-        long long w = mono_ns() - t_sleep;
-        if (w >= FL_CONGESTED_NS) atomic_fetch_add(&g_congested_ns, w);
-    }
+    unsigned long long e = arrive_(tid);
+    wait_arrivals_(tid, nthreads, e, 1);
 }
-
-/* The barrier between steps (tasks call this one). */
-void fl_pool_barrier(int nthreads) { barrier_(nthreads, 1); }
 
 /* After fork() only the forking thread exists in the child: forget the
  * workers (they are recreated on demand) and reset the locks. */
@@ -205,7 +274,7 @@ static void pool_atfork_child(void)
     pthread_mutex_init(&g_sleep_lock, NULL);
     pthread_cond_init(&g_sleep_cond, NULL);
     g_nworkers = 0;
-    atomic_store(&g_sleeping, 0);
+    atomic_store(&g_sleep.sleeping, 0);
 }
 
 static pthread_once_t g_atfork_once = PTHREAD_ONCE_INIT;
@@ -215,9 +284,9 @@ int fl_pool_run(fl_task_fn fn, void *arg, int nthreads)
 {
     if (nthreads > FL_MAX_THREADS) nthreads = FL_MAX_THREADS;
     pthread_once(&g_atfork_once, pool_register_atfork);
-    if (nthreads > 1 && atomic_load_explicit(&g_solo_until, memory_order_relaxed) != 0) {
-        if (mono_ns() < atomic_load(&g_solo_until)) nthreads = 1; /* congested: alone */
-        else atomic_store(&g_solo_until, 0);
+    if (nthreads > 1 && atomic_load_explicit(&g_stat.solo_until, memory_order_relaxed) != 0) {
+        if (mono_ns() < atomic_load(&g_stat.solo_until)) nthreads = 1; /* congested: alone */
+        else atomic_store(&g_stat.solo_until, 0);
     }
     if (nthreads <= 1 || pthread_mutex_trylock(&g_call_lock) != 0) {
         fn(arg, 0, 1);
@@ -226,7 +295,7 @@ int fl_pool_run(fl_task_fn fn, void *arg, int nthreads)
     while (g_nworkers < nthreads - 1) {
         pthread_t th;
         pthread_attr_t attr;
-        g_start_seq[g_nworkers + 1] = atomic_load(&g_seq);
+        g_start_seq[g_nworkers + 1] = atomic_load(&g_job.seq);
         pthread_attr_init(&attr);
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
         int rc = pthread_create(&th, &attr, worker_main, (void *)(intptr_t)(g_nworkers + 1));
@@ -240,27 +309,31 @@ int fl_pool_run(fl_task_fn fn, void *arg, int nthreads)
         fn(arg, 0, 1);
         return 1;
     }
-    g_fn = fn;
-    g_arg = arg;
-    g_nt = nthreads;
-    atomic_store(&g_bar_count, 0);
-    atomic_fetch_add_explicit(&g_seq, 1, memory_order_seq_cst);
-    if (atomic_load(&g_sleeping) > 0) {
+    /* The caller is thread 0 of every job (whichever Python thread it is):
+     * its epoch is the pool's, and every participant starts from it. */
+    unsigned long long base = atomic_load_explicit(&g_arrival[0].epoch, memory_order_relaxed);
+    atomic_store_explicit(&g_job.fn, fn, memory_order_relaxed);
+    atomic_store_explicit(&g_job.arg, arg, memory_order_relaxed);
+    atomic_store_explicit(&g_job.nt, nthreads, memory_order_relaxed);
+    atomic_store_explicit(&g_job.base, base, memory_order_relaxed);
+    atomic_fetch_add_explicit(&g_job.seq, 1, memory_order_seq_cst); /* publishes the fields */
+    if (atomic_load(&g_sleep.sleeping) > 0) {
         pthread_mutex_lock(&g_sleep_lock);
         pthread_cond_broadcast(&g_sleep_cond);
         pthread_mutex_unlock(&g_sleep_lock);
     }
-    long long waits0 = atomic_load(&g_congested_ns), t0 = mono_ns();
+    long long waits0 = atomic_load_explicit(&g_stat.congested_ns, memory_order_relaxed), t0 = mono_ns();
     fn(arg, 0, nthreads);
     /* Wait for the workers (this wait may be long when the split is uneven:
-     * it does not count as congestion). */
-    barrier_(nthreads, 0);
-    long long waited = atomic_load(&g_congested_ns) - waits0;
+     * it does not count as congestion).  The workers do not wait for us. */
+    unsigned long long e = arrive_(0);
+    wait_arrivals_(0, nthreads, e, 0);
+    long long waited = atomic_load(&g_stat.congested_ns) - waits0;
     if (waited > 0) {
         long long t1 = mono_ns();
         if (3 * waited > t1 - t0) { /* several threads' waits can add up */
-            atomic_store(&g_solo_until, t1 + FL_SOLO_NS);
-            atomic_fetch_add(&g_congested_calls, 1);
+            atomic_store(&g_stat.solo_until, t1 + FL_SOLO_NS);
+            atomic_fetch_add(&g_stat.congested_calls, 1);
         }
     }
     pthread_mutex_unlock(&g_call_lock);

@@ -8,9 +8,11 @@
  * time steps beyond one input-projection chunk, several layers, both
  * directions, lengths, and the reduced-precision paths (int8 W_hh and W_ih
  * with 16- and 8-bit codes, bfloat16 with float32 and with bfloat16
- * activations).
+ * activations).  A pool stress runs jobs of 2-4 threads in turn (workers
+ * left out of a job while the next is published) and two callers at once.
  */
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -165,9 +167,65 @@ static int run_stream_config(int steps, int N, int In, int H, int L)
     return bad;
 }
 
+/* The pool alone: each thread writes its slot, waits at a barrier, then
+ * checks every slot; several rounds per job; thread counts changing from job
+ * to job (a worker left out of one job must not run it, nor miss the next),
+ * and a second caller at the same time (it runs alone: the pool is busy). */
+#define POOL_ROUNDS 5
+typedef struct { int vals[FL_MAX_THREADS]; int job; int bad; int ran[FL_MAX_THREADS]; } pool_job;
+
+static void pool_task(void *arg, int tid, int nt)
+{
+    pool_job *pj = (pool_job *)arg;
+    pj->ran[tid]++;
+    for (int r = 0; r < POOL_ROUNDS; r++) {
+        pj->vals[tid] = pj->job * 100 + r;
+        fl_pool_barrier(tid, nt);
+        for (int j = 0; j < nt; j++)
+            if (pj->vals[j] != pj->job * 100 + r) pj->bad = 1; /* a thread ahead or behind */
+        fl_pool_barrier(tid, nt); /* nobody overwrites a slot still being checked */
+    }
+}
+
+static int pool_jobs(int njobs, int seed)
+{
+    int fail = 0;
+    for (int k = 0; k < njobs; k++) {
+        pool_job pj;
+        memset(&pj, 0, sizeof pj);
+        pj.job = k;
+        int want = 2 + (k * 7 + seed) % 3; /* 2, 3 or 4 threads */
+        int used = fl_pool_run(pool_task, &pj, want);
+        if (pj.bad) fail = 1;
+        for (int t = 0; t < FL_MAX_THREADS; t++)
+            if (pj.ran[t] != (t < used ? 1 : 0)) fail = 1; /* each participant exactly once */
+    }
+    return fail;
+}
+
+static void *pool_caller(void *p)
+{
+    (void)p;
+    return (void *)(intptr_t)pool_jobs(300, 1);
+}
+
+static int run_pool_stress(void)
+{
+    int fail = pool_jobs(300, 0);
+    pthread_t th;
+    if (pthread_create(&th, NULL, pool_caller, NULL) != 0) return 1;
+    fail |= pool_jobs(300, 2);
+    void *r;
+    pthread_join(th, &r);
+    fail |= r != NULL;
+    printf("pool: jobs of 2-4 threads, two callers: %s\n", fail ? "FAILED" : "ok");
+    return fail;
+}
+
 int main(void)
 {
     int fail = 0;
+    fail |= run_pool_stress();
     /* T beyond one chunk (the G chunk is about 48 rows at least: T * N >> 48) */
     for (int wmode = 0; wmode < 5; wmode++) {
         fail |= run_config(130, 5, 25, 58, 2, 1, wmode, 0, 4);  /* small steps: batch split */
