@@ -321,8 +321,24 @@ static void lstmb_avx2(int R, int K, const uint16_t *B, ptrdiff_t ldb, const voi
     }
 }
 
+/* One time step with its input projection fused (fl_lstmx_f32): bias, the
+ * Kx input rows, then the K rows of h_{t-1}, continuing the same chains --
+ * gemm's G then lstm's reload of it, bit for bit, without G's round trip. */
+static void lstmx_avx2(int R, int Kx, const float *X, ptrdiff_t ldx, const float *wx,
+                       const float *bias, int K, const float *A, ptrdiff_t lda, const float *panel,
+                       float *c, ptrdiff_t ldc, float *h, ptrdiff_t ldh, int nvalid, const fl_epi *epi)
+{
+    for (int r = 0; r < R; r++) {
+        __m256 acc[8];
+        for (int q = 0; q < 8; q++) acc[q] = _mm256_loadu_ps(bias + 8 * q);
+        dot(Kx, X + r * ldx, wx, acc);
+        if (A) dot(K, A + r * lda, panel, acc);
+        epilogue1(acc, c + r * ldc, ldc, h + r * ldh, ldh, nvalid, epi);
+    }
+}
+
 const fl_kernels_f32 fl_kernels_f32_avx2 = {1, gemm_avx2, lstm_avx2, lstmq_avx2, NULL, lstmi8_avx2,
-                                          lstmb_avx2, NULL, NULL, "avx2"};
+                                          lstmb_avx2, NULL, lstmx_avx2, "avx2"};
 
 #if defined(__clang__)
 #pragma clang attribute pop
