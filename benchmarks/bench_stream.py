@@ -10,6 +10,10 @@ carries (h, c) from one call to the next, as a real-time loop must:
                   (x_t: NumPy (1, H); the state stays inside the stream; with
                   n > 1 every step is split across the threads, which spin
                   between back-to-back steps)
+  fastlstm step(out=)
+                  ``s.step(x_t, out=y)``: the same stream writing into one
+                  preallocated y (no allocation per step; called through a
+                  lambda), for reference
   fastlstm call   ``y, (h, c) = m(x_t[None], (h, c), num_threads=n)``: the
                   one-shot API at T=1, for reference (not a peer)
   fastlstm bf16 / int8 step
@@ -60,10 +64,10 @@ if HERE not in sys.path:
 import peers  # noqa: E402
 from run_all import SETTLE_S, time_interleaved  # noqa: E402
 
-ENGINES = ("fastlstm", "fastlstm_call", "fastlstm_bf16", "fastlstm_int8", "torch", "torch_nodnn",
+ENGINES = ("fastlstm", "fastlstm_out", "fastlstm_call", "fastlstm_bf16", "fastlstm_int8", "torch", "torch_nodnn",
            "torch_cell", "onnxruntime")
 PEERS = ("torch", "torch_nodnn", "onnxruntime")  # speedup: against the fastest of these
-LABEL = {"fastlstm": "fastlstm step", "fastlstm_call": "fastlstm m(x, hx)",
+LABEL = {"fastlstm": "fastlstm step", "fastlstm_out": "fastlstm step(out=)", "fastlstm_call": "fastlstm m(x, hx)",
          "torch": "torch nn.LSTM", "torch_nodnn": "torch nn.LSTM oneDNN off",
          "torch_cell": "torch LSTMCell", "onnxruntime": "ORT",
          "fastlstm_bf16": "fastlstm bf16 step", "fastlstm_int8": "fastlstm int8 step"}
@@ -92,6 +96,14 @@ def make_fastlstm(module, threads):
     s = m.stream(1, num_threads=threads)
     return StepRunner("fastlstm", s.step, lambda x: np.ascontiguousarray(x, np.float32),
                       s.reset, threads, {"isa": fastlstm.cpu_info()["isa"]})
+
+
+def make_fastlstm_out(module, threads):
+    import fastlstm
+    s = fastlstm.LSTM.from_torch(module).stream(1, num_threads=threads)
+    y = np.empty((1, module.hidden_size), np.float32)
+    return StepRunner("fastlstm_out", lambda x: s.step(x, out=y),
+                      lambda x: np.ascontiguousarray(x, np.float32), s.reset, threads)
 
 
 def _make_fastlstm_reduced(precision, name):
@@ -226,7 +238,7 @@ def make_ort(module, threads):
                       {"providers": sess.get_providers(), "api": "InferenceSession.run"})
 
 
-MAKERS = {"fastlstm": make_fastlstm, "fastlstm_call": make_fastlstm_call,
+MAKERS = {"fastlstm": make_fastlstm, "fastlstm_out": make_fastlstm_out, "fastlstm_call": make_fastlstm_call,
           "fastlstm_bf16": _make_fastlstm_reduced("bfloat16", "fastlstm_bf16"),
           "fastlstm_int8": _make_fastlstm_reduced("int8", "fastlstm_int8"), "torch": make_torch,
           "torch_nodnn": make_torch_nodnn, "torch_cell": make_torch_cell, "onnxruntime": make_ort}

@@ -258,11 +258,12 @@ cdef class StreamStep:
     """The fast path of ``Stream.step``: one time step of a unidirectional
     stack with the state kept in place (h and c arrays of the stream).
 
-    ``step(x)`` accepts only what needs no conversion -- an exact ndarray of
-    the model's dtype, C-contiguous and aligned, of shape (N, In) (or (In,)
-    when N == 1) -- and returns the new output array, or None when x is
-    anything else (the Python layer then converts or raises a clear error and
-    calls again).  It reads ``model._stack`` on every call, so a weight swap
+    ``step(x, out=None)`` accepts only what needs no conversion -- an exact
+    ndarray of the model's dtype, C-contiguous and aligned, of shape (N, In)
+    (or (In,) when N == 1), and an ``out`` that is exactly the array it would
+    return -- and returns the output (a new array, or ``out``), or None when
+    either is anything else (the Python layer then converts x or raises a
+    clear error, and calls again).  It reads ``model._stack`` on every call, so a weight swap
     on the model (copy-on-write) is seen by the next step."""
     cdef object model
     cdef Stack stack
@@ -287,11 +288,13 @@ cdef class StreamStep:
         self.stack = stack
         return 0
 
-    def step(self, x):
-        cdef cnp.ndarray a, out
+    def step(self, x, out=None):
+        cdef cnp.ndarray a, y
         cdef cnp.npy_intp dims[2]
         cdef fl_io io
         cdef int rc, nd
+        cdef char *lo
+        cdef char *hi
         if not cnp.PyArray_CheckExact(x):
             return None
         a = <cnp.ndarray>x
@@ -313,13 +316,31 @@ cdef class StreamStep:
             dims[1] = self.Hout
         else:
             return None
-        out = cnp.PyArray_EMPTY(nd, dims, self.type_num, 0)
+        if out is None:
+            y = cnp.PyArray_EMPTY(nd, dims, self.type_num, 0)
+        else:
+            # out: exactly the array the step would return (dtype, shape, C
+            # order, aligned, writeable), overlapping neither x nor the state
+            # (the kernel reads all of x and h while it writes y block by
+            # block); anything else goes to the slow path, which says why.
+            if not cnp.PyArray_CheckExact(out):
+                return None
+            y = <cnp.ndarray>out
+            if (cnp.PyArray_TYPE(y) != self.type_num or not cnp.PyArray_IS_C_CONTIGUOUS(y)
+                    or not cnp.PyArray_ISALIGNED(y) or not cnp.PyArray_ISNOTSWAPPED(y)
+                    or not cnp.PyArray_ISWRITEABLE(y) or cnp.PyArray_NDIM(y) != nd
+                    or y.shape[0] != dims[0] or (nd == 2 and y.shape[1] != dims[1])):
+                return None
+            lo = <char *>cnp.PyArray_DATA(y)
+            hi = lo + cnp.PyArray_NBYTES(y)
+            if (_overlaps(lo, hi, a) or _overlaps(lo, hi, self.h) or _overlaps(lo, hi, self.c)):
+                return None
         io.T = 1
         io.N = self.N
         io.x = cnp.PyArray_DATA(a)
         io.x_st = <Py_ssize_t>self.N * self.In
         io.x_sn = self.In
-        io.y = cnp.PyArray_DATA(out)
+        io.y = cnp.PyArray_DATA(y)
         io.y_st = <Py_ssize_t>self.N * self.Hout
         io.y_sn = self.Hout
         io.h0 = cnp.PyArray_DATA(self.h)
@@ -339,7 +360,13 @@ cdef class StreamStep:
             rc = fl_forward(cells, L, 1, &io, wsp, nt)
         if rc != 0:
             raise RuntimeError(f"fastlstm: internal error {rc} in fl_forward")
-        return out
+        return y
+
+
+cdef inline bint _overlaps(char *lo, char *hi, cnp.ndarray b):
+    """Whether [lo, hi) meets the bytes of the C-contiguous array b."""
+    cdef char *blo = <char *>cnp.PyArray_DATA(b)
+    return lo < blo + cnp.PyArray_NBYTES(b) and blo < hi
 
 
 # ======================================================================

@@ -91,16 +91,20 @@ class Stream:
         self._c[:, idx] = 0
 
     # ------------------------------------------------------------------ run
-    def step(self, x_t):
-        """One time step: x_t (batch, input_size) -> y_t (batch, output_size),
-        a new array.  A batch-1 stream also takes x_t of shape (input_size,)
-        and then returns (output_size,)."""
-        y = self._fast.step(x_t)  # None unless x_t is ready for the engine as it is
+    def step(self, x_t, out=None):
+        """One time step: x_t (batch, input_size) -> y_t (batch, output_size).
+        A batch-1 stream also takes x_t of shape (input_size,) and then
+        returns (output_size,).
+
+        y_t is a new array, or ``out`` when given: an array exactly like the
+        one step would return (the model's dtype, that shape, C-contiguous,
+        writeable), not overlapping x_t; the step then allocates nothing."""
+        y = self._fast.step(x_t, out)  # None unless x_t and out are ready for the engine as they are
         if y is None:
-            y = self._step_slow(x_t)
+            y = self._step_slow(x_t, out)
         return y
 
-    def _step_slow(self, x_t):
+    def _step_slow(self, x_t, out):
         m = self.model
         x_t = _as_real(x_t, "x_t", m.dtype)
         squeeze = x_t.ndim == 1 and self.batch == 1
@@ -108,7 +112,23 @@ class Stream:
         if x_t.shape != want:
             raise ShapeError(
                 f"x_t: expected shape ({self.batch}, {m.input_size}), got {x_t.shape}")
-        y = self._fast.step(np.require(x_t, requirements=["C", "A"]))
+        x_t = np.require(x_t, requirements=["C", "A"])
+        if out is not None:
+            want_y = (m.output_size,) if squeeze else (self.batch, m.output_size)
+            if type(out) is not np.ndarray:
+                raise TypeError(f"out: expected a numpy.ndarray, got {type(out).__name__}")
+            if out.dtype != m.dtype:
+                raise TypeError(f"out: expected dtype {m.dtype}, got {out.dtype}")
+            if out.shape != want_y:
+                raise ShapeError(f"out: expected shape {want_y}, got {out.shape}")
+            if not (out.flags.c_contiguous and out.flags.aligned and out.flags.writeable
+                    and out.dtype.isnative):
+                raise ValueError("out: must be C-contiguous, aligned, writeable and in native byte order")
+            if np.may_share_memory(out, x_t):
+                raise ValueError("out: must not overlap x_t (the step reads all of x_t while it writes out)")
+            if np.may_share_memory(out, self._h) or np.may_share_memory(out, self._c):
+                raise ValueError("out: must not overlap the stream's state")
+        y = self._fast.step(x_t, out)
         if y is None:  # pragma: no cover - the checks above are the fast path's
             raise RuntimeError("fastlstm: internal error in Stream.step")
         return y

@@ -297,3 +297,60 @@ def test_one_step_call_equals_longer_call_bitwise(cfg, isa):
             y2, (h2, c2) = m(x, hx, lengths=[1] * N, num_threads=nt)
             assert np.array_equal(y1[0], y2[0]), f"threads={nt} hx={hx is not None}"
             assert np.array_equal(h1, h2) and np.array_equal(c1, c2)
+
+
+@pytest.mark.parametrize("nt", THREADS)
+@pytest.mark.parametrize("batch,proj", [(1, 0), (3, 0), (2, 5)])
+def test_step_out_is_written_and_returned(nt, batch, proj):
+    """step(x_t, out=y) writes y in place, returns it, and gives bitwise the
+    outputs of the allocating step (also when x_t needs a conversion)."""
+    rng = np.random.default_rng(40 + batch)
+    m = fastlstm.LSTM(6, 20, num_layers=2, proj_size=proj, seed=4)
+    x = rng.standard_normal((7, batch, 6)).astype(np.float32)
+    ref = m.stream(batch, num_threads=nt)
+    want = [ref.step(x[t]) for t in range(7)]
+    s = m.stream(batch, num_threads=nt)
+    y = np.full((batch, m.output_size), np.nan, np.float32)
+    for t in range(7):
+        xt = x[t] if t % 2 == 0 else np.asfortranarray(x[t].astype(np.float64))  # slow path too
+        got = s.step(xt, out=y)
+        assert got is y
+        assert np.array_equal(y, want[t]), f"t={t}"
+    if batch == 1:  # the 1-D form
+        s1 = m.stream(1, num_threads=nt)
+        y1 = np.empty(m.output_size, np.float32)
+        assert s1.step(x[0, 0], out=y1) is y1 and np.array_equal(y1, want[0][0])
+
+
+def test_step_out_refuses_bad_arrays():
+    m = fastlstm.LSTM(4, 6, seed=5)
+    s = m.stream(2, num_threads=1)
+    x = np.ones((2, 4), np.float32)
+    h0 = s.state
+    bad = [
+        ([[0.0] * 6] * 2, TypeError, "out: expected a numpy.ndarray"),
+        (np.empty((2, 6), np.float64), TypeError, "out: expected dtype float32"),
+        (np.empty((2, 6), ">f4"), TypeError, "out: expected dtype float32"),
+        (np.empty((6, 2), np.float32), ShapeError, r"out: expected shape \(2, 6\)"),
+        (np.empty((2, 6, 1), np.float32), ShapeError, "out: expected shape"),
+        (np.empty((2, 12), np.float32)[:, ::2], ValueError, "out: must be C-contiguous"),
+        (np.empty((6, 2), np.float32).T, ValueError, "out: must be C-contiguous"),
+    ]
+    ro = np.empty((2, 6), np.float32)
+    ro.flags.writeable = False
+    bad.append((ro, ValueError, "writeable"))
+    for out, exc, msg in bad:
+        with pytest.raises(exc, match=msg):
+            s.step(x, out=out)
+    # out overlapping x_t (input = hidden here): refused, nothing written
+    m2 = fastlstm.LSTM(6, 6, seed=6)
+    s2 = m2.stream(1, num_threads=1)
+    xy = np.ones(6, np.float32)
+    with pytest.raises(ValueError, match="out: must not overlap x_t"):
+        s2.step(xy, out=xy)
+    assert np.array_equal(xy, np.ones(6, np.float32))
+    with pytest.raises(ValueError, match="out: must not overlap the stream's state"):
+        s.step(x, out=s._h[0])  # only reachable through a private attribute
+    # a refused out leaves the state as it was
+    for a, b in zip(s.state, h0):
+        assert np.array_equal(a, b)
