@@ -363,6 +363,50 @@ cdef class StreamStep:
         return y
 
 
+def stream_loop_ns(StreamStep ss, x, y, int n):
+    """Benchmark helper (benchmarks/stream_breakdown.py): n steps of the
+    stream ``ss`` on input x into y, back to back inside C (one GIL release
+    for all of them), as ``ss.step(x, y)`` would run them; returns the mean
+    ns per step.  x and y must be what the fast path of step takes (checked
+    by running one step through it first)."""
+    if n < 1:
+        raise ValueError("n: expected a positive count")
+    if ss.step(x, y) is None:
+        raise ValueError("x, y: expected the arrays Stream.step(x, out=y) takes without conversion")
+    cdef cnp.ndarray a = <cnp.ndarray>x, b = <cnp.ndarray>y
+    cdef fl_io io
+    io.T = 1
+    io.N = ss.N
+    io.x = cnp.PyArray_DATA(a)
+    io.x_st = <Py_ssize_t>ss.N * ss.In
+    io.x_sn = ss.In
+    io.y = cnp.PyArray_DATA(b)
+    io.y_st = <Py_ssize_t>ss.N * ss.Hout
+    io.y_sn = ss.Hout
+    io.h0 = cnp.PyArray_DATA(ss.h)
+    io.hn = cnp.PyArray_DATA(ss.h)
+    io.c0 = cnp.PyArray_DATA(ss.c)
+    io.cn = cnp.PyArray_DATA(ss.c)
+    io.lengths = NULL
+    io.eager_threads = ss.eager
+    cdef Stack stk = ss.stack
+    cdef cnp.ndarray ws = ss.ws
+    cdef void *wsp = cnp.PyArray_DATA(ws)
+    cdef fl_cell **cells = stk.cells
+    cdef int L = stk.layers, nt = ss.nthreads, i, rc = 0
+    import time
+    t0 = time.perf_counter_ns()
+    with nogil:
+        for i in range(n):
+            rc = fl_forward(cells, L, 1, &io, wsp, nt)
+            if rc != 0:
+                break
+    t1 = time.perf_counter_ns()
+    if rc != 0:
+        raise RuntimeError(f"fastlstm: internal error {rc} in fl_forward")
+    return (t1 - t0) / n
+
+
 cdef inline bint _overlaps(char *lo, char *hi, cnp.ndarray b):
     """Whether [lo, hi) meets the bytes of the C-contiguous array b."""
     cdef char *blo = <char *>cnp.PyArray_DATA(b)

@@ -354,3 +354,25 @@ def test_step_out_refuses_bad_arrays():
     # a refused out leaves the state as it was
     for a, b in zip(s.state, h0):
         assert np.array_equal(a, b)
+
+
+def test_stream_loop_ns_runs_the_steps():
+    """The benchmark helper behind benchmarks/stream_breakdown.py runs n real
+    steps: the state afterwards is bitwise that of n calls of step."""
+    from fastlstm import _engine
+    m = fastlstm.LSTM(5, 12, num_layers=2, seed=8)
+    x = np.random.default_rng(8).standard_normal(5).astype(np.float32)
+    ref = m.stream(1, num_threads=1)
+    for _ in range(1 + 7):  # stream_loop_ns runs one checked step, then n = 7
+        want = ref.step(x)
+    s = m.stream(1, num_threads=1)
+    y = np.empty(12, np.float32)
+    ns = _engine.stream_loop_ns(s._fast, x, y, 7)
+    assert ns > 0
+    assert np.array_equal(y, want)
+    for a, b in zip(s.state, ref.state):
+        assert np.array_equal(a, b)
+    with pytest.raises(ValueError, match="x, y"):
+        _engine.stream_loop_ns(s._fast, x.astype(np.float64), y, 3)
+    with pytest.raises(ValueError, match="n:"):
+        _engine.stream_loop_ns(s._fast, x, y, 0)
