@@ -2,9 +2,15 @@
  * AVX2 + FMA float32 kernels.  Compiled for that target through the pragma
  * below; run only when dispatch saw AVX2, FMA and OS support for ymm state.
  *
- * A block's 64 columns are 8 ymm; with 16 ymm registers one batch row per
- * call (8 accumulators, weights taken as memory operands) is the blocking
- * that does not spill.  Same formulas and constants as fl_math.h.
+ * A block's 64 columns are 8 ymm.  One row: 8 accumulators over the whole
+ * block in one pass over K (weights as memory operands).  R = 2..6 rows
+ * (RMAX): a register tile of R rows x V ymm (V = 4 for R <= 3, else 2:
+ * 8-12 accumulators, enough independent FMA chains to cover the FMA
+ * latency, and each weight load feeds R FMAs instead of one), 8 / V passes
+ * over K, each reading its own 32 or 64 bytes of every panel row, so the
+ * panel is still read once.  Every column is still one chain in k order
+ * from its initial value: bitwise the sums of one row at a time (and of the
+ * portable kernels).  Same formulas and constants as fl_math.h.
  */
 #include "../fl_internal.h"
 #include "../fl_math.h"
@@ -129,6 +135,60 @@ static __m256i tail_mask(int n)
     return _mm256_loadu_si256((const __m256i *)m);
 }
 
+#define RMAX 6
+
+/* acc[r][v] += A[r][k] * p[k * FL_PW + 8 v], k < K: R rows x V ymm of one
+ * pass (p: the panel at the pass's first column). */
+AI void tile_rv(const int R, const int V, int K, const float *A, ptrdiff_t lda, const float *p,
+                __m256 acc[RMAX][4])
+{
+    for (int k = 0; k < K; k++) {
+        const float *w = p + (size_t)k * FL_PW;
+        __m256 b[4];
+        _Pragma("GCC unroll 4") for (int v = 0; v < V; v++) b[v] = _mm256_load_ps(w + 8 * v);
+        _Pragma("GCC unroll 6") for (int r = 0; r < R; r++)
+        {
+            const __m256 a = _mm256_broadcast_ss(A + r * lda + k);
+            _Pragma("GCC unroll 4") for (int v = 0; v < V; v++) acc[r][v] = _mm256_fmadd_ps(a, b[v], acc[r][v]);
+        }
+    }
+}
+
+/* R >= 2 rows of pre-activations of a whole block into pre[r][64]: each
+ * pass's columns start from init (row stride ldi, 0: one row for all; NULL:
+ * zero), then sum A1's K1 rows and A2's K2 rows (A2 may be NULL). */
+AI void block_rv(const int R, const int V, const float *init, ptrdiff_t ldi,
+                 int K1, const float *A1, ptrdiff_t lda1, const float *p1,
+                 int K2, const float *A2, ptrdiff_t lda2, const float *p2,
+                 float pre[RMAX][FL_PW], int ncols)
+{
+    for (int c0 = 0; c0 < ncols; c0 += 8 * V) {
+        __m256 acc[RMAX][4];
+        _Pragma("GCC unroll 6") for (int r = 0; r < R; r++)
+            _Pragma("GCC unroll 4") for (int v = 0; v < V; v++)
+                acc[r][v] = init ? _mm256_loadu_ps(init + r * ldi + c0 + 8 * v) : _mm256_setzero_ps();
+        tile_rv(R, V, K1, A1, lda1, p1 + c0, acc);
+        if (A2) tile_rv(R, V, K2, A2, lda2, p2 + c0, acc);
+        _Pragma("GCC unroll 6") for (int r = 0; r < R; r++)
+            _Pragma("GCC unroll 4") for (int v = 0; v < V; v++)
+                _mm256_store_ps(pre[r] + c0 + 8 * v, acc[r][v]);
+    }
+}
+
+/* block_rv for R = 2..RMAX rows, V by R (see the top of the file). */
+static void block_r(int R, const float *init, ptrdiff_t ldi, int K1, const float *A1, ptrdiff_t lda1,
+                    const float *p1, int K2, const float *A2, ptrdiff_t lda2, const float *p2,
+                    float pre[RMAX][FL_PW], int ncols)
+{
+    switch (R) {
+    case 2: block_rv(2, 4, init, ldi, K1, A1, lda1, p1, K2, A2, lda2, p2, pre, ncols); break;
+    case 3: block_rv(3, 4, init, ldi, K1, A1, lda1, p1, K2, A2, lda2, p2, pre, ncols); break;
+    case 4: block_rv(4, 2, init, ldi, K1, A1, lda1, p1, K2, A2, lda2, p2, pre, ncols); break;
+    case 5: block_rv(5, 2, init, ldi, K1, A1, lda1, p1, K2, A2, lda2, p2, pre, ncols); break;
+    default: block_rv(6, 2, init, ldi, K1, A1, lda1, p1, K2, A2, lda2, p2, pre, ncols); break;
+    }
+}
+
 /* The gate math on one row of pre-activations (i, f, g, o x 16 lanes). */
 static inline __attribute__((always_inline)) void epilogue1(__m256 acc[8], float *cr, ptrdiff_t ldc,
                                                            float *hr, ptrdiff_t ldh, int nvalid,
@@ -170,6 +230,20 @@ static inline __attribute__((always_inline)) void epilogue1(__m256 acc[8], float
 static void gemm_avx2(int R, int K, const float *A, ptrdiff_t lda, const float *panel,
                       const float *init, ptrdiff_t ldi, float *out, ptrdiff_t ldo, int ncols)
 {
+    if (R >= 2) {
+        float pre[RMAX][FL_PW] __attribute__((aligned(32)));
+        /* whole passes (a projection's last block may be narrower) */
+        block_r(R, init, ldi, K, A, lda, panel, 0, NULL, 0, NULL, pre, ncols);
+        for (int r = 0; r < R; r++) {
+            float *o = out + r * ldo;
+            for (int q = 0; q < 8; q++) {
+                int n = ncols - 8 * q;
+                if (n >= 8) _mm256_storeu_ps(o + 8 * q, _mm256_load_ps(pre[r] + 8 * q));
+                else if (n > 0) _mm256_maskstore_ps(o + 8 * q, tail_mask(n), _mm256_load_ps(pre[r] + 8 * q));
+            }
+        }
+        return;
+    }
     for (int r = 0; r < R; r++) {
         __m256 acc[8];
         for (int q = 0; q < 8; q++)
@@ -188,6 +262,16 @@ static void lstm_avx2(int R, int K, const float *A, ptrdiff_t lda, const float *
                       const float *G, ptrdiff_t ldg, float *c, ptrdiff_t ldc, float *h,
                       ptrdiff_t ldh, int nvalid, const fl_epi *epi)
 {
+    if (R >= 2 && A) {
+        float pre[RMAX][FL_PW] __attribute__((aligned(32)));
+        block_r(R, G, ldg, K, A, lda, panel, 0, NULL, 0, NULL, pre, FL_PW);
+        for (int r = 0; r < R; r++) {
+            __m256 acc[8];
+            for (int q = 0; q < 8; q++) acc[q] = _mm256_load_ps(pre[r] + 8 * q);
+            epilogue1(acc, c + r * ldc, ldc, h + r * ldh, ldh, nvalid, epi);
+        }
+        return;
+    }
     for (int r = 0; r < R; r++) {
         __m256 acc[8];
         const float *g = G + r * ldg;
@@ -328,6 +412,16 @@ static void lstmx_avx2(int R, int Kx, const float *X, ptrdiff_t ldx, const float
                        const float *bias, int K, const float *A, ptrdiff_t lda, const float *panel,
                        float *c, ptrdiff_t ldc, float *h, ptrdiff_t ldh, int nvalid, const fl_epi *epi)
 {
+    if (R >= 2) {
+        float pre[RMAX][FL_PW] __attribute__((aligned(32)));
+        block_r(R, bias, 0, Kx, X, ldx, wx, K, A, lda, panel, pre, FL_PW);
+        for (int r = 0; r < R; r++) {
+            __m256 acc[8];
+            for (int q = 0; q < 8; q++) acc[q] = _mm256_load_ps(pre[r] + 8 * q);
+            epilogue1(acc, c + r * ldc, ldc, h + r * ldh, ldh, nvalid, epi);
+        }
+        return;
+    }
     for (int r = 0; r < R; r++) {
         __m256 acc[8];
         for (int q = 0; q < 8; q++) acc[q] = _mm256_loadu_ps(bias + 8 * q);
@@ -337,7 +431,7 @@ static void lstmx_avx2(int R, int Kx, const float *X, ptrdiff_t ldx, const float
     }
 }
 
-const fl_kernels_f32 fl_kernels_f32_avx2 = {1, gemm_avx2, lstm_avx2, lstmq_avx2, NULL, lstmi8_avx2,
+const fl_kernels_f32 fl_kernels_f32_avx2 = {RMAX, gemm_avx2, lstm_avx2, lstmq_avx2, NULL, lstmi8_avx2,
                                           lstmb_avx2, NULL, lstmx_avx2, "avx2"};
 
 #if defined(__clang__)
