@@ -49,6 +49,16 @@ static float *fill(size_t n, float scale)
 
 int main(void)
 {
+    const char *want = getenv("FASTLSTM_ISA");
+    if (want) { /* the same names as in Python: portable, avx2, avx512 */
+        int found = 0;
+        for (int isa = 0; isa <= fl_isa_detected(); isa++)
+            if (strcmp(fl_isa_name(isa), want) == 0) { fl_isa_set(isa); found = 1; }
+        if (!found) {
+            fprintf(stderr, "FASTLSTM_ISA=%s: not available here\n", want);
+            return 2;
+        }
+    }
     const fl_kernels_f32 *kr = fl_kernels_f32_active();
     fl_cell_opts o;
     fl_cell_opts_default(&o);
