@@ -202,7 +202,30 @@ static inline __attribute__((always_inline)) void epilogue1(__m256 acc[8], float
         }
         /* fl_math.h's sigmoid and tanh, the four gates' exponentials of a
          * half side by side (v_exp_n); sigmoid's 1 + exp(-x) and tanh's
-         * exp(2|x|) + 1 share one reciprocal pass. */
+         * exp(2|x|) + 1 share one reciprocal pass.  A whole block: both
+         * halves' tanh(c_t) side by side too (two chains instead of one
+         * after the other; the same operations on every lane). */
+        if (nvalid >= FL_BW) {
+            const __m256 one = _mm256_set1_ps(1.0f);
+            __m256 cn[2], o[2];
+            for (int half = 0; half < 2; half++) {
+                __m256 e[4] = {sig_exp_arg(acc[0 + half]), sig_exp_arg(acc[2 + half]),
+                               tanh_exp_arg(acc[4 + half]), sig_exp_arg(acc[6 + half])};
+                v_exp_n(4, e);
+                for (int k = 0; k < 4; k++) e[k] = v_rcp(_mm256_add_ps(one, e[k]));
+                __m256 gg = tanh_from_rcp(acc[4 + half], e[2]);
+                float *cp = cr + 8 * half;
+                cn[half] = _mm256_fmadd_ps(e[1], _mm256_loadu_ps(cp), _mm256_mul_ps(e[0], gg));
+                _mm256_storeu_ps(cp, cn[half]);
+                o[half] = e[3];
+            }
+            __m256 t[2] = {tanh_exp_arg(cn[0]), tanh_exp_arg(cn[1])};
+            v_exp_n(2, t);
+            for (int half = 0; half < 2; half++)
+                _mm256_storeu_ps(hr + 8 * half, _mm256_mul_ps(o[half], tanh_from_rcp(
+                                                    cn[half], v_rcp(_mm256_add_ps(t[half], one)))));
+            return;
+        }
         for (int half = 0; half < 2; half++) {
             int n = nvalid - 8 * half;
             if (n <= 0) break;
@@ -225,6 +248,53 @@ static inline __attribute__((always_inline)) void epilogue1(__m256 acc[8], float
                 _mm256_maskstore_ps(hp, m, _mm256_mul_ps(o, v_tanh(cn)));
             }
         }
+}
+
+/* The gate math on R >= 2 staged rows (pre[r]: i, f, g, o x 16): epilogue1's
+ * operations, each row-half's gates as there, then the tanh(c_t) of four
+ * row-halves side by side. */
+static void epilogue_rows(int R, float pre[RMAX][FL_PW], float *c, ptrdiff_t ldc, float *h,
+                          ptrdiff_t ldh, int nvalid, const fl_epi *epi)
+{
+    if (!epi->is_default || nvalid < FL_BW) {
+        for (int r = 0; r < R; r++) {
+            __m256 acc[8];
+            for (int q = 0; q < 8; q++) acc[q] = _mm256_load_ps(pre[r] + 8 * q);
+            epilogue1(acc, c + r * ldc, ldc, h + r * ldh, ldh, nvalid, epi);
+        }
+        return;
+    }
+    const __m256 one = _mm256_set1_ps(1.0f);
+    __m256 cs[2 * RMAX], os[2 * RMAX];
+    for (int m = 0; m < 2 * R; m++) {
+        const float *p = pre[m >> 1] + 8 * (m & 1);
+        const __m256 g = _mm256_load_ps(p + 32);
+        __m256 e[4] = {sig_exp_arg(_mm256_load_ps(p)), sig_exp_arg(_mm256_load_ps(p + 16)),
+                       tanh_exp_arg(g), sig_exp_arg(_mm256_load_ps(p + 48))};
+        v_exp_n(4, e);
+        for (int k = 0; k < 4; k++) e[k] = v_rcp(_mm256_add_ps(one, e[k]));
+        __m256 gg = tanh_from_rcp(g, e[2]);
+        float *cp = c + (m >> 1) * ldc + 8 * (m & 1);
+        cs[m] = _mm256_fmadd_ps(e[1], _mm256_loadu_ps(cp), _mm256_mul_ps(e[0], gg));
+        _mm256_storeu_ps(cp, cs[m]);
+        os[m] = e[3];
+    }
+    for (int m0 = 0; m0 < 2 * R; m0 += 4) {
+        __m256 t[4];
+        if (2 * R - m0 >= 4) {
+            for (int i = 0; i < 4; i++) t[i] = tanh_exp_arg(cs[m0 + i]);
+            v_exp_n(4, t);
+        } else {
+            for (int i = 0; i < 2; i++) t[i] = tanh_exp_arg(cs[m0 + i]);
+            v_exp_n(2, t);
+        }
+        const int n = 2 * R - m0 >= 4 ? 4 : 2;
+        for (int i = 0; i < n; i++) {
+            const int m = m0 + i;
+            _mm256_storeu_ps(h + (m >> 1) * ldh + 8 * (m & 1),
+                             _mm256_mul_ps(os[m], tanh_from_rcp(cs[m], v_rcp(_mm256_add_ps(t[i], one)))));
+        }
+    }
 }
 
 static void gemm_avx2(int R, int K, const float *A, ptrdiff_t lda, const float *panel,
@@ -265,11 +335,7 @@ static void lstm_avx2(int R, int K, const float *A, ptrdiff_t lda, const float *
     if (R >= 2 && A) {
         float pre[RMAX][FL_PW] __attribute__((aligned(32)));
         block_r(R, G, ldg, K, A, lda, panel, 0, NULL, 0, NULL, pre, FL_PW);
-        for (int r = 0; r < R; r++) {
-            __m256 acc[8];
-            for (int q = 0; q < 8; q++) acc[q] = _mm256_load_ps(pre[r] + 8 * q);
-            epilogue1(acc, c + r * ldc, ldc, h + r * ldh, ldh, nvalid, epi);
-        }
+        epilogue_rows(R, pre, c, ldc, h, ldh, nvalid, epi);
         return;
     }
     for (int r = 0; r < R; r++) {
@@ -415,11 +481,7 @@ static void lstmx_avx2(int R, int Kx, const float *X, ptrdiff_t ldx, const float
     if (R >= 2) {
         float pre[RMAX][FL_PW] __attribute__((aligned(32)));
         block_r(R, bias, 0, Kx, X, ldx, wx, K, A, lda, panel, pre, FL_PW);
-        for (int r = 0; r < R; r++) {
-            __m256 acc[8];
-            for (int q = 0; q < 8; q++) acc[q] = _mm256_load_ps(pre[r] + 8 * q);
-            epilogue1(acc, c + r * ldc, ldc, h + r * ldh, ldh, nvalid, epi);
-        }
+        epilogue_rows(R, pre, c, ldc, h, ldh, nvalid, epi);
         return;
     }
     for (int r = 0; r < R; r++) {
