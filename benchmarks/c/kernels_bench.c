@@ -4,6 +4,8 @@
  *
  *   tiles   gemm and lstm (with the gate math) for R = 1..6 rows on one
  *           L2-resident panel (K = 256), GFLOP/s
+ *   gates   the gate math alone: lstm at K = 1, ns per row and block (16
+ *           hidden units), best of the repetitions
  *   stream  a batch-32 recurrent step's kernel calls over a 4 MB W_hh (32
  *           blocks, K = 512, row tiles 6,6,5,5,5,5), gemm and lstm, GFLOP/s
  *   step    one streaming step at hidden = input = 128 (8 blocks): the fused
@@ -92,6 +94,24 @@ int main(void)
         }
         free(A);
         free(P);
+    }
+
+    { /* gates: the epilogue's cost per row-block */
+        float A[6 * 4], P[4 * FL_PW] __attribute__((aligned(64))), G[6 * FL_PW], c[6 * FL_BW], h[6 * FL_BW];
+        for (int i = 0; i < 24; i++) A[i] = 0.1f;
+        for (int i = 0; i < 4 * FL_PW; i++) P[i] = 0.01f * (float)(i % 5);
+        for (int i = 0; i < 6 * FL_PW; i++) G[i] = 0.3f * (float)(i % 9 - 4);
+        for (int i = 0; i < 6 * FL_BW; i++) c[i] = 0.0f;
+        for (int R = 1; R <= kr->rmax; R++) {
+            const int n = 20000;
+            for (int t = 0; t < REPS; t++) {
+                double t0 = now_ns();
+                for (int i = 0; i < n; i++) kr->lstm(R, 1, A, 4, P, G, FL_PW, c, FL_BW, h, FL_BW, FL_BW, &epi);
+                r[t] = (now_ns() - t0) / n / R;
+            }
+            qsort(r, REPS, sizeof *r, cmp);
+            printf("gates  R=%d: %.1f ns per row and block\n", R, r[0]);
+        }
     }
 
     { /* stream: one batch-32 step over 4 MB of W_hh */
