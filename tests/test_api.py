@@ -364,3 +364,35 @@ def test_fma_peak_runs_on_every_isa():
                 _engine.fma_peak_gflops(bad)
     finally:
         fastlstm.set_isa(prev)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_call_fast_path_matches_general_path(batch_first):
+    """m(x, hx) takes a short path for inputs that need no conversion (a
+    C-contiguous 3-D array of the model's dtype, hx None or exact arrays);
+    it gives bitwise what the general path gives for the same values, and
+    anything else takes the general path."""
+    rng = np.random.default_rng(21)
+    m = fastlstm.LSTM(7, 10, num_layers=2, proj_size=4, seed=21)
+    m.batch_first = batch_first  # not fixed at construction: read on every call
+    shape = (3, 5, 7) if batch_first else (5, 3, 7)
+    x = rng.standard_normal(shape).astype(np.float32)
+    h0 = rng.standard_normal((2, 3, 4)).astype(np.float32)
+    c0 = rng.standard_normal((2, 3, 10)).astype(np.float32)
+    assert m._call_fast(x, (h0, c0), None) is not None
+    fast = m(x, (h0, c0))
+    general = m(np.asfortranarray(x.astype(np.float64)), [h0.astype(np.float64), c0])
+    for a, b in ((fast[0], general[0]), (fast[1][0], general[1][0]), (fast[1][1], general[1][1])):
+        assert np.array_equal(a, b)
+    assert fast[0].shape == ((3, 5, 4) if batch_first else (5, 3, 4))
+    # what the short path leaves to the general one
+    for args in [(x.astype(np.float64), None), (np.asfortranarray(x), None), (x[:, :, :6], None),
+                 (x[0], None), (list(x), None), (x, (h0, c0[:, :2])), (x, (h0.astype(np.float64), c0)),
+                 (x, (h0,)), (x, (h0[:, :, ::-1], c0))]:
+        assert m._call_fast(args[0], args[1], None) is None
+    # W_hh with an Inf and no hx: the general path's explicit zero state (NaN as torch)
+    sd = m.state_dict()
+    sd["weight_hh_l0"][0, 0] = np.inf
+    m.load_state_dict(sd)
+    assert m._call_fast(x, None, None) is None
+    assert np.isnan(m(x)[0]).any()
