@@ -288,6 +288,23 @@ cdef class StreamStep:
         self.stack = stack
         return 0
 
+    cdef void _fill_io(self, fl_io *io, void *x, void *y):
+        """One step of the stream: input x, output y, the state in place."""
+        io.T = 1
+        io.N = self.N
+        io.x = x
+        io.x_st = <Py_ssize_t>self.N * self.In
+        io.x_sn = self.In
+        io.y = y
+        io.y_st = <Py_ssize_t>self.N * self.Hout
+        io.y_sn = self.Hout
+        io.h0 = cnp.PyArray_DATA(self.h)
+        io.hn = cnp.PyArray_DATA(self.h)
+        io.c0 = cnp.PyArray_DATA(self.c)
+        io.cn = cnp.PyArray_DATA(self.c)
+        io.lengths = NULL
+        io.eager_threads = self.eager
+
     def step(self, x, out=None):
         cdef cnp.ndarray a, y
         cdef cnp.npy_intp dims[2]
@@ -335,20 +352,7 @@ cdef class StreamStep:
             hi = lo + cnp.PyArray_NBYTES(y)
             if (_overlaps(lo, hi, a) or _overlaps(lo, hi, self.h) or _overlaps(lo, hi, self.c)):
                 return None
-        io.T = 1
-        io.N = self.N
-        io.x = cnp.PyArray_DATA(a)
-        io.x_st = <Py_ssize_t>self.N * self.In
-        io.x_sn = self.In
-        io.y = cnp.PyArray_DATA(y)
-        io.y_st = <Py_ssize_t>self.N * self.Hout
-        io.y_sn = self.Hout
-        io.h0 = cnp.PyArray_DATA(self.h)
-        io.hn = cnp.PyArray_DATA(self.h)
-        io.c0 = cnp.PyArray_DATA(self.c)
-        io.cn = cnp.PyArray_DATA(self.c)
-        io.lengths = NULL
-        io.eager_threads = self.eager
+        self._fill_io(&io, cnp.PyArray_DATA(a), cnp.PyArray_DATA(y))
         # Local references keep the stack and workspace alive while C runs
         # without the GIL, even if another thread rebinds them meanwhile.
         cdef Stack stk = self.stack
@@ -375,20 +379,7 @@ def stream_loop_ns(StreamStep ss, x, y, int n):
         raise ValueError("x, y: expected the arrays Stream.step(x, out=y) takes without conversion")
     cdef cnp.ndarray a = <cnp.ndarray>x, b = <cnp.ndarray>y
     cdef fl_io io
-    io.T = 1
-    io.N = ss.N
-    io.x = cnp.PyArray_DATA(a)
-    io.x_st = <Py_ssize_t>ss.N * ss.In
-    io.x_sn = ss.In
-    io.y = cnp.PyArray_DATA(b)
-    io.y_st = <Py_ssize_t>ss.N * ss.Hout
-    io.y_sn = ss.Hout
-    io.h0 = cnp.PyArray_DATA(ss.h)
-    io.hn = cnp.PyArray_DATA(ss.h)
-    io.c0 = cnp.PyArray_DATA(ss.c)
-    io.cn = cnp.PyArray_DATA(ss.c)
-    io.lengths = NULL
-    io.eager_threads = ss.eager
+    ss._fill_io(&io, cnp.PyArray_DATA(a), cnp.PyArray_DATA(b))
     cdef Stack stk = ss.stack
     cdef cnp.ndarray ws = ss.ws
     cdef void *wsp = cnp.PyArray_DATA(ws)
