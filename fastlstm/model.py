@@ -107,6 +107,25 @@ def _positive_int(value, name, minimum=1):
     return int(value)
 
 
+
+def _call_bytes(T, N, H, LD, Hout, dt):
+    """About how many bytes a call's output and workspace take (a bound the
+    engine's size_t arithmetic must stay far from)."""
+    return (max(T, 1) * max(N, 1) * (4 * H + 64 + 3 * LD * Hout) + N * H + T + 1) * dt.itemsize
+
+
+def _new_outputs(T, N, D, LD, H, Hout, dt, batch_first, unbatched, alloc):
+    """A call's out (the user's layout), yt (its (T, N, ...) view), h_n, c_n."""
+    if unbatched:
+        out = alloc((T, D * Hout), dt)
+        yt = out[:, None, :]
+    elif batch_first:
+        out = alloc((N, T, D * Hout), dt)
+        yt = out.transpose(1, 0, 2)
+    else:
+        out = yt = alloc((T, N, D * Hout), dt)
+    return out, yt, np.empty((LD, N, Hout), dt), np.empty((LD, N, H), dt)
+
 class LSTM:
     """A multi-layer LSTM with torch.nn.LSTM's constructor and call.
 
@@ -631,8 +650,7 @@ class LSTM:
         if T >= _INT_MAX or N >= _INT_MAX:
             raise ShapeError(f"x: T and N must each be below 2**31 - 1, got T={T}, N={N} "
                              f"from shape {x.shape} (expected {want})")
-        need = ((max(T, 1) * max(N, 1) * (4 * H + 64 + 3 * LD * Hout) + N * H + T + 1)
-                * dt.itemsize)
+        need = _call_bytes(T, N, H, LD, Hout, dt)
         if need >= 2 ** 62:
             raise ShapeError(f"x: shape {x.shape} too large: the output and workspace would "
                              f"need about {need} bytes")
@@ -674,17 +692,8 @@ class LSTM:
                 if h0 is not None:
                     h0 = np.ascontiguousarray(h0[:, order]) if not unbatched else h0
                     c0 = np.ascontiguousarray(c0[:, order]) if not unbatched else c0
-        alloc = np.empty if lens is None else np.zeros
-        if unbatched:
-            out = alloc((T, D * Hout), dt)
-            yt = out[:, None, :]
-        elif self.batch_first:
-            out = alloc((N, T, D * Hout), dt)
-            yt = out.transpose(1, 0, 2)
-        else:
-            out = yt = alloc((T, N, D * Hout), dt)
-        hn = np.empty((LD, N, Hout), dt)
-        cn = np.empty((LD, N, H), dt)
+        out, yt, hn, cn = _new_outputs(T, N, D, LD, H, Hout, dt, self.batch_first, unbatched,
+                                       np.empty if lens is None else np.zeros)
         nt = num_threads if num_threads is not None else self.num_threads
         nt = 0 if nt is None else _positive_int(nt, "num_threads", 1)
         nt = min(nt, _INT_MAX)  # the engine clamps to the CPU count anyway
@@ -736,9 +745,7 @@ class LSTM:
             N, T = x.shape[0], x.shape[1]
         else:
             T, N = x.shape[0], x.shape[1]
-        if T >= _INT_MAX or N >= _INT_MAX or (
-                (max(T, 1) * max(N, 1) * (4 * H + 64 + 3 * LD * Hout) + N * H + T + 1)
-                * dt.itemsize >= 2 ** 62):
+        if T >= _INT_MAX or N >= _INT_MAX or _call_bytes(T, N, H, LD, Hout, dt) >= 2 ** 62:
             return None
         if hx is None:
             if not self._whh_finite():
@@ -761,13 +768,7 @@ class LSTM:
         else:
             nt = min(_positive_int(num_threads, "num_threads", 1), _INT_MAX)
         xt = x.transpose(1, 0, 2) if bf else x
-        if bf:
-            out = np.empty((N, T, D * Hout), dt)
-            yt = out.transpose(1, 0, 2)
-        else:
-            out = yt = np.empty((T, N, D * Hout), dt)
-        hn = np.empty((LD, N, Hout), dt)
-        cn = np.empty((LD, N, H), dt)
+        out, yt, hn, cn = _new_outputs(T, N, D, LD, H, Hout, dt, bf, False, np.empty)
         ws = np.empty(stack.workspace_bytes(T, N), np.uint8)
         stack.forward(xt, yt, h0, c0, hn, cn, ws, nt, None)
         return out, (hn, cn)
