@@ -20,3 +20,14 @@ echo "tsan: building tests/c/tsan_stress.c with -fsanitize=thread"
     "$repo"/csrc/pool.c "$repo"/csrc/peak.c "$repo"/csrc/kernels/*.c \
     -lm -pthread -o "$work/tsan_stress"
 TSAN_OPTIONS="halt_on_error=1 exitcode=66 ${TSAN_OPTIONS:-}" "$work/tsan_stress"
+# The pool's job publication with a pause while a job is half written
+# (FL_POOL_PUBLISH_PAUSE_US, a test-only hook): natively, where a wrong or
+# repeated run is counted, and under ThreadSanitizer.
+echo "tsan: tests/c/pool_stress.c (publication window widened), native and -fsanitize=thread"
+"$cc" -O2 -std=gnu11 -DFL_POOL_PUBLISH_PAUSE_US=50 -I"$repo/csrc" -I"$repo/csrc/include" \
+    "$repo/tests/c/pool_stress.c" "$repo"/csrc/pool.c -pthread -o "$work/pool_stress"
+"$work/pool_stress" 20000
+"$cc" -O1 -g -fsanitize=thread -std=gnu11 -DFL_POOL_PUBLISH_PAUSE_US=50 -I"$repo/csrc" \
+    -I"$repo/csrc/include" "$repo/tests/c/pool_stress.c" "$repo"/csrc/pool.c -pthread \
+    -o "$work/pool_stress_tsan"
+TSAN_OPTIONS="halt_on_error=1 exitcode=66 ${TSAN_OPTIONS:-}" "$work/pool_stress_tsan" 4000

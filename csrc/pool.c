@@ -62,8 +62,9 @@ static int g_nworkers = 0; /* guarded by g_call_lock */
  * the VMs we measure on (a ping-pong round trip: 140-570 ns), so what one
  * call moves between the cores is what a short call (a streaming step: a few
  * microseconds) pays for.  Every group below has a line of its own:
- *  - the job: written by the caller only, once per call (fn, arg, nt, base,
- *    then seq last); idle workers poll seq, so a call moves this line once;
+ *  - the job: written by the caller only, once per call (seq made odd, fn,
+ *    arg, nt, base, then seq even); idle workers poll seq, so a call moves
+ *    this line once;
  *  - one arrival epoch per thread: written by its thread only, read by the
  *    others in a barrier (a barrier moves each thread's line once, all in
  *    parallel: no shared counter that every arrival must own in turn);
@@ -72,9 +73,15 @@ static int g_nworkers = 0; /* guarded by g_call_lock */
  * (Before, all of these shared one line with the barrier counter: a step's
  * two barriers and the job publication bounced it between the cores several
  * times per call.) */
+/* Test hook (tests/c/pool_stress.c): a pause while a job is half written,
+ * which a worker must never act on.  0 (no pause) in every real build. */
+#ifndef FL_POOL_PUBLISH_PAUSE_US
+#define FL_POOL_PUBLISH_PAUSE_US 0
+#endif
+
 #define FL_LINE 64
 static struct {
-    _Alignas(FL_LINE) atomic_uint seq; /* job counter: a new job when it changes */
+    _Alignas(FL_LINE) atomic_uint seq; /* job counter: +2 a job; odd while one is written */
     _Atomic(fl_task_fn) fn;
     void *_Atomic arg;
     atomic_int nt;
@@ -225,7 +232,7 @@ static void *worker_main(void *p)
     for (;;) {
         unsigned s;
         int spins = 0;
-        while ((s = atomic_load_explicit(&g_job.seq, memory_order_acquire)) == seen) {
+        while ((s = atomic_load_explicit(&g_job.seq, memory_order_acquire)) == seen || (s & 1u)) {
             if (spins < FL_IDLE_SPINS) {
                 spins++;
                 FL_PAUSE();
@@ -237,14 +244,20 @@ static void *worker_main(void *p)
             atomic_fetch_sub(&g_sleep.sleeping, 1);
             pthread_mutex_unlock(&g_sleep_lock);
         }
-        /* Read the job, then check it is still job s: a worker that is not
-         * in job s (tid >= nt) does not hold the caller back, so the caller
-         * may already be publishing the next one (seqlock: read again). */
-        fl_task_fn fn = atomic_load_explicit(&g_job.fn, memory_order_relaxed);
-        void *arg = atomic_load_explicit(&g_job.arg, memory_order_relaxed);
-        int nt = atomic_load_explicit(&g_job.nt, memory_order_relaxed);
-        unsigned long long base = atomic_load_explicit(&g_job.base, memory_order_relaxed);
-        atomic_thread_fence(memory_order_acquire);
+        /* Read the job, then check it is still job s (a seqlock): a worker
+         * that is not in job s (tid >= nt) does not hold the caller back, so
+         * the caller may already be writing the next job.  The caller makes
+         * seq odd before it writes any field (release stores, ordered after
+         * the odd seq) and even again after the last: a field of the next
+         * job read here (acquire) makes the re-read below see seq changed,
+         * so a job is run only with fields that are all its own.  (Before,
+         * seq changed once, after the fields: a worker could read the next
+         * job's fields with the old seq, run that job as job s, then run it
+         * again as the next one; tests/c/pool_stress.c reproduced it.) */
+        fl_task_fn fn = atomic_load_explicit(&g_job.fn, memory_order_acquire);
+        void *arg = atomic_load_explicit(&g_job.arg, memory_order_acquire);
+        int nt = atomic_load_explicit(&g_job.nt, memory_order_acquire);
+        unsigned long long base = atomic_load_explicit(&g_job.base, memory_order_acquire);
         if (atomic_load_explicit(&g_job.seq, memory_order_relaxed) != s) continue; /* seen unchanged: reread */
         seen = s;
         if (tid < nt) {
@@ -312,11 +325,18 @@ int fl_pool_run(fl_task_fn fn, void *arg, int nthreads)
     /* The caller is thread 0 of every job (whichever Python thread it is):
      * its epoch is the pool's, and every participant starts from it. */
     unsigned long long base = atomic_load_explicit(&g_arrival[0].epoch, memory_order_relaxed);
-    atomic_store_explicit(&g_job.fn, fn, memory_order_relaxed);
-    atomic_store_explicit(&g_job.arg, arg, memory_order_relaxed);
-    atomic_store_explicit(&g_job.nt, nthreads, memory_order_relaxed);
-    atomic_store_explicit(&g_job.base, base, memory_order_relaxed);
-    atomic_fetch_add_explicit(&g_job.seq, 1, memory_order_seq_cst); /* publishes the fields */
+    /* Publish (seqlock, see worker_main): seq odd, the fields, seq even.
+     * Only the holder of the call lock writes seq. */
+    unsigned seq0 = atomic_load_explicit(&g_job.seq, memory_order_relaxed);
+    atomic_store_explicit(&g_job.seq, seq0 + 1u, memory_order_relaxed);
+    atomic_store_explicit(&g_job.fn, fn, memory_order_release);
+    atomic_store_explicit(&g_job.arg, arg, memory_order_release);
+    atomic_store_explicit(&g_job.nt, nthreads, memory_order_release);
+    atomic_store_explicit(&g_job.base, base, memory_order_release);
+#if FL_POOL_PUBLISH_PAUSE_US > 0
+    usleep(FL_POOL_PUBLISH_PAUSE_US); /* test builds only: widen the window */
+#endif
+    atomic_store_explicit(&g_job.seq, seq0 + 2u, memory_order_seq_cst); /* publishes the fields */
     if (atomic_load(&g_sleep.sleeping) > 0) {
         pthread_mutex_lock(&g_sleep_lock);
         pthread_cond_broadcast(&g_sleep_cond);
