@@ -288,6 +288,11 @@ static void pool_atfork_child(void)
     pthread_cond_init(&g_sleep_cond, NULL);
     g_nworkers = 0;
     atomic_store(&g_sleep.sleeping, 0);
+    /* A fork while another thread was publishing a job leaves seq odd: the
+     * child's workers would wait for it to turn even, and the next job's
+     * +1 / +2 would swap the parity.  Round it up (no job is running here). */
+    unsigned seq = atomic_load(&g_job.seq);
+    atomic_store(&g_job.seq, seq + (seq & 1u));
 }
 
 static pthread_once_t g_atfork_once = PTHREAD_ONCE_INIT;
