@@ -254,6 +254,11 @@ cdef class Stack:
             raise RuntimeError(f"fastlstm: internal error {rc} in fl_forward")
 
 
+def _stream_busy(what):
+    return (f"{what}: another thread is running this stream; a stream holds one "
+            "sequence's state and workspace, so use one stream per thread (or a lock)")
+
+
 cdef class StreamStep:
     """The fast path of ``Stream.step``: one time step of a unidirectional
     stack with the state kept in place (h and c arrays of the stream).
@@ -269,6 +274,10 @@ cdef class StreamStep:
     cdef Stack stack
     cdef cnp.ndarray h, c, ws
     cdef int N, In, Hout, nthreads, type_num, eager
+    # 1 while a step or chunk of this stream runs (set and tested with the
+    # GIL held, so a test-and-set between Python threads): a second thread
+    # would share the state and the workspace, so it gets an error instead.
+    cdef int busy
 
     def __cinit__(self, model, cnp.ndarray h, cnp.ndarray c, int N, int nthreads,
                   bint eager=False):
@@ -287,6 +296,16 @@ cdef class StreamStep:
         self.Hout = stack.proj_size if stack.proj_size else stack.hidden_size
         self.stack = stack
         return 0
+
+    def enter(self, str what):
+        """Mark the stream busy for `what` (Stream.__call__, reset, state),
+        or raise if another thread is running it; pair with leave()."""
+        if self.busy:
+            raise RuntimeError(_stream_busy(what))
+        self.busy = 1
+
+    def leave(self):
+        self.busy = 0
 
     cdef void _fill_io(self, fl_io *io, void *x, void *y):
         """One step of the stream: input x, output y, the state in place."""
@@ -360,8 +379,12 @@ cdef class StreamStep:
         cdef void *wsp = cnp.PyArray_DATA(ws)
         cdef fl_cell **cells = stk.cells
         cdef int L = stk.layers, nt = self.nthreads
+        if self.busy:
+            raise RuntimeError(_stream_busy("step"))
+        self.busy = 1
         with nogil:
             rc = fl_forward(cells, L, 1, &io, wsp, nt)
+        self.busy = 0
         if rc != 0:
             raise RuntimeError(f"fastlstm: internal error {rc} in fl_forward")
         return y

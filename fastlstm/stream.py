@@ -18,7 +18,12 @@ __all__ = ["Stream"]
 
 
 class Stream:
-    """Stateful runner of a unidirectional model; see ``LSTM.stream``."""
+    """Stateful runner of a unidirectional model; see ``LSTM.stream``.
+
+    One stream is one sequence's state: a stream used by two threads at once
+    raises RuntimeError in the second (step, chunk, reset and state alike)
+    instead of mixing their steps.  Use one stream per thread; the model
+    itself may be shared."""
 
     def __init__(self, model, batch=1, num_threads=None):
         if model.bidirectional:
@@ -55,10 +60,21 @@ class Stream:
     def state(self):
         """Copies of (h, c): shapes (num_layers, batch, output_size) and
         (num_layers, batch, hidden_size)."""
-        return self._h.copy(), self._c.copy()
+        self._fast.enter("state")
+        try:
+            return self._h.copy(), self._c.copy()
+        finally:
+            self._fast.leave()
 
     @state.setter
     def state(self, hc):
+        self._fast.enter("state")
+        try:
+            self._set_state(hc)
+        finally:
+            self._fast.leave()
+
+    def _set_state(self, hc):
         if not isinstance(hc, (tuple, list)) or len(hc) != 2:
             raise ShapeError("state: expected a tuple (h, c)")
         h = _as_real(hc[0], "state[0] (h)", self.model.dtype)
@@ -73,6 +89,13 @@ class Stream:
     def reset(self, rows=None):
         """Zero the state of every batch row, or of the given rows (ints or a
         boolean mask of length batch)."""
+        self._fast.enter("reset")
+        try:
+            self._reset(rows)
+        finally:
+            self._fast.leave()
+
+    def _reset(self, rows):
         if rows is None:
             self._h.fill(0)
             self._c.fill(0)
@@ -155,6 +178,10 @@ class Stream:
             yt = out.transpose(1, 0, 2)
         else:
             out = yt = np.empty((T, self.batch, m.output_size), m.dtype)
-        m._stack.forward(xt, yt, self._h, self._c, self._h, self._c, self._workspace(T),
-                         self.num_threads)
+        self._fast.enter("stream(chunk)")
+        try:
+            m._stack.forward(xt, yt, self._h, self._c, self._h, self._c, self._workspace(T),
+                             self.num_threads)
+        finally:
+            self._fast.leave()
         return out

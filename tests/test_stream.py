@@ -376,3 +376,78 @@ def test_stream_loop_ns_runs_the_steps():
         _engine.stream_loop_ns(s._fast, x.astype(np.float64), y, 3)
     with pytest.raises(ValueError, match="n:"):
         _engine.stream_loop_ns(s._fast, x, y, 0)
+
+
+def test_busy_stream_refuses_every_entry_point():
+    """While a stream runs in one thread (marked busy exactly as step and
+    chunk calls mark it), every entry point of another thread gets a clear
+    RuntimeError instead of sharing the state and the workspace."""
+    m = fastlstm.LSTM(4, 8, seed=0)
+    s = m.stream(1)
+    x = np.ones(4, np.float32)
+    s._fast.enter("test")
+    try:
+        calls = {
+            "step": lambda: s.step(x),
+            "step (slow path)": lambda: s.step([1.0, 1.0, 1.0, 1.0]),
+            "stream(chunk)": lambda: s(np.ones((3, 1, 4), np.float32)),
+            "reset": lambda: s.reset(),
+            "state": lambda: s.state,
+        }
+        for name, call in calls.items():
+            with pytest.raises(RuntimeError, match="another thread is running this stream"):
+                call()
+        with pytest.raises(RuntimeError, match="another thread"):
+            s.state = (np.zeros((1, 1, 8), np.float32), np.zeros((1, 1, 8), np.float32))
+    finally:
+        s._fast.leave()
+    y = s.step(x)  # usable again, and nothing ran while it was busy
+    np.testing.assert_array_equal(y, m.stream(1).step(x))
+
+
+@pytest.mark.parametrize("nt", THREADS)
+def test_stream_shared_by_threads_never_mixes_steps(nt):
+    """Two Python threads stepping one stream: each step either runs whole or
+    raises the busy error, so the final state is bitwise that of as many
+    steps run one after another.  The cell counts its steps: W = 0, the input
+    and forget gates saturated at exactly 1, so c_t = c_{t-1} + tanh(0.5) and
+    a lost or doubled update (two steps reading the same c) shows in c."""
+    import threading
+    H = 128
+    m = fastlstm.LSTM(128, H, seed=1)
+    b = np.zeros(4 * H, np.float32)
+    b[:H] = 40.0          # i = 1
+    b[H:2 * H] = 40.0     # f = 1
+    b[2 * H:3 * H] = 0.5  # g = tanh(0.5)
+    m.set_weights(0, w_ih=np.zeros((4 * H, 128), np.float32),
+                  w_hh=np.zeros((4 * H, H), np.float32), b_ih=b, b_hh=np.zeros(4 * H, np.float32))
+    s = m.stream(1, num_threads=nt)
+    x = np.full(128, 0.25, np.float32)
+    done, errors, others = [0, 0], [0, 0], []
+
+    def worker(i):
+        for _ in range(400):
+            try:
+                s.step(x)
+                done[i] += 1
+            except RuntimeError as e:
+                if "another thread" not in str(e):
+                    others.append(e)
+                errors[i] += 1
+            except Exception as e:  # pragma: no cover - reported below
+                others.append(e)
+
+    th = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in th:
+        t.start()
+    for t in th:
+        t.join()
+    assert not others
+    assert sum(done) > 0
+    ref = m.stream(1, num_threads=nt)
+    for _ in range(sum(done)):
+        ref.step(x)
+    h, c = s.state
+    h_ref, c_ref = ref.state
+    np.testing.assert_array_equal(h, h_ref)
+    np.testing.assert_array_equal(c, c_ref)
