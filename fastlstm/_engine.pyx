@@ -14,6 +14,9 @@ from libc.stdlib cimport calloc, free
 cnp.import_array()
 
 cdef extern from "fastlstm.h" nogil:
+    cdef enum:
+        FL_F32
+        FL_F64
     ctypedef struct fl_cell:
         pass
     ctypedef struct fl_cell_opts:
@@ -252,6 +255,100 @@ cdef class Stack:
             rc = fl_forward(self.cells, self.layers, self.dirs, &io, wsp, nthreads)
         if rc != 0:
             raise RuntimeError(f"fastlstm: internal error {rc} in fl_forward")
+
+
+    def call_fast(self, x, hx, int nthreads, bint batch_first):
+        """LSTM.__call__'s short path (model._call_fast) without Python-level
+        checks: x an exact ndarray of the stack's dtype in native byte order,
+        3-D, C-contiguous and aligned, of the input size; hx None (the caller
+        has checked that W_hh is finite) or a tuple or list of two such
+        arrays of exactly the state shapes.  Returns (out, (h_n, c_n)), the
+        same engine call as the general path makes for these inputs (the same
+        bits), or None for anything else (the general path converts or raises
+        the clear error).  out has the caller's layout (batch_first or not)."""
+        cdef int tn = cnp.NPY_FLOAT32 if self.dtype_code == FL_F32 else cnp.NPY_FLOAT64
+        cdef Py_ssize_t isz = 4 if self.dtype_code == FL_F32 else 8
+        cdef Py_ssize_t T, N, In = self.input_size, H = self.hidden_size
+        cdef Py_ssize_t Hout = self.proj_size if self.proj_size else self.hidden_size
+        cdef Py_ssize_t LD = <Py_ssize_t>self.layers * self.dirs, DH = self.dirs * Hout
+        cdef cnp.ndarray a, h0 = None, c0 = None
+        if not cnp.PyArray_CheckExact(x):
+            return None
+        a = <cnp.ndarray>x
+        if (cnp.PyArray_TYPE(a) != tn or cnp.PyArray_NDIM(a) != 3 or not cnp.PyArray_IS_C_CONTIGUOUS(a)
+                or not cnp.PyArray_ISALIGNED(a) or not cnp.PyArray_ISNOTSWAPPED(a)
+                or a.shape[2] != In):
+            return None
+        if batch_first:
+            N, T = a.shape[0], a.shape[1]
+        else:
+            T, N = a.shape[0], a.shape[1]
+        # the general path's bounds (_INT_MAX, _call_bytes < 2**62), with a
+        # margin: it makes the exact checks and raises
+        if (T >= 2147483647 or N >= 2147483647
+                or (<double>(T if T > 1 else 1) * <double>(N if N > 1 else 1)
+                    * <double>(4 * H + 64 + 3 * LD * Hout) + <double>(N * H + T + 1)) * isz >= 2.0 ** 61):
+            return None
+        if hx is not None:
+            if (type(hx) is not tuple and type(hx) is not list) or len(hx) != 2:
+                return None
+            if not (cnp.PyArray_CheckExact(hx[0]) and cnp.PyArray_CheckExact(hx[1])):
+                return None
+            h0 = <cnp.ndarray>hx[0]
+            c0 = <cnp.ndarray>hx[1]
+            if (cnp.PyArray_TYPE(h0) != tn or cnp.PyArray_TYPE(c0) != tn
+                    or not cnp.PyArray_ISNOTSWAPPED(h0) or not cnp.PyArray_ISNOTSWAPPED(c0)
+                    or cnp.PyArray_NDIM(h0) != 3 or cnp.PyArray_NDIM(c0) != 3
+                    or h0.shape[0] != LD or h0.shape[1] != N or h0.shape[2] != Hout
+                    or c0.shape[0] != LD or c0.shape[1] != N or c0.shape[2] != H
+                    or not cnp.PyArray_IS_C_CONTIGUOUS(h0) or not cnp.PyArray_ISALIGNED(h0)
+                    or not cnp.PyArray_IS_C_CONTIGUOUS(c0) or not cnp.PyArray_ISALIGNED(c0)):
+                return None
+        cdef cnp.npy_intp dims[3]
+        if batch_first:
+            dims[0] = N
+            dims[1] = T
+        else:
+            dims[0] = T
+            dims[1] = N
+        dims[2] = DH
+        cdef cnp.ndarray out = cnp.PyArray_EMPTY(3, dims, tn, 0)
+        dims[0] = LD
+        dims[1] = N
+        dims[2] = Hout
+        cdef cnp.ndarray hn = cnp.PyArray_EMPTY(3, dims, tn, 0)
+        dims[2] = H
+        cdef cnp.ndarray cn = cnp.PyArray_EMPTY(3, dims, tn, 0)
+        dims[0] = <cnp.npy_intp>fl_workspace_bytes(self.cells, self.layers, self.dirs, <int>T, <int>N)
+        cdef cnp.ndarray ws = cnp.PyArray_EMPTY(1, dims, cnp.NPY_UINT8, 0)
+        cdef fl_io io
+        cdef int rc
+        io.T = <int>T
+        io.N = <int>N
+        io.x = cnp.PyArray_DATA(a)
+        io.y = cnp.PyArray_DATA(out)
+        if batch_first:  # row (t, n) of x at n*T*In + t*In, of out at n*T*DH + t*DH
+            io.x_st = In
+            io.x_sn = T * In
+            io.y_st = DH
+            io.y_sn = T * DH
+        else:
+            io.x_st = N * In
+            io.x_sn = In
+            io.y_st = N * DH
+            io.y_sn = DH
+        io.h0 = _ptr(h0)
+        io.c0 = _ptr(c0)
+        io.hn = cnp.PyArray_DATA(hn)
+        io.cn = cnp.PyArray_DATA(cn)
+        io.lengths = NULL
+        io.eager_threads = 0
+        cdef void *wsp = cnp.PyArray_DATA(ws)
+        with nogil:
+            rc = fl_forward(self.cells, self.layers, self.dirs, &io, wsp, nthreads)
+        if rc != 0:
+            raise RuntimeError(f"fastlstm: internal error {rc} in fl_forward")
+        return out, (hn, cn)
 
 
 def _stream_busy(what):

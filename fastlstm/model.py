@@ -509,7 +509,7 @@ class LSTM:
         __setstate__ rebuilds.  The pickle is about the weights' size."""
         with self._lock:
             state = {k: v for k, v in self.__dict__.items()
-                     if k not in ("_stack", "_lock", "_finite_cache", "_fast_cfg")}
+                     if k not in ("_stack", "_lock", "_finite_cache")}
             state["_params"] = dict(self._params)
         state["activation_bits_v2"] = True  # activation_bits 32: float32 (see __setstate__)
         return state
@@ -724,54 +724,21 @@ class LSTM:
         aligned, of the right input size; hx None (with finite W_hh) or two
         such arrays of exactly the state shapes; no lengths -- or None, and
         __call__ takes its general path (which converts, or raises the
-        clear error).  The same engine call with the same arguments as the
-        general path makes for such inputs, so the same bits (a one-step
-        call in a loop, as nn.LSTM is used, costs a few microseconds here
-        instead of ~20)."""
-        stack = self._stack  # one snapshot per call (load_state_dict swaps it)
-        cfg = self.__dict__.get("_fast_cfg")
-        if cfg is None or cfg[0] is not stack:  # the model's constants, once per stack
-            cfg = self.__dict__["_fast_cfg"] = (  # all fixed once built (_FIXED)
-                stack, self.dtype, self.input_size, self.num_layers * self.num_directions,
-                self.hidden_size, self.output_size, self.num_directions)
-        _, dt, In, LD, H, Hout, D = cfg
-        bf = self.batch_first  # may be changed on a built model
-        if type(x) is not np.ndarray or x.dtype != dt or x.ndim != 3:
-            return None
-        fl = x.flags
-        if not (fl.c_contiguous and fl.aligned) or x.shape[2] != In:
-            return None
-        if bf:
-            N, T = x.shape[0], x.shape[1]
-        else:
-            T, N = x.shape[0], x.shape[1]
-        if T >= _INT_MAX or N >= _INT_MAX or _call_bytes(T, N, H, LD, Hout, dt) >= 2 ** 62:
-            return None
-        if hx is None:
-            if not self._whh_finite():
-                return None
-            h0 = c0 = None
-        else:
-            if type(hx) not in (tuple, list) or len(hx) != 2:
-                return None
-            h0, c0 = hx
-            if (type(h0) is not np.ndarray or type(c0) is not np.ndarray
-                    or h0.dtype != dt or c0.dtype != dt
-                    or h0.shape != (LD, N, Hout) or c0.shape != (LD, N, H)):
-                return None
-            fh, fc = h0.flags, c0.flags
-            if not (fh.c_contiguous and fh.aligned and fc.c_contiguous and fc.aligned):
-                return None
+        clear error).  The checks, the allocations and the engine call are in
+        Cython (Stack.call_fast): the same engine call with the same
+        arguments as the general path makes for such inputs, so the same
+        bits (a one-step call in a loop, as nn.LSTM is used: ~1.0 us in all
+        at hidden 16 on Zen 4 against 3.3 with these checks in Python and
+        ~20 on the general path)."""
         if num_threads is None:
             nt = self.num_threads
             nt = 0 if nt is None else nt
         else:
             nt = min(_positive_int(num_threads, "num_threads", 1), _INT_MAX)
-        xt = x.transpose(1, 0, 2) if bf else x
-        out, yt, hn, cn = _new_outputs(T, N, D, LD, H, Hout, dt, bf, False, np.empty)
-        ws = np.empty(stack.workspace_bytes(T, N), np.uint8)
-        stack.forward(xt, yt, h0, c0, hn, cn, ws, nt, None)
-        return out, (hn, cn)
+        if hx is None and not self._whh_finite():
+            return None
+        # one snapshot of the stack per call (load_state_dict swaps it)
+        return self._stack.call_fast(x, hx, nt, self.batch_first)
 
     def _whh_finite(self):
         """Whether every W_hh is finite (cached per weights dict)."""

@@ -390,9 +390,42 @@ def test_call_fast_path_matches_general_path(batch_first):
                  (x[0], None), (list(x), None), (x, (h0, c0[:, :2])), (x, (h0.astype(np.float64), c0)),
                  (x, (h0,)), (x, (h0[:, :, ::-1], c0))]:
         assert m._call_fast(args[0], args[1], None) is None
+    swapped = x.astype(x.dtype.newbyteorder())
+    for args in [(swapped, None), (x, (h0.astype(h0.dtype.newbyteorder()), c0)),
+                 (x, (h0, np.ascontiguousarray(c0[..., None]))), (x, {0: h0, 1: c0}),
+                 (x, (list(h0), c0))]:
+        assert m._call_fast(args[0], args[1], None) is None
+    fs, gs = m(swapped), m(x.astype(np.float64))  # byte-swapped input: the general path, same bits
+    assert np.array_equal(fs[0], gs[0])
     # W_hh with an Inf and no hx: the general path's explicit zero state (NaN as torch)
     sd = m.state_dict()
     sd["weight_hh_l0"][0, 0] = np.inf
     m.load_state_dict(sd)
     assert m._call_fast(x, None, None) is None
     assert np.isnan(m(x)[0]).any()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("T,N", [(1, 1), (6, 3), (0, 2), (4, 0)])
+def test_call_fast_path_bitwise_across_models(dtype, bidirectional, T, N):
+    """The short path (Stack.call_fast) gives bitwise the general path's
+    out, h_n and c_n for float32 and float64 models, one and two directions,
+    hx given or not, batch_first or not, and empty T or N."""
+    rng = np.random.default_rng(T * 10 + N)
+    m = fastlstm.LSTM(5, 6, num_layers=2, bidirectional=bidirectional, dtype=dtype, seed=3)
+    D = 2 if bidirectional else 1
+    for bf in (False, True):
+        m.batch_first = bf
+        x = rng.standard_normal((N, T, 5) if bf else (T, N, 5)).astype(dtype)
+        h0 = rng.standard_normal((2 * D, N, 6)).astype(dtype)
+        c0 = rng.standard_normal((2 * D, N, 6)).astype(dtype)
+        for hx in (None, (h0, c0)):
+            fast = m._call_fast(x, hx, None)
+            assert fast is not None
+            # padding="repeat" without lengths: the same outputs, always the general path
+            general = m(x, hx, padding="repeat")
+            assert fast[0].shape == general[0].shape
+            assert np.array_equal(fast[0], general[0])
+            assert np.array_equal(fast[1][0], general[1][0])
+            assert np.array_equal(fast[1][1], general[1][1])
