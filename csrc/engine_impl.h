@@ -35,7 +35,34 @@ typedef struct {
     int ldx;
     int kc;           /* K chunk of the GEMMs for this REAL, read once per call */
     int row_split[FL_MAX_THREADS + 1];
+    int hn_deferred;  /* set by thread 0: the last layer's last direction's h_n is copied
+                         by the caller after every thread is done (forward_) */
 } FN(ctx_);
+
+/* h_n rows [hr0, hr1), columns [col0, col1) of layer l, direction d: the
+ * output at each row's last processed step (ydir: that direction's output,
+ * strides yst, ysn), h0 for rows of length 0 (h0 may alias h_n), else 0. */
+static void FN(hn_copy_)(const FN(ctx_) *cx, int l, int d, int col0, int col1, int hr0, int hr1,
+                         const REAL *ydir, ptrdiff_t yst, ptrdiff_t ysn)
+{
+    const fl_io *io = cx->io;
+    const int N = cx->N, T = cx->T, D = cx->D, Hout = cx->cells[0]->Hout;
+    const int32_t *len = io->lengths;
+    REAL *hn = (REAL *)io->hn + (size_t)(l * D + d) * N * Hout;
+    const REAL *h0 = io->h0 ? (const REAL *)io->h0 + (size_t)(l * D + d) * N * Hout : NULL;
+    if (col1 <= col0) return;
+    for (int n = hr0; n < hr1; n++) {
+        int Ln = len ? len[n] : T;
+        REAL *dst = hn + (size_t)n * Hout + col0;
+        size_t bytes = (size_t)(col1 - col0) * sizeof(REAL);
+        if (Ln > 0)
+            memcpy(dst, ydir + (ptrdiff_t)(d ? 0 : Ln - 1) * yst + n * ysn + col0, bytes);
+        else if (h0)
+            memmove(dst, h0 + (size_t)n * Hout + col0, bytes); /* h0 may alias hn */
+        else
+            memset(dst, 0, bytes);
+    }
+}
 
 static inline int FN(imin_)(int a, int b) { return a < b ? a : b; }
 
@@ -285,6 +312,9 @@ static void FN(thread_)(void *arg, int tid, int nt)
             REAL *cst = (REAL *)io->cn + (size_t)(l * D + d) * N * H;
             const REAL *h0 = io->h0 ? (const REAL *)io->h0 + (size_t)(l * D + d) * N * Hout : NULL;
             REAL *ydir = yout + (ptrdiff_t)d * Hout;
+            /* the call's last layer and direction of a hidden split: its h_n
+             * is copied by the caller after the call (see the last barrier) */
+            const int defer_hn = sync && l == L - 1 && d == D - 1;
             fl_epi epi;
             epi.is_default = cell->is_default;
             epi.opts = &cell->opts;
@@ -542,33 +572,27 @@ static void FN(thread_)(void *arg, int tid, int nt)
                     }
                     /* Every thread needs all of h_t for the next step (and the
                      * next layer all of this one's output).  Also after the
-                     * call's very last step: h_n (below) may alias h0, which
-                     * the other threads may still be reading (a stream keeps
-                     * its state in place), so a thread must not write its
-                     * columns of h_n before every thread is done with h0. */
-                    if (sync) fl_pool_barrier(tid, nt);
+                     * last step of a layer and direction: h_n (below) may
+                     * alias h0, which the other threads may still be reading
+                     * (a stream keeps its state in place), so a thread must
+                     * not write its columns of h_n before every thread is
+                     * done with h0.  After the call's very last step nobody
+                     * waits: the caller copies that h_n once every thread
+                     * has finished (forward_), which saves a barrier a call
+                     * (a streaming step: one of its two). */
+                    if (sync && !(defer_hn && s == T - 1)) fl_pool_barrier(tid, nt);
                 }
             }
             /* h_n: the state after each row's last processed step. */
-            REAL *hn = (REAL *)io->hn + (size_t)(l * D + d) * N * Hout;
+            if (defer_hn) {
+                if (tid == 0) cx->hn_deferred = 1; /* the caller is thread 0 */
+                continue;
+            }
             int col0, col1;
             if (!sync) { col0 = 0; col1 = Hout; }
             else if (P) { col0 = FN(imin_)(P, p0 * FL_PW); col1 = FN(imin_)(P, p1 * FL_PW); }
             else { col0 = FN(imin_)(H, j0 * FL_BW); col1 = FN(imin_)(H, j1 * FL_BW); }
-            if (col1 > col0) {
-                int hr0 = sync ? 0 : n0, hr1 = sync ? N : n1;
-                for (int n = hr0; n < hr1; n++) {
-                    int Ln = len ? len[n] : T;
-                    REAL *dst = hn + (size_t)n * Hout + col0;
-                    size_t bytes = (size_t)(col1 - col0) * sizeof(REAL);
-                    if (Ln > 0)
-                        memcpy(dst, ydir + (ptrdiff_t)(d ? 0 : Ln - 1) * yst + n * ysn + col0, bytes);
-                    else if (h0)
-                        memmove(dst, h0 + (size_t)n * Hout + col0, bytes); /* h0 may alias hn */
-                    else
-                        memset(dst, 0, bytes);
-                }
-            }
+            FN(hn_copy_)(cx, l, d, col0, col1, sync ? 0 : n0, sync ? N : n1, ydir, yst, ysn);
         }
     }
     fl_fpenv_leave(fpsave);
@@ -758,7 +782,12 @@ static int FN(forward_)(fl_cell *const *cells, int L, int D, const fl_io *io, vo
         }
         while (k <= nt) cx.row_split[k++] = N;
     }
+    cx.hn_deferred = 0;
     fl_pool_run(FN(thread_), &cx, nt);
+    if (cx.hn_deferred) { /* every thread is done with h0 and y (pool end) */
+        const REAL *yl = (const REAL *)io->y + (ptrdiff_t)(D - 1) * c->Hout;
+        FN(hn_copy_)(&cx, L - 1, D - 1, 0, c->Hout, 0, N, yl, io->y_st, io->y_sn);
+    }
     return 0;
 }
 
