@@ -35,8 +35,6 @@ typedef struct {
     int ldx;
     int kc;           /* K chunk of the GEMMs for this REAL, read once per call */
     int row_split[FL_MAX_THREADS + 1];
-    int hn_deferred;  /* set by thread 0: the last layer's last direction's h_n is copied
-                         by the caller after every thread is done (forward_) */
 } FN(ctx_);
 
 /* h_n rows [hr0, hr1), columns [col0, col1) of layer l, direction d: the
@@ -265,7 +263,6 @@ static void FN(thread_)(void *arg, int tid, int nt)
     const ptrdiff_t ldg = (ptrdiff_t)nb * FL_PW;
     /* cnt[t]: rows active at time t (lengths sorted descending: a prefix). */
     const int *cnt = cx->cnt;
-    const int32_t *len = io->lengths;
     int n0 = 0, n1 = N, j0 = 0, j1 = nb, p0 = 0, p1 = np;
     /* the pool may run a call on one thread after all (congestion, or
      * another call holding it): the splits then do not apply */
@@ -584,10 +581,7 @@ static void FN(thread_)(void *arg, int tid, int nt)
                 }
             }
             /* h_n: the state after each row's last processed step. */
-            if (defer_hn) {
-                if (tid == 0) cx->hn_deferred = 1; /* the caller is thread 0 */
-                continue;
-            }
+            if (defer_hn) continue;
             int col0, col1;
             if (!sync) { col0 = 0; col1 = Hout; }
             else if (P) { col0 = FN(imin_)(P, p0 * FL_PW); col1 = FN(imin_)(P, p1 * FL_PW); }
@@ -782,9 +776,11 @@ static int FN(forward_)(fl_cell *const *cells, int L, int D, const fl_io *io, vo
         }
         while (k <= nt) cx.row_split[k++] = N;
     }
-    cx.hn_deferred = 0;
-    fl_pool_run(FN(thread_), &cx, nt);
-    if (cx.hn_deferred) { /* every thread is done with h0 and y (pool end) */
+    /* thread_'s sync with the threads the pool actually used: a hidden split
+     * leaves the last layer and direction's h_n to the caller, now that
+     * every thread is done with h0 and y */
+    int used = fl_pool_run(FN(thread_), &cx, nt);
+    if (used > 1 && !cx.split_batch && !cx.split_dir) {
         const REAL *yl = (const REAL *)io->y + (ptrdiff_t)(D - 1) * c->Hout;
         FN(hn_copy_)(&cx, L - 1, D - 1, 0, c->Hout, 0, N, yl, io->y_st, io->y_sn);
     }

@@ -234,7 +234,6 @@ cdef class Stack:
         multiples of the itemsize and unit stride on the last axis.
         lengths: None or int32 (N,) sorted descending, values in [0, T]."""
         cdef fl_io io
-        cdef int rc
         cdef Py_ssize_t isz = x.itemsize
         io.T = <int>x.shape[0]
         io.N = <int>x.shape[1]
@@ -250,12 +249,17 @@ cdef class Stack:
         io.cn = cnp.PyArray_DATA(cn)
         io.lengths = <const int32_t *>_ptr(lengths)
         io.eager_threads = 0
-        cdef void *wsp = cnp.PyArray_DATA(ws)
+        self._run(&io, cnp.PyArray_DATA(ws), nthreads)
+
+    cdef int _run(self, const fl_io *io, void *wsp, int nthreads) except -1:
+        """The engine call, without the GIL (the caller keeps every array
+        behind io and wsp alive)."""
+        cdef int rc
         with nogil:
-            rc = fl_forward(self.cells, self.layers, self.dirs, &io, wsp, nthreads)
+            rc = fl_forward(self.cells, self.layers, self.dirs, io, wsp, nthreads)
         if rc != 0:
             raise RuntimeError(f"fastlstm: internal error {rc} in fl_forward")
-
+        return 0
 
     def call_fast(self, x, hx, int nthreads, bint batch_first):
         """LSTM.__call__'s short path (model._call_fast) without Python-level
@@ -322,7 +326,6 @@ cdef class Stack:
         dims[0] = <cnp.npy_intp>fl_workspace_bytes(self.cells, self.layers, self.dirs, <int>T, <int>N)
         cdef cnp.ndarray ws = cnp.PyArray_EMPTY(1, dims, cnp.NPY_UINT8, 0)
         cdef fl_io io
-        cdef int rc
         io.T = <int>T
         io.N = <int>N
         io.x = cnp.PyArray_DATA(a)
@@ -343,11 +346,7 @@ cdef class Stack:
         io.cn = cnp.PyArray_DATA(cn)
         io.lengths = NULL
         io.eager_threads = 0
-        cdef void *wsp = cnp.PyArray_DATA(ws)
-        with nogil:
-            rc = fl_forward(self.cells, self.layers, self.dirs, &io, wsp, nthreads)
-        if rc != 0:
-            raise RuntimeError(f"fastlstm: internal error {rc} in fl_forward")
+        self._run(&io, cnp.PyArray_DATA(ws), nthreads)
         return out, (hn, cn)
 
 
@@ -425,7 +424,7 @@ cdef class StreamStep:
         cdef cnp.ndarray a, y
         cdef cnp.npy_intp dims[2]
         cdef fl_io io
-        cdef int rc, nd
+        cdef int nd
         cdef char *lo
         cdef char *hi
         if not cnp.PyArray_CheckExact(x):
@@ -473,17 +472,13 @@ cdef class StreamStep:
         # without the GIL, even if another thread rebinds them meanwhile.
         cdef Stack stk = self.stack
         cdef cnp.ndarray ws = self.ws
-        cdef void *wsp = cnp.PyArray_DATA(ws)
-        cdef fl_cell **cells = stk.cells
-        cdef int L = stk.layers, nt = self.nthreads
         if self.busy:
             raise RuntimeError(_stream_busy("step"))
         self.busy = 1
-        with nogil:
-            rc = fl_forward(cells, L, 1, &io, wsp, nt)
-        self.busy = 0
-        if rc != 0:
-            raise RuntimeError(f"fastlstm: internal error {rc} in fl_forward")
+        try:
+            stk._run(&io, cnp.PyArray_DATA(ws), self.nthreads)
+        finally:
+            self.busy = 0
         return y
 
 

@@ -8,6 +8,8 @@ same thread count) the outputs of one call on the whole sequence.
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from .errors import ShapeError
@@ -47,6 +49,15 @@ class Stream:
         self._fast = _engine.StreamStep(model, self._h, self._c, N, self.num_threads,
                                         eager=self.num_threads > 1)
 
+    @contextlib.contextmanager
+    def _alone(self, what):
+        """This thread runs the stream (others get the busy error meanwhile)."""
+        self._fast.enter(what)
+        try:
+            yield
+        finally:
+            self._fast.leave()
+
     def _workspace(self, T):
         ws = self._ws.get(T)
         if ws is None:
@@ -60,19 +71,13 @@ class Stream:
     def state(self):
         """Copies of (h, c): shapes (num_layers, batch, output_size) and
         (num_layers, batch, hidden_size)."""
-        self._fast.enter("state")
-        try:
+        with self._alone("state"):
             return self._h.copy(), self._c.copy()
-        finally:
-            self._fast.leave()
 
     @state.setter
     def state(self, hc):
-        self._fast.enter("state")
-        try:
+        with self._alone("state"):
             self._set_state(hc)
-        finally:
-            self._fast.leave()
 
     def _set_state(self, hc):
         if not isinstance(hc, (tuple, list)) or len(hc) != 2:
@@ -89,11 +94,8 @@ class Stream:
     def reset(self, rows=None):
         """Zero the state of every batch row, or of the given rows (ints or a
         boolean mask of length batch)."""
-        self._fast.enter("reset")
-        try:
+        with self._alone("reset"):
             self._reset(rows)
-        finally:
-            self._fast.leave()
 
     def _reset(self, rows):
         if rows is None:
@@ -178,10 +180,7 @@ class Stream:
             yt = out.transpose(1, 0, 2)
         else:
             out = yt = np.empty((T, self.batch, m.output_size), m.dtype)
-        self._fast.enter("stream(chunk)")
-        try:
+        with self._alone("stream(chunk)"):
             m._stack.forward(xt, yt, self._h, self._c, self._h, self._c, self._workspace(T),
                              self.num_threads)
-        finally:
-            self._fast.leave()
         return out
