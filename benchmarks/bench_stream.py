@@ -275,7 +275,8 @@ def cross_check(runners, xs):
 def markdown_table(results):
     cols = [e for e in ENGINES if any(e in r["engines"] for r in results)]
     head = (["hidden (= input), batch 1, 1 layer", "threads"] + [f"{LABEL[e]} µs" for e in cols]
-            + [f"speedup vs fastest of torch nn.LSTM / ORT (target ≥ {TARGET:g}×)"])
+            + [f"speedup vs fastest of torch nn.LSTM / ORT (target ≥ {TARGET:g}×)",
+               "read floor µs (weights / read bandwidth)"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         cells = [str(r["hidden"]), str(r["threads"])]
@@ -291,6 +292,8 @@ def markdown_table(results):
         cells.append("–" if sp is None else
                      f"{sp:.1f}× vs {LABEL[r['best_peer']]}"
                      + (" ✓" if sp >= TARGET else " (below target)"))
+        fl = r.get("read_floor_us")
+        cells.append("–" if fl is None else f"{fl:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -385,6 +388,12 @@ def main(argv=None):
         peer_us = {n: stats[n]["median_us"] for n in PEERS if n in stats}
         best = min(peer_us, key=peer_us.get) if peer_us else None
         speedup = peer_us[best] / stats["fastlstm"]["median_us"] if best else None
+        # The floor of a float32 step: its weights (W_ih and W_hh) read once
+        # at this machine's read bandwidth for that many bytes and threads,
+        # measured now (fastlstm._engine.read_bandwidth_gbps).
+        wbytes = 4 * H * (H + H) * 4
+        bw, bw_threads = peers.read_bw_gbps(wbytes, threads)
+        floor_us = wbytes / (bw * 1e9) * 1e6
         print(f"hidden {H}, {threads} thread(s):")
         for name in args.engine_list:
             if name not in stats:
@@ -395,12 +404,16 @@ def main(argv=None):
                     diffs[name], TOL.get(name, peers.TOLERANCE)) else ""))
             print(f"   {LABEL[name]:<25} {s['median_us']:9.2f} µs  (IQR {s['q25_us']:.2f}-"
                   f"{s['q75_us']:.2f}, {s['calls']} calls){diff}")
+        print(f"   read floor: {wbytes >> 10} KB of weights at {bw:.0f} GB/s "
+              f"({bw_threads} thread(s)) = {floor_us:.2f} µs")
         if speedup:
             print(f"   speedup vs {LABEL[best]}: {speedup:.2f}x (target {TARGET:g}x)\n")
         results.append({"hidden": H, "input": H, "batch": 1, "layers": 1, "threads": threads,
                         "skipped": skipped, "max_abs_diff": diffs,
                         "runner_info": {n: r.info for n, r in runners.items()},
                         "engines": stats, "best_peer": best, "speedup": speedup,
+                        "weight_bytes": wbytes, "read_bw_gbps": bw, "read_bw_threads": bw_threads,
+                        "read_floor_us": floor_us,
                         "meets_target": None if speedup is None else speedup >= TARGET})
 
     table = markdown_table(results)

@@ -57,6 +57,18 @@ def peak_gflops_per_core():
     return _engine.fma_peak_gflops(0.5)
 
 
+@functools.lru_cache(maxsize=None)
+def read_bw_gbps(nbytes, threads):
+    """Read bandwidth of *this* machine for a working set of ``nbytes`` read
+    again and again by ``threads`` threads, GB/s, measured once per process
+    (fastlstm._engine.read_bandwidth_gbps: each thread its own slice,
+    vector loads, chunk order reversing each pass as a step walks W_hh;
+    best of 5): the ceiling of a batch-1 step that must read those bytes.
+    Returns (GB/s, threads the pool ran)."""
+    from fastlstm import _engine
+    return _engine.read_bandwidth_gbps(int(nbytes), int(threads), 0.5)
+
+
 @dataclass(frozen=True)
 class Config:
     T: int
@@ -85,6 +97,11 @@ class Config:
         per_step = sum(2 * self.batch * 4 * self.hidden * (i + self.hidden) * self.dirs
                        for i in self.layer_inputs())
         return per_step * self.T
+
+    def step_weight_bytes(self):
+        """Bytes of float32 W_hh a step reads: every direction's of one layer
+        (the working set a batch-1 step streams again and again)."""
+        return self.dirs * 4 * self.hidden * self.hidden * 4
 
     def weight_bytes_read(self):
         """Bytes of float32 weights one call must read at least: W_hh once per

@@ -113,7 +113,8 @@ def time_interleaved(runners, x, repeats, min_calls, min_time, max_calls_per_rou
 def derive(cfg, threads, eng):
     """Speedup, GFLOP/s, peak fraction and weight bandwidth of fastlstm."""
     out = {"best_peer": None, "speedup_vs_best_peer": None, "fastlstm_gflops": None,
-           "fastlstm_peak_fraction": None, "fastlstm_weights_gbps": None}
+           "fastlstm_peak_fraction": None, "fastlstm_weights_gbps": None,
+           "read_bw_gbps": None, "read_bw_threads": None, "fastlstm_read_bw_fraction": None}
     peer_ms = {n: eng[n]["median_ms"] for n in PEERS if n in eng}
     if "fastlstm" not in eng:
         return out
@@ -126,7 +127,14 @@ def derive(cfg, threads, eng):
     out["fastlstm_gflops"] = gflops
     out["fastlstm_peak_fraction"] = gflops / (peers.peak_gflops_per_core() * threads)
     if cfg.batch == 1:
-        out["fastlstm_weights_gbps"] = cfg.weight_bytes_read() / (f_ms * 1e-3) / 1e9
+        gbps = cfg.weight_bytes_read() / (f_ms * 1e-3) / 1e9
+        out["fastlstm_weights_gbps"] = gbps
+        # The ceiling: this machine's read bandwidth for W_hh's bytes on as
+        # many threads, measured now (after the timed calls, nothing else
+        # running in this process).
+        bw, used = peers.read_bw_gbps(cfg.step_weight_bytes(), threads)
+        out["read_bw_gbps"], out["read_bw_threads"] = bw, used
+        out["fastlstm_read_bw_fraction"] = gbps / bw
     return out
 
 
@@ -147,7 +155,8 @@ def markdown_table(results, engines):
     cols = [e for e in engines if any(e in r["engines"] for r in results)]
     head = (["T, batch, input, hidden, layers, dirs", "threads"]
             + [f"{SHORT[e]} ms" for e in cols]
-            + ["speedup vs best peer", "fastlstm GFLOP/s (% of peak)", "weights GB/s"])
+            + ["speedup vs best peer", "fastlstm GFLOP/s (% of peak)",
+               "weights GB/s / read bandwidth GB/s (%)"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         ms = {e: r["engines"][e]["median_ms"] for e in cols if e in r["engines"]}
@@ -165,8 +174,11 @@ def markdown_table(results, engines):
         cells.append(f"{sp:.2f}× ({SHORT[r['best_peer']]})" if sp else "–")
         g = r["fastlstm_gflops"]
         cells.append(f"{g:.1f} ({100 * r['fastlstm_peak_fraction']:.0f}%)" if g else "–")
-        bw = r["fastlstm_weights_gbps"]
-        cells.append(f"{bw:.1f}" if bw else "–")
+        bw, rb = r["fastlstm_weights_gbps"], r.get("read_bw_gbps")
+        if bw and rb:
+            cells.append(f"{bw:.1f} / {rb:.0f} ({100 * bw / rb:.0f}%)")
+        else:
+            cells.append(f"{bw:.1f}" if bw else "–")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -353,7 +365,11 @@ def main(argv=None):
                             f"{100 * met['fastlstm_peak_fraction']:.1f}% of "
                             f"{peers.peak_gflops_per_core() * n:.0f} GFLOP/s peak")
                 if met["fastlstm_weights_gbps"] is not None:
-                    line.append(f"weights read {met['fastlstm_weights_gbps']:.1f} GB/s")
+                    line.append(f"weights read {met['fastlstm_weights_gbps']:.1f} GB/s = "
+                                f"{100 * met['fastlstm_read_bw_fraction']:.0f}% of the "
+                                f"{met['read_bw_gbps']:.0f} GB/s this machine reads "
+                                f"{cfg.step_weight_bytes() >> 10} KB at on "
+                                f"{met['read_bw_threads']} thread(s)")
                 print("   " + " | ".join(line) + f"   [{time.time() - t_cfg:.1f} s]\n")
                 results.append({
                     "config": {k: getattr(cfg, k) for k in

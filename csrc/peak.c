@@ -87,3 +87,122 @@ double fl_fma_peak_gflops(double seconds)
     (void)sink;
     return best;
 }
+
+/* ------------------------------------------------------- read bandwidth */
+#define RB_CHUNK ((size_t)64 << 10)
+
+#if defined(FL_X86)
+/* Sum of n bytes (n a multiple of 512) with 8 independent vector adds in
+ * flight: enough loads in flight to reach L1's rate, so the caches' rates
+ * below it are what limits. */
+__attribute__((target("avx512f"))) static float rb_sum512_(const float *p, size_t n)
+{
+    __m512 s[8];
+    for (int i = 0; i < 8; i++) s[i] = _mm512_setzero_ps();
+    for (size_t k = 0; k < n / sizeof(float); k += 128)
+        for (int i = 0; i < 8; i++) s[i] = _mm512_add_ps(s[i], _mm512_load_ps(p + k + 16 * i));
+    for (int i = 1; i < 8; i++) s[0] = _mm512_add_ps(s[0], s[i]);
+    return _mm512_reduce_add_ps(s[0]);
+}
+__attribute__((target("avx2"))) static float rb_sum256_(const float *p, size_t n)
+{
+    __m256 s[8];
+    for (int i = 0; i < 8; i++) s[i] = _mm256_setzero_ps();
+    for (size_t k = 0; k < n / sizeof(float); k += 64)
+        for (int i = 0; i < 8; i++) s[i] = _mm256_add_ps(s[i], _mm256_load_ps(p + k + 8 * i));
+    for (int i = 1; i < 8; i++) s[0] = _mm256_add_ps(s[0], s[i]);
+    float lane0;
+    memcpy(&lane0, &s[0], sizeof lane0);
+    return lane0;
+}
+#endif
+
+static float rb_sum_portable_(const float *p, size_t n)
+{
+    /* integer ORs of 8-byte words: vectorized by the compiler at any -O */
+    const uint64_t *q = (const uint64_t *)(const void *)p;
+    uint64_t s[8] = {0};
+    for (size_t k = 0; k < n / 8; k += 8)
+        for (int i = 0; i < 8; i++) s[i] |= q[k + i];
+    uint64_t r = s[0] | s[1] | s[2] | s[3] | s[4] | s[5] | s[6] | s[7];
+    return (float)(r & 1u);
+}
+
+typedef struct {
+    float *buf;
+    size_t bytes;   /* a multiple of 512 * nthreads */
+    long passes;    /* 0: only write each slice once (first touch, warm-up) */
+    int isa;
+    float sink[FL_MAX_THREADS * 16];
+} rb_job;
+
+static void rb_task_(void *arg, int tid, int nthreads)
+{
+    rb_job *j = (rb_job *)arg;
+    size_t lo = j->bytes / nthreads * tid, len = j->bytes / nthreads;
+    char *base = (char *)j->buf + lo;
+    if (j->passes == 0) {
+        memset(base, 0, len);
+        return;
+    }
+    size_t nchunk = (len + RB_CHUNK - 1) / RB_CHUNK;
+    float acc = 0;
+    for (long p = 0; p < j->passes; p++)
+        for (size_t c = 0; c < nchunk; c++) {
+            size_t ci = (p & 1) ? nchunk - 1 - c : c;
+            size_t off = ci * RB_CHUNK, n = len - off < RB_CHUNK ? len - off : RB_CHUNK;
+            const float *q = (const float *)(const void *)(base + off);
+#if defined(FL_X86)
+            if (j->isa == FL_ISA_AVX512) acc += rb_sum512_(q, n);
+            else if (j->isa == FL_ISA_AVX2) acc += rb_sum256_(q, n);
+            else
+#endif
+                acc += rb_sum_portable_(q, n);
+        }
+    j->sink[tid * 16] = acc; /* one cache line per thread */
+}
+
+double fl_read_bw_gbps(size_t bytes, int nthreads, double seconds, int *used)
+{
+    if (used) *used = 0;
+    if (bytes == 0) return -1;
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > FL_MAX_THREADS) nthreads = FL_MAX_THREADS;
+    if (!(seconds > 0)) seconds = 0.2;
+    const size_t unit = (size_t)512 * (size_t)nthreads;
+    if (bytes > ((size_t)1 << 40)) return -1;
+    bytes = (bytes + unit - 1) / unit * unit;
+    rb_job *j = (rb_job *)fl_aligned_alloc(sizeof(rb_job));
+    if (!j) return -1;
+    memset(j, 0, sizeof *j);
+    j->buf = (float *)fl_aligned_alloc(bytes);
+    if (!j->buf) {
+        fl_aligned_free(j);
+        return -1;
+    }
+    j->bytes = bytes;
+    j->isa = fl_isa_active();
+    const int reps = 5;
+    double best = 0;
+    int ran = 0;
+    j->passes = 0;
+    fl_pool_run(rb_task_, j, nthreads); /* each thread writes its own slice */
+    long passes = 1;
+    for (int r = 0; r < reps; r++) {
+        double t;
+        for (;;) {
+            j->passes = passes;
+            double t0 = fl_now_();
+            ran = fl_pool_run(rb_task_, j, nthreads);
+            t = fl_now_() - t0;
+            if (t >= seconds / reps || passes > (1L << 40) / (long)(bytes / 64 + 1)) break;
+            passes *= 2;
+        }
+        double g = (double)bytes * (double)passes / t * 1e-9;
+        if (g > best) best = g;
+    }
+    fl_aligned_free(j->buf);
+    fl_aligned_free(j);
+    if (used) *used = ran;
+    return best;
+}

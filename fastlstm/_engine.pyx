@@ -57,6 +57,7 @@ cdef extern from "fastlstm.h" nogil:
     int fl_bf16_dot_set(int on)
     int fl_tune_set(int knob, int value)
     double fl_fma_peak_gflops(double seconds) nogil
+    double fl_read_bw_gbps(size_t nbytes, int nthreads, double seconds, int *used) nogil
     int fl_num_threads_get()
     void fl_num_threads_set(int n)
     int fl_num_cpus()
@@ -106,6 +107,34 @@ def fma_peak_gflops(double seconds=0.2):
     with nogil:
         g = fl_fma_peak_gflops(seconds)
     return g
+
+
+def read_bandwidth_gbps(nbytes, int threads=1, double seconds=0.2):
+    """Measured read bandwidth, GB/s, of a working set of `nbytes` read over
+    and over by `threads` threads of fastlstm's pool, each its own slice, the
+    slices walked in 64 KB chunks whose order reverses each pass (as a
+    step walks W_hh's panels), with the active ISA path's vector loads; best
+    of 5 runs, ~`seconds` in all.  The ceiling of a batch-1 step that reads
+    those bytes: the benchmarks' "% of read bandwidth" divides by it.
+    Returns (GB/s, threads the pool ran): fewer threads when another call
+    holds the pool or after a congested call."""
+    cdef double g
+    cdef int used = 0
+    cdef size_t n
+    if isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer)):
+        raise TypeError(f"nbytes must be an int, got {type(nbytes).__name__}")
+    if not (512 <= nbytes <= (1 << 34)):
+        raise ValueError(f"nbytes must be in [512, 2**34], got {nbytes!r}")
+    if not (1 <= threads <= 64):
+        raise ValueError(f"threads must be in [1, 64], got {threads!r}")
+    if not (0 < seconds <= 10):
+        raise ValueError(f"seconds must be in (0, 10], got {seconds!r}")
+    n = <size_t>nbytes
+    with nogil:
+        g = fl_read_bw_gbps(n, threads, seconds, &used)
+    if g < 0:
+        raise MemoryError(f"cannot allocate {nbytes} bytes for the bandwidth probe")
+    return g, used
 
 
 _TUNE_KNOBS = {"kc": 0, "prefetch": 1, "gchunk": 2}

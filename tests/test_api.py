@@ -366,6 +366,35 @@ def test_fma_peak_runs_on_every_isa():
         fastlstm.set_isa(prev)
 
 
+def test_read_bandwidth_probe_runs_on_every_isa():
+    # the benchmarks' "% of read bandwidth" and streaming "read floor" divide
+    # by this measurement (no timing asserted: every path and thread count
+    # runs, reports the threads it ran, and bad arguments are refused)
+    from fastlstm import _engine
+    prev = fastlstm.cpu_info()["isa"]
+    try:
+        for isa in fastlstm.cpu_info()["isas_available"]:
+            fastlstm.set_isa(isa)
+            for nbytes, threads in ((512, 1), (1000, 2), (3 << 16, 2), (1 << 20, 1)):
+                g, used = _engine.read_bandwidth_gbps(nbytes, threads, 0.01)
+                assert np.isfinite(g) and g > 0, (isa, nbytes, threads, g)
+                assert 1 <= used <= threads, (isa, nbytes, threads, used)
+    finally:
+        fastlstm.set_isa(prev)
+    for bad in (0, 511, 1 << 35, -1):
+        with pytest.raises(ValueError, match="nbytes"):
+            _engine.read_bandwidth_gbps(bad)
+    for bad in (1.5, "4096", True, None):
+        with pytest.raises(TypeError, match="nbytes"):
+            _engine.read_bandwidth_gbps(bad)
+    for bad in (0, 65, -2):
+        with pytest.raises(ValueError, match="threads"):
+            _engine.read_bandwidth_gbps(4096, bad)
+    for bad in (0, -1, 11, float("nan")):
+        with pytest.raises(ValueError, match="seconds"):
+            _engine.read_bandwidth_gbps(4096, 1, bad)
+
+
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_call_fast_path_matches_general_path(batch_first):
     """m(x, hx) takes a short path for inputs that need no conversion (a

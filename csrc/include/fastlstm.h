@@ -154,6 +154,17 @@ int fl_tune_set(int knob, int value);
  * GFLOP/s (best of 5 runs, ~seconds in all): for benchmarks' peak fraction. */
 double fl_fma_peak_gflops(double seconds);
 
+/* Measured read bandwidth, GB/s, of a working set of `bytes` read over and
+ * over by `nthreads` threads of the pool, each its own contiguous slice
+ * (bytes / nthreads), in 64 KB chunks whose order reverses from pass to
+ * pass, as the engine's steps walk W_hh's panels: the ceiling for a
+ * batch-1 step that must read those bytes (benchmarks' "% of read
+ * bandwidth").  Vector loads of the active ISA path; best of 5 runs, ~seconds
+ * in all.  *used (if not NULL): the threads the pool ran (fewer when another
+ * call holds it or after a congested call).  -1 if bytes is 0 or the buffer
+ * cannot be allocated. */
+double fl_read_bw_gbps(size_t bytes, int nthreads, double seconds, int *used);
+
 /* Threads. */
 int fl_num_threads_get(void);
 void fl_num_threads_set(int n); /* n <= 0: default (online CPUs) */
