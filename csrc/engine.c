@@ -11,12 +11,35 @@
 #include <immintrin.h>
 #include <cpuid.h>
 #endif
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 /* ------------------------------------------------------------------ memory */
+/* Buffers of FL_HUGE_MIN bytes and more (large models' packed weights, the
+ * workspaces that go with them) start on a 2 MB boundary and ask Linux for
+ * transparent huge pages (MADV_HUGEPAGE: honoured when THP is "always" or
+ * "madvise", the usual default; a no-op otherwise).  A batch-1 step streams
+ * all of W_hh: with 4 KB pages a 16 MB W_hh is 4096 pages, more than the
+ * second-level TLB holds, and the hardware prefetchers restart at every
+ * page.  Measured on Zen 4 (a throwaway read loop over 64 KB chunks, best of
+ * 7, three alternations): 16 MB 68-70 -> 72-77 GB/s, 32 MB 29-31 -> 35-37
+ * GB/s, 8 MB and less unchanged.  The padding costs address space, not
+ * memory (untouched pages are never backed). */
+#define FL_HUGE_MIN ((size_t)4 << 20)
+#define FL_HUGE_ALIGN ((size_t)2 << 20)
+
 void *fl_aligned_alloc(size_t bytes)
 {
     void *p = NULL;
     if (bytes == 0) bytes = FL_ALIGN;
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    if (bytes >= FL_HUGE_MIN) {
+        if (posix_memalign(&p, FL_HUGE_ALIGN, bytes) != 0) return NULL;
+        (void)madvise(p, bytes, MADV_HUGEPAGE); /* advice only: errors are harmless */
+        return p;
+    }
+#endif
     if (posix_memalign(&p, FL_ALIGN, bytes) != 0) return NULL;
     return p;
 }

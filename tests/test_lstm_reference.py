@@ -109,6 +109,24 @@ def test_large_preactivations(isa):
     assert_lstm_close(m(x), m.reference(x), np.float32, what="saturated")
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_large_weights(isa, dtype):
+    """Weights of 4 MB and more (here W_ih 4.7 MB and W_hh 4 MB per direction
+    in float32, twice that in float64) take the allocator's huge-page path
+    (2 MB-aligned, MADV_HUGEPAGE on Linux): the same results as the
+    reference, and bitwise the same on one and two threads, at batch 1
+    (hidden split) and batch 3."""
+    rng = np.random.default_rng(12)
+    m = fastlstm.LSTM(600, 512, bidirectional=True, dtype=dtype, seed=12)
+    for N in (1, 3):
+        x = rng.standard_normal((4, N, 600)).astype(dtype)
+        a = m(x, num_threads=1)
+        b = m(x, num_threads=2)
+        assert_lstm_close(a, m.reference(x), dtype, what=f"N={N}")
+        for u, v in zip((a[0], a[1][0], a[1][1]), (b[0], b[1][0], b[1][1])):
+            np.testing.assert_array_equal(u, v)
+
+
 def test_thread_counts_are_bitwise_identical():
     """Splitting hidden units or batch rows between threads does not change
     any sum's order: results are bitwise the same for every thread count."""
