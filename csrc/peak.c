@@ -167,6 +167,7 @@ double fl_read_bw_gbps(size_t bytes, int nthreads, double seconds, int *used)
     if (used) *used = 0;
     if (bytes == 0) return -1;
     if (nthreads < 1) nthreads = 1;
+    if (nthreads > fl_num_cpus()) nthreads = fl_num_cpus(); /* as the engine: no more workers than CPUs */
     if (nthreads > FL_MAX_THREADS) nthreads = FL_MAX_THREADS;
     if (!(seconds > 0)) seconds = 0.2;
     const size_t unit = (size_t)512 * (size_t)nthreads;

@@ -1,4 +1,6 @@
 """The NumPy API: shapes, layouts, dtypes, weights, errors."""
+import os
+
 import numpy as np
 import pytest
 
@@ -381,6 +383,9 @@ def test_read_bandwidth_probe_runs_on_every_isa():
                 assert 1 <= used <= threads, (isa, nbytes, threads, used)
     finally:
         fastlstm.set_isa(prev)
+    # no more threads than CPUs (the pool's workers persist)
+    g, used = _engine.read_bandwidth_gbps(4096, 64, 0.01)
+    assert g > 0 and 1 <= used <= (os.cpu_count() or 1)
     for bad in (0, 511, 1 << 35, -1):
         with pytest.raises(ValueError, match="nbytes"):
             _engine.read_bandwidth_gbps(bad)

@@ -160,8 +160,8 @@ double fl_fma_peak_gflops(double seconds);
  * pass, as the engine's steps walk W_hh's panels: the ceiling for a
  * batch-1 step that must read those bytes (benchmarks' "% of read
  * bandwidth").  Vector loads of the active ISA path; best of 5 runs, ~seconds
- * in all.  *used (if not NULL): the threads the pool ran (fewer when another
- * call holds it or after a congested call).  -1 if bytes is 0 or the buffer
+ * in all.  *used (if not NULL): the threads the pool ran (at most the online
+ * CPUs; fewer when another call holds the pool or after a congested call).  -1 if bytes is 0 or the buffer
  * cannot be allocated. */
 double fl_read_bw_gbps(size_t bytes, int nthreads, double seconds, int *used);
 
