@@ -588,11 +588,11 @@ static int check_stack(fl_cell *const *cells, int L, int D)
 size_t fl_workspace_bytes(fl_cell *const *cells, int L, int D, int T, int N)
 {
     int TC, qc, ldx;
-    size_t a, b, c, q, xq, xqs;
+    size_t a, b, c, q, xq, xqs, cx;
     if (check_stack(cells, L, D) != 0 || T < 0 || N < 0) return 0;
     if (cells[0]->dtype == FL_F32)
-        return plan_f32(cells, L, D, T, N, &TC, &a, &b, &c, &q, &qc, &xq, &xqs, &ldx);
-    return plan_f64(cells, L, D, T, N, &TC, &a, &b, &c, &q, &qc, &xq, &xqs, &ldx);
+        return plan_f32(cells, L, D, T, N, &TC, &a, &b, &c, &q, &qc, &xq, &xqs, &ldx, &cx);
+    return plan_f64(cells, L, D, T, N, &TC, &a, &b, &c, &q, &qc, &xq, &xqs, &ldx, &cx);
 }
 
 int fl_forward(fl_cell *const *cells, int L, int D, const fl_io *io, void *ws, int nthreads)

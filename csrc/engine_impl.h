@@ -37,6 +37,10 @@ typedef struct {
     int row_split[FL_MAX_THREADS + 1];
 } FN(ctx_);
 
+/* Room in the workspace for a call's context and its io, each on lines of
+ * their own (forward_). */
+#define FL_ROOM_(type) ((sizeof(type) + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN)
+
 /* h_n rows [hr0, hr1), columns [col0, col1) of layer l, direction d: the
  * output at each row's last processed step (ydir: that direction's output,
  * strides yst, ysn), h0 for rows of length 0 (h0 may alias h_n), else 0. */
@@ -594,7 +598,8 @@ static void FN(thread_)(void *arg, int tid, int nt)
 
 static size_t FN(plan_)(fl_cell *const *cells, int L, int D, int T, int N, int *TC,
                         size_t *off_buf, size_t *off_hraw, size_t *off_cnt,
-                        size_t *off_q, int *qcopies, size_t *off_xq, size_t *off_xqs, int *ldx)
+                        size_t *off_q, int *qcopies, size_t *off_xq, size_t *off_xqs, int *ldx,
+                        size_t *off_ctx)
 {
     const fl_cell *c = cells[0];
     size_t row = (size_t)c->nb * FL_PW * sizeof(REAL) * (size_t)(N > 0 ? N : 1);
@@ -651,20 +656,37 @@ static size_t FN(plan_)(fl_cell *const *cells, int L, int D, int T, int N, int *
     if (kin > 0)
         bytes += ((size_t)*TC * (size_t)(N > 0 ? N : 1) * (D == 2 ? 2 : 1) * sizeof(float) + FL_ALIGN - 1)
                  / FL_ALIGN * FL_ALIGN;
+    /* the call's context and a copy of its io (forward_) */
+    *off_ctx = bytes;
+    bytes += FL_ROOM_(FN(ctx_)) + FL_ROOM_(fl_io);
     return bytes + FL_ALIGN;
 }
 
 static int FN(forward_)(fl_cell *const *cells, int L, int D, const fl_io *io, void *ws, int nthreads)
 {
     FN(ctx_) cx;
-    size_t off_buf, off_hraw, off_cnt, off_q, off_xq, off_xqs;
+    memset(&cx, 0, sizeof cx); /* padding too: compared line by line below */
+    size_t off_buf, off_hraw, off_cnt, off_q, off_xq, off_xqs, off_ctx;
     int T = io->T, N = io->N;
     FN(plan_)(cells, L, D, T, N, &cx.TC, &off_buf, &off_hraw, &off_cnt, &off_q, &cx.qcopies,
-              &off_xq, &off_xqs, &cx.ldx);
+              &off_xq, &off_xqs, &cx.ldx, &off_ctx);
     char *base = (char *)(((uintptr_t)ws + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN);
+    /* The context the threads read lives in the workspace, not on this
+     * stack, and is written only where it changed since the last call on
+     * this workspace (a stream's steps: nowhere, or only x and y): a line
+     * the caller rewrites must move to the other cores, a few tens of ns
+     * each, one after another as thread_ follows cx -> io -> x; unchanged
+     * lines are still in their caches.  The same for the row counts. */
+    FN(ctx_) *cxw = (FN(ctx_) *)(base + off_ctx);
+    fl_io *iow = (fl_io *)(base + off_ctx + FL_ROOM_(FN(ctx_)));
+#define FL_SETF_(f) if (iow->f != io->f) iow->f = io->f
+    FL_SETF_(T); FL_SETF_(N); FL_SETF_(x); FL_SETF_(x_st); FL_SETF_(x_sn);
+    FL_SETF_(y); FL_SETF_(y_st); FL_SETF_(y_sn); FL_SETF_(h0); FL_SETF_(c0);
+    FL_SETF_(hn); FL_SETF_(cn); FL_SETF_(lengths); FL_SETF_(eager_threads);
+#undef FL_SETF_
     const fl_cell *c = cells[0];
     size_t bufsz = ((size_t)T * N * D * c->Hout * sizeof(REAL) + FL_ALIGN - 1) / FL_ALIGN * FL_ALIGN;
-    cx.cells = cells; cx.L = L; cx.D = D; cx.T = T; cx.N = N; cx.io = io;
+    cx.cells = cells; cx.L = L; cx.D = D; cx.T = T; cx.N = N; cx.io = iow;
     /* fl_kc is in floats: a double panel row is twice the bytes */
     cx.kc = fl_kc * (int)sizeof(float) / (int)sizeof(REAL);
     if (cx.kc < 16) cx.kc = 16;
@@ -690,13 +712,14 @@ static int FN(forward_)(fl_cell *const *cells, int L, int D, const fl_io *io, vo
         int n = N;
         for (int t = 0; t <= T; t++) {
             while (n > 0 && io->lengths[n - 1] <= t) n--;
-            cx.cnt[t] = n;
+            if (cx.cnt[t] != n) cx.cnt[t] = n;
         }
     } else {
-        for (int t = 0; t < T; t++) cx.cnt[t] = N;
+        for (int t = 0; t < T; t++)
+            if (cx.cnt[t] != N) cx.cnt[t] = N;
         total = (long)T * N;
     }
-    if (T >= 0) cx.cnt[T] = 0;
+    if (T >= 0 && cx.cnt[T] != 0) cx.cnt[T] = 0;
 
     /* c state lives in cn from the start. */
     for (int k = 0; k < L * D; k++) {
@@ -779,10 +802,14 @@ static int FN(forward_)(fl_cell *const *cells, int L, int D, const fl_io *io, vo
     /* thread_'s sync with the threads the pool actually used: a hidden split
      * leaves the last layer and direction's h_n to the caller, now that
      * every thread is done with h0 and y */
-    int used = fl_pool_run(FN(thread_), &cx, nt);
+    for (size_t o = 0; o < sizeof cx; o += FL_ALIGN) {
+        size_t n = sizeof cx - o < FL_ALIGN ? sizeof cx - o : FL_ALIGN;
+        if (memcmp((char *)cxw + o, (char *)&cx + o, n) != 0) memcpy((char *)cxw + o, (char *)&cx + o, n);
+    }
+    int used = fl_pool_run(FN(thread_), cxw, nt);
     if (used > 1 && !cx.split_batch && !cx.split_dir) {
         const REAL *yl = (const REAL *)io->y + (ptrdiff_t)(D - 1) * c->Hout;
-        FN(hn_copy_)(&cx, L - 1, D - 1, 0, c->Hout, 0, N, yl, io->y_st, io->y_sn);
+        FN(hn_copy_)(cxw, L - 1, D - 1, 0, c->Hout, 0, N, yl, io->y_st, io->y_sn);
     }
     return 0;
 }

@@ -451,3 +451,36 @@ def test_stream_shared_by_threads_never_mixes_steps(nt):
     h_ref, c_ref = ref.state
     np.testing.assert_array_equal(h, h_ref)
     np.testing.assert_array_equal(c, c_ref)
+
+
+@pytest.mark.parametrize("nt", THREADS)
+def test_workspace_reused_across_unlike_calls(nt):
+    """The engine keeps a call's context in the workspace and rewrites only
+    what changed since the last call on it (a stream's steps: nothing but x
+    and y).  One workspace, starting as garbage, reused by calls that differ
+    in every field -- T, batch, lengths, initial state, strides, arrays --
+    gives each call bitwise the outputs of a call on a fresh workspace."""
+    rng = np.random.default_rng(77)
+    m = fastlstm.LSTM(5, 40, num_layers=2, seed=7)
+    st = m._stack
+    calls = []  # (T, N, lengths, with_state)
+    for T, N in [(9, 3), (1, 1), (9, 3), (4, 2), (1, 3), (12, 1), (4, 2)]:
+        for lengths in (None, np.sort(rng.integers(0, T + 1, N)).astype(np.int32)[::-1].copy()):
+            calls.append((T, N, lengths, bool(rng.integers(0, 2))))
+    room = max(st.workspace_bytes(T, N) for T, N, _, _ in calls)
+    ws = np.full(room, 0xFF, np.uint8)  # NaNs, and a garbage context
+    H = m.hidden_size
+    for i, (T, N, lengths, with_state) in enumerate(calls):
+        x = rng.standard_normal((T, N, 5)).astype(np.float32)
+        h0 = rng.standard_normal((2, N, H)).astype(np.float32) if with_state else None
+        c0 = rng.standard_normal((2, N, H)).astype(np.float32) if with_state else None
+        outs = []
+        for w in (ws, np.full(st.workspace_bytes(T, N), 0xFF, np.uint8)):
+            y = np.full((T, N, H), np.nan, np.float32)
+            hn = np.full((2, N, H), np.nan, np.float32)
+            cn = np.full((2, N, H), np.nan, np.float32)
+            st.forward(x, y, h0, c0, hn, cn, w, nt, lengths)
+            outs.append((y, hn, cn))
+        for got, want in zip(outs[0], outs[1]):  # (y past a length: left unwritten, NaN in both)
+            assert np.array_equal(got, want, equal_nan=True), f"call {i}: T={T} N={N} lengths={lengths}"
+        assert not np.isnan(outs[0][1]).any(), f"call {i}: h_n not written"
