@@ -41,7 +41,13 @@ its outputs are compared with fastlstm's (max abs diff < 1e-4).  Timing:
 run_all.time_interleaved (rounds, engine order rotating, 0.25 s idle and one untimed call
 after each switch, every call timed alone, GC off); medians reported.  Speedup
 is against the fastest of torch nn.LSTM (oneDNN on or off) and ORT; the
-target is >= 5x.
+target is >= 5x.  Before each round the core round trip
+(fastlstm._engine.core_roundtrip_ns: a cache line between this thread and
+fastlstm's worker and back) is probed: on a VM the host moves the two vCPUs
+between SMT siblings of one core (~40 ns, one L2 shared: two threads gain
+little on an L2-bound step), two cores (~100-130 ns) and two core complexes
+(~500 ns: every hop of a two-thread step costs that), and the two-thread
+rows move with it; the table gives its median and range over the rounds.
 
     python benchmarks/bench_stream.py               # writes benchmarks/results/stream.{json,md}
     python benchmarks/bench_stream.py --quick --out /tmp/stream_check
@@ -52,6 +58,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -272,11 +279,21 @@ def cross_check(runners, xs):
 
 
 # ------------------------------------------------------------------- output
+def core_roundtrip():
+    """A cache line's round trip between this thread and fastlstm's first
+    worker, ns (fastlstm._engine.core_roundtrip_ns), before each round: where
+    the host has put the two vCPUs (it moves them; two-thread steps pay it
+    per hop).  None on one CPU or when the pool is busy."""
+    from fastlstm import _engine
+    return _engine.core_roundtrip_ns(0.01)
+
+
 def markdown_table(results):
     cols = [e for e in ENGINES if any(e in r["engines"] for r in results)]
     head = (["hidden (= input), batch 1, 1 layer", "threads"] + [f"{LABEL[e]} µs" for e in cols]
             + [f"speedup vs fastest of torch nn.LSTM / ORT (target ≥ {TARGET:g}×)",
-               "read floor µs (weights / read bandwidth)"])
+               "read floor µs (weights / read bandwidth)",
+               "core round trip ns (median of rounds, range)"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         cells = [str(r["hidden"]), str(r["threads"])]
@@ -294,6 +311,8 @@ def markdown_table(results):
                      + (" ✓" if sp >= TARGET else " (below target)"))
         fl = r.get("read_floor_us")
         cells.append("–" if fl is None else f"{fl:.2f}")
+        tr = r.get("core_roundtrip_ns")
+        cells.append(f"{statistics.median(tr):.0f} ({min(tr):.0f}–{max(tr):.0f})" if tr else "–")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -377,7 +396,9 @@ def main(argv=None):
                 timed[name] = peers.Runner(name, lambda _x, f=r.fn, x=x: f(x), r.threads)
             eng = time_interleaved(timed, None, args.repeats, args.min_calls, args.min_time,
                                    settle_s=0.0 if args.quick else SETTLE_S,
-                                   max_calls_per_round=args.max_calls_per_round)
+                                   max_calls_per_round=args.max_calls_per_round,
+                                   on_round=core_roundtrip)
+        trips = [v for v in eng.pop(None) if v is not None]
         stats = {}
         for name, d in eng.items():
             stats[name] = {
@@ -406,6 +427,9 @@ def main(argv=None):
                   f"{s['q75_us']:.2f}, {s['calls']} calls){diff}")
         print(f"   read floor: {wbytes >> 10} KB of weights at {bw:.0f} GB/s "
               f"({bw_threads} thread(s)) = {floor_us:.2f} µs")
+        if trips:
+            print(f"   core round trip: median {statistics.median(trips):.0f} ns over the rounds "
+                  f"({min(trips):.0f}-{max(trips):.0f})")
         if speedup:
             print(f"   speedup vs {LABEL[best]}: {speedup:.2f}x (target {TARGET:g}x)\n")
         results.append({"hidden": H, "input": H, "batch": 1, "layers": 1, "threads": threads,
@@ -414,6 +438,8 @@ def main(argv=None):
                         "engines": stats, "best_peer": best, "speedup": speedup,
                         "weight_bytes": wbytes, "read_bw_gbps": bw, "read_bw_threads": bw_threads,
                         "read_floor_us": floor_us,
+                        "core_roundtrip_ns": trips,
+                        "core_roundtrip_median_ns": statistics.median(trips) if trips else None,
                         "meets_target": None if speedup is None else speedup >= TARGET})
 
     table = markdown_table(results)

@@ -50,7 +50,7 @@ SETTLE_S = 0.25
 
 
 def time_interleaved(runners, x, repeats, min_calls, min_time, max_calls_per_round=2000,
-                     settle_s=SETTLE_S):
+                     settle_s=SETTLE_S, on_round=None):
     """Time every runner on ``x``, interleaved over ``repeats`` rounds.
 
     Each runner has had its warm-up call (the cross-check).  In every round
@@ -65,6 +65,10 @@ def time_interleaved(runners, x, repeats, min_calls, min_time, max_calls_per_rou
     artifact of hosting all engines in one process that hurts whichever
     engine synchronises its threads most often.
 
+    ``on_round``: called with no arguments before each round (e.g. a probe of
+    the machine's state, bench_stream.py's core round trip); its return
+    values are in the result under the key None, one per round.
+
     Returns {name: dict(times_ms=[all timed calls in order], calls_per_round,
     switch_warmup_ms, median_ms, q25_ms, q75_ms, min_ms, mean_ms, calls,
     round_medians_ms)}.
@@ -73,11 +77,14 @@ def time_interleaved(runners, x, repeats, min_calls, min_time, max_calls_per_rou
     round_budget_ns = min_time * 1e9 / repeats
     round_min_calls = max(1, math.ceil(min_calls / repeats))
     res = {n: {"times_ms": [], "calls_per_round": [], "switch_warmup_ms": []} for n in names}
+    probes = []
     gc_was_enabled = gc.isenabled()
     gc.collect()
     gc.disable()
     try:
         for r in range(repeats):
+            if on_round is not None:
+                probes.append(on_round())
             k = r % len(names)
             for n in names[k:] + names[:k]:
                 fn = runners[n]
@@ -106,6 +113,8 @@ def time_interleaved(runners, x, repeats, min_calls, min_time, max_calls_per_rou
             q25_ms=float(q[0]), q75_ms=float(q[1]), calls=len(ts),
             round_medians_ms=[statistics.median(ts[a - k:a]) for a, k in zip(
                 np.cumsum(res[n]["calls_per_round"]), res[n]["calls_per_round"])])
+    if on_round is not None:
+        res[None] = probes
     return res
 
 

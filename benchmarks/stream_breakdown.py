@@ -10,6 +10,11 @@ by round (medians over rounds, GC off):
   step(x, out=y)  ``Stream.step`` writing into a preallocated y
   step(x)         ``Stream.step`` allocating its output
 
+The last column is the core round trip (fastlstm._engine.core_roundtrip_ns)
+before and after the row: on a VM the host moves the vCPUs (SMT siblings
+~40 ns, two cores ~100-130 ns, two core complexes ~500 ns), and two-thread
+steps move with it.
+
 The differences are Python's share of a step (argument checks, the GIL
 release, the output allocation).  No peers: bench_stream.py compares with
 torch and ONNX Runtime.
@@ -71,16 +76,22 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=3000, help="steps per round and kind")
     a = ap.parse_args(argv)
     import fastlstm
+    from fastlstm import _engine
     print(f"# {fastlstm.cpu_info()['isa']}, {time.strftime('%Y-%m-%d %H:%M')}")
-    print("| hidden | threads | C loop µs | step(x, out=y) µs | step(x) µs | Python's share µs (out= / new array) |")
-    print("|---|---|---|---|---|---|")
+    print("| hidden | threads | C loop µs | step(x, out=y) µs | step(x) µs | Python's share µs (out= / new array) "
+          "| core round trip ns (before / after) |")
+    print("|---|---|---|---|---|---|---|")
     gc.disable()
     try:
         for h in [int(v) for v in a.hidden.split(",")]:
             for t in [int(v) for v in a.threads.split(",")]:
+                t0 = _engine.core_roundtrip_ns(0.01)
                 r = measure(h, t, a.rounds, a.steps)
+                t1 = _engine.core_roundtrip_ns(0.01)
                 c, o, n = r["C loop"], r["step(x, out=y)"], r["step(x)"]
-                print(f"| {h} | {t} | {c:.2f} | {o:.2f} | {n:.2f} | {o - c:.2f} / {n - c:.2f} |", flush=True)
+                trip = " / ".join("–" if v is None else f"{v:.0f}" for v in (t0, t1))
+                print(f"| {h} | {t} | {c:.2f} | {o:.2f} | {n:.2f} | {o - c:.2f} / {n - c:.2f} | {trip} |",
+                      flush=True)
     finally:
         gc.enable()
 

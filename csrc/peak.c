@@ -5,6 +5,7 @@
  * latency x throughput on current x86 cores), no memory traffic.
  */
 #define _GNU_SOURCE
+#include <stdatomic.h>
 #include <time.h>
 #include "fl_internal.h"
 #if defined(FL_X86)
@@ -206,4 +207,70 @@ double fl_read_bw_gbps(size_t bytes, int nthreads, double seconds, int *used)
     fl_aligned_free(j);
     if (used) *used = ran;
     return best;
+}
+
+/* ---- the pool's two threads: the time a cache line takes to go there and back */
+#if defined(FL_X86)
+#define PP_PAUSE() _mm_pause()
+#else
+#define PP_PAUSE() ((void)0)
+#endif
+
+typedef struct {
+    _Alignas(64) atomic_long ping; /* written by thread 0 only */
+    _Alignas(64) atomic_long pong; /* written by thread 1 only */
+    _Alignas(64) long n;           /* round trips per run (warm-up: n / 8 more first) */
+    double ns;                     /* thread 0: mean ns per round trip of the timed ones */
+} pp_job;
+
+static void pp_task_(void *arg, int tid, int nthreads)
+{
+    pp_job *j = (pp_job *)arg;
+    if (nthreads < 2 || tid > 1) return;
+    const long warm = j->n / 8 + 1, total = warm + j->n;
+    if (tid == 1) {
+        for (long i = 1; i <= total; i++) {
+            while (atomic_load_explicit(&j->ping, memory_order_acquire) != i) PP_PAUSE();
+            atomic_store_explicit(&j->pong, i, memory_order_release);
+        }
+        return;
+    }
+    double t0 = 0;
+    for (long i = 1; i <= total; i++) {
+        if (i == warm + 1) t0 = fl_now_();
+        atomic_store_explicit(&j->ping, i, memory_order_release);
+        while (atomic_load_explicit(&j->pong, memory_order_acquire) != i) PP_PAUSE();
+    }
+    j->ns = (fl_now_() - t0) * 1e9 / (double)j->n;
+}
+
+double fl_core_roundtrip_ns(double seconds)
+{
+    if (!(seconds > 0)) seconds = 0.05;
+    if (fl_num_cpus() < 2) return -1;
+    pp_job *j = (pp_job *)fl_aligned_alloc(sizeof(pp_job));
+    if (!j) return -3;
+    memset(j, 0, sizeof *j);
+    enum { REPS = 5 };
+    double r[REPS];
+    j->n = 1000;
+    for (int k = 0; k < REPS; k++) {
+        for (;;) {
+            atomic_store(&j->ping, 0);
+            atomic_store(&j->pong, 0);
+            double t0 = fl_now_();
+            if (fl_pool_run(pp_task_, j, 2) < 2) { /* the pool is held or congested: no partner */
+                fl_aligned_free(j);
+                return -2;
+            }
+            double t = fl_now_() - t0;
+            if (t >= seconds / REPS || j->n >= (1L << 30)) break;
+            j->n *= 2;
+        }
+        r[k] = j->ns;
+    }
+    fl_aligned_free(j);
+    for (int a = 1; a < REPS; a++) /* median of the runs */
+        for (int b = a; b > 0 && r[b] < r[b - 1]; b--) { double t = r[b]; r[b] = r[b - 1]; r[b - 1] = t; }
+    return r[REPS / 2];
 }

@@ -58,6 +58,7 @@ cdef extern from "fastlstm.h" nogil:
     int fl_tune_set(int knob, int value)
     double fl_fma_peak_gflops(double seconds) nogil
     double fl_read_bw_gbps(size_t nbytes, int nthreads, double seconds, int *used) nogil
+    double fl_core_roundtrip_ns(double seconds) nogil
     int fl_num_threads_get()
     void fl_num_threads_set(int n)
     int fl_num_cpus()
@@ -135,6 +136,26 @@ def read_bandwidth_gbps(nbytes, int threads=1, double seconds=0.2):
     if g < 0:
         raise MemoryError(f"cannot allocate {nbytes} bytes for the bandwidth probe")
     return g, used
+
+
+def core_roundtrip_ns(double seconds=0.05):
+    """The round trip of a cache line between the calling thread and the
+    pool's first worker, ns (median of 5 runs, ~`seconds` in all): each
+    writes a line of its own and spins until the other's changes.  What a
+    two-thread step pays per hop (its barrier, the exchange of h); on a VM
+    it tells where the host has put the two vCPUs right now (roughly: SMT
+    siblings of one core, sharing its L2 ~40 ns; two cores ~100-130 ns;
+    two core complexes ~500 ns on the EPYC guests we measure on).  None when
+    the pool cannot run two threads (one CPU, another call holding it, or
+    right after a congested call)."""
+    cdef double r
+    if not (0 < seconds <= 10):
+        raise ValueError(f"seconds must be in (0, 10], got {seconds!r}")
+    with nogil:
+        r = fl_core_roundtrip_ns(seconds)
+    if r == -3:
+        raise MemoryError("cannot allocate the round-trip probe's lines")
+    return None if r < 0 else r
 
 
 _TUNE_KNOBS = {"kc": 0, "prefetch": 1, "gchunk": 2}

@@ -400,6 +400,25 @@ def test_read_bandwidth_probe_runs_on_every_isa():
             _engine.read_bandwidth_gbps(4096, 1, bad)
 
 
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="the round-trip probe needs two CPUs")
+def test_core_roundtrip_probe():
+    # bench_stream.py and stream_breakdown.py report it beside two-thread
+    # steps (no timing asserted: a positive, finite round trip, well under a
+    # millisecond even on a busy machine: each run averages >= 1000 trips)
+    from fastlstm import _engine
+    for seconds in (0.005, 0.02):
+        r = _engine.core_roundtrip_ns(seconds)
+        assert r is not None and np.isfinite(r) and 0 < r < 1e6, r
+    # the pool is free again afterwards: a two-thread call still splits
+    m = fastlstm.LSTM(8, 64, seed=0)
+    s = m.stream(1, num_threads=2)
+    x = np.ones(8, np.float32)
+    assert np.array_equal(s.step(x), m.stream(1, num_threads=1).step(x))
+    for bad in (0, -1, 11, float("nan")):
+        with pytest.raises(ValueError, match="seconds"):
+            _engine.core_roundtrip_ns(bad)
+
+
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_call_fast_path_matches_general_path(batch_first):
     """m(x, hx) takes a short path for inputs that need no conversion (a

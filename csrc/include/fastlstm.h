@@ -164,6 +164,13 @@ double fl_fma_peak_gflops(double seconds);
  * CPUs; fewer when another call holds the pool or after a congested call).  -1 if bytes is 0 or the buffer
  * cannot be allocated. */
 double fl_read_bw_gbps(size_t bytes, int nthreads, double seconds, int *used);
+/* The round trip of a cache line between the calling thread and the pool's
+ * first worker (each writes its own line and spins on the other's), ns,
+ * the median of 5 runs, ~seconds in all: what a two-thread step's barrier
+ * and h exchange pay per hop on this pair of cores right now (on a VM it
+ * changes as the host moves the vCPUs).  -1: fewer than 2 CPUs; -2: the
+ * pool is held by another call or congested; -3: no memory. */
+double fl_core_roundtrip_ns(double seconds);
 
 /* Threads. */
 int fl_num_threads_get(void);
