@@ -806,7 +806,16 @@ static int FN(forward_)(fl_cell *const *cells, int L, int D, const fl_io *io, vo
         size_t n = sizeof cx - o < FL_ALIGN ? sizeof cx - o : FL_ALIGN;
         if (memcmp((char *)cxw + o, (char *)&cx + o, n) != 0) memcpy((char *)cxw + o, (char *)&cx + o, n);
     }
-    int used = fl_pool_run(FN(thread_), cxw, nt);
+    /* A one-step call with the state in place (a stream's step): the next
+     * step reads all of h_n, which the caller writes after this call. */
+    const void *pf = NULL;
+    size_t pfbytes = 0;
+    if (T == 1 && io->h0 && io->h0 == io->hn) {
+        pf = io->hn;
+        pfbytes = (size_t)L * D * N * c->Hout * sizeof(REAL);
+        if (pfbytes > ((size_t)16 << 10)) pfbytes = (size_t)16 << 10;
+    }
+    int used = fl_pool_run_pf(FN(thread_), cxw, nt, pf, pfbytes);
     if (used > 1 && !cx.split_batch && !cx.split_dir) {
         const REAL *yl = (const REAL *)io->y + (ptrdiff_t)(D - 1) * c->Hout;
         FN(hn_copy_)(cxw, L - 1, D - 1, 0, c->Hout, 0, N, yl, io->y_st, io->y_sn);

@@ -285,6 +285,11 @@ static inline int fl_act_planes(const fl_cell *cell) { return cell->act_bits == 
  * with another call, so concurrent callers never oversubscribe). */
 typedef void (*fl_task_fn)(void *arg, int tid, int nthreads);
 int fl_pool_run(fl_task_fn fn, void *arg, int nthreads);
+/* The same, with a hint: [pf, pf + pfbytes) is memory the next job will
+ * likely read (a stream's state, which the caller rewrites after the job);
+ * the workers of this job prefetch it now and then while they wait for the
+ * next one.  Only a hint: nothing is read but by prefetch instructions. */
+int fl_pool_run_pf(fl_task_fn fn, void *arg, int nthreads, const void *pf, size_t pfbytes);
 /* Barrier among the threads of the current fl_pool_run (between steps). */
 void fl_pool_barrier(int tid, int nthreads);
 

@@ -49,6 +49,9 @@
 #endif
 
 #define FL_IDLE_SPINS 4000     /* ~ tens of microseconds before sleeping */
+#ifndef FL_PF_EVERY
+#define FL_PF_EVERY 32         /* idle spins between two prefetches of the hint (a power of 2) */
+#endif
 #define FL_BARRIER_SPINS 2000  /* ~40 us (measured), then sleep in the kernel */
 #define FL_SOLO_NS 10000000LL  /* single-threaded this long after a congested call */
 #define FL_CONGESTED_NS 500000LL /* a barrier wait this long: a partner lost its core */
@@ -86,6 +89,8 @@ static struct {
     void *_Atomic arg;
     atomic_int nt;
     atomic_ullong base; /* the participants' arrival epoch when the job starts */
+    const void *_Atomic pf; /* a hint: memory the next job will likely read (fl_pool_run_pf) */
+    atomic_size_t pfbytes;
 } g_job;
 
 /* Arrival epochs, 64 bits (never wrap).  Thread tid's epoch counts the
@@ -229,11 +234,19 @@ static void *worker_main(void *p)
     /* The job counter as it was when this worker was created (under the
      * call lock, before the job that created it was published). */
     unsigned seen = g_start_seq[tid];
+    const char *pf = NULL; /* the last job's hint (see fl_pool_run_pf) */
+    size_t pfbytes = 0;
     for (;;) {
         unsigned s;
         int spins = 0;
         while ((s = atomic_load_explicit(&g_job.seq, memory_order_acquire)) == seen || (s & 1u)) {
             if (spins < FL_IDLE_SPINS) {
+                /* Idle: now and then fetch the hinted lines (a stream's state,
+                 * rewritten by the caller after the job): a prefetch moves
+                 * nothing the coherence protocol would not, so a line the
+                 * caller writes again is simply fetched again later. */
+                if (pf && (spins & (FL_PF_EVERY - 1)) == FL_PF_EVERY / 2)
+                    for (size_t o = 0; o < pfbytes; o += 64) __builtin_prefetch(pf + o, 0, 3);
                 spins++;
                 FL_PAUSE();
                 continue;
@@ -258,6 +271,8 @@ static void *worker_main(void *p)
         void *arg = atomic_load_explicit(&g_job.arg, memory_order_acquire);
         int nt = atomic_load_explicit(&g_job.nt, memory_order_acquire);
         unsigned long long base = atomic_load_explicit(&g_job.base, memory_order_acquire);
+        const char *jpf = (const char *)atomic_load_explicit(&g_job.pf, memory_order_acquire);
+        size_t jpfbytes = atomic_load_explicit(&g_job.pfbytes, memory_order_acquire);
         if (atomic_load_explicit(&g_job.seq, memory_order_relaxed) != s) continue; /* seen unchanged: reread */
         seen = s;
         if (tid < nt) {
@@ -266,6 +281,10 @@ static void *worker_main(void *p)
             atomic_store_explicit(&g_arrival[tid].epoch, base, memory_order_relaxed);
             fn(arg, tid, nt);
             arrive_(tid); /* the caller returns once every participant is here */
+            pf = jpf;
+            pfbytes = jpfbytes;
+        } else {
+            pf = NULL;
         }
     }
     return NULL;
@@ -298,7 +317,9 @@ static void pool_atfork_child(void)
 static pthread_once_t g_atfork_once = PTHREAD_ONCE_INIT;
 static void pool_register_atfork(void) { pthread_atfork(NULL, NULL, pool_atfork_child); }
 
-int fl_pool_run(fl_task_fn fn, void *arg, int nthreads)
+int fl_pool_run(fl_task_fn fn, void *arg, int nthreads) { return fl_pool_run_pf(fn, arg, nthreads, NULL, 0); }
+
+int fl_pool_run_pf(fl_task_fn fn, void *arg, int nthreads, const void *pf, size_t pfbytes)
 {
     if (nthreads > FL_MAX_THREADS) nthreads = FL_MAX_THREADS;
     pthread_once(&g_atfork_once, pool_register_atfork);
@@ -338,6 +359,8 @@ int fl_pool_run(fl_task_fn fn, void *arg, int nthreads)
     atomic_store_explicit(&g_job.arg, arg, memory_order_release);
     atomic_store_explicit(&g_job.nt, nthreads, memory_order_release);
     atomic_store_explicit(&g_job.base, base, memory_order_release);
+    atomic_store_explicit(&g_job.pf, pf, memory_order_release);
+    atomic_store_explicit(&g_job.pfbytes, pf ? pfbytes : 0, memory_order_release);
 #if FL_POOL_PUBLISH_PAUSE_US > 0
     usleep(FL_POOL_PUBLISH_PAUSE_US); /* test builds only: widen the window */
 #endif
