@@ -21,8 +21,12 @@
  * 13.2-13.3 and 12.6 us a step; hidden 512, input 256: 43.3, 53.0-53.2 and
  * 49.5-49.6.  The fused tiles win back only a quarter to a third of the
  * projection: the W_ih rereads cost bandwidth that the steps are bound by
- * (RG = 3: no gain; 4: ~2%; 5-6: ~5% and ~7%).  Not worth the engine's
- * complexity yet, hence not in it.
+ * (RG = 3: no gain; 4: ~2%; 5-6: ~5% and ~7%).  Two variants tried in a
+ * copy of this file did no better: 10-row tiles of half a block (32 columns,
+ * half the rereads): 12.7-12.8 and 50.0 us; every block every step doing a
+ * fifth of a 5-row tile's K (partial sums through G, which keeps the bits):
+ * 13.8 and 54.1 us, worse than hoisting.  Not worth the engine's complexity
+ * yet, hence not in it.
  */
 #include <immintrin.h>
 #include <stdio.h>
