@@ -23,9 +23,9 @@
  * projection: the W_ih rereads cost bandwidth that the steps are bound by
  * (RG = 3: no gain; 4: ~2%; 5-6: ~5% and ~7%).  Two variants tried in a
  * copy of this file did no better: 10-row tiles of half a block (32 columns,
- * half the rereads): 12.7-12.8 and 50.0 us; every block every step doing a
+ * half the rereads): 12.7-12.8 and 50.0-50.6 us; every block every step doing a
  * fifth of a 5-row tile's K (partial sums through G, which keeps the bits):
- * 13.8 and 54.1 us, worse than hoisting.  Not worth the engine's complexity
+ * 13.8-14.1 and 54.1-54.2 us, worse than hoisting.  Not worth the engine's complexity
  * yet, hence not in it.
  */
 #include <immintrin.h>
