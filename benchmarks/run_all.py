@@ -50,7 +50,7 @@ SETTLE_S = 0.25
 
 
 def time_interleaved(runners, x, repeats, min_calls, min_time, max_calls_per_round=2000,
-                     settle_s=SETTLE_S, on_round=None):
+                     settle_s=SETTLE_S, on_switch=None):
     """Time every runner on ``x``, interleaved over ``repeats`` rounds.
 
     Each runner has had its warm-up call (the cross-check).  In every round
@@ -65,9 +65,10 @@ def time_interleaved(runners, x, repeats, min_calls, min_time, max_calls_per_rou
     artifact of hosting all engines in one process that hurts whichever
     engine synchronises its threads most often.
 
-    ``on_round``: called with no arguments before each round (e.g. a probe of
-    the machine's state, bench_stream.py's core round trip); its return
-    values are in the result under the key None, one per round.
+    ``on_switch``: called with the engine's name right before its timed calls
+    in each round, after the idle wait (a probe of the machine's state as
+    that engine meets it: bench_stream.py's core round trip); what it
+    returns is in the engine's result as ``probes``, one per round.
 
     Returns {name: dict(times_ms=[all timed calls in order], calls_per_round,
     switch_warmup_ms, median_ms, q25_ms, q75_ms, min_ms, mean_ms, calls,
@@ -76,20 +77,19 @@ def time_interleaved(runners, x, repeats, min_calls, min_time, max_calls_per_rou
     names = list(runners)
     round_budget_ns = min_time * 1e9 / repeats
     round_min_calls = max(1, math.ceil(min_calls / repeats))
-    res = {n: {"times_ms": [], "calls_per_round": [], "switch_warmup_ms": []} for n in names}
-    probes = []
+    res = {n: {"times_ms": [], "calls_per_round": [], "switch_warmup_ms": [], "probes": []} for n in names}
     gc_was_enabled = gc.isenabled()
     gc.collect()
     gc.disable()
     try:
         for r in range(repeats):
-            if on_round is not None:
-                probes.append(on_round())
             k = r % len(names)
             for n in names[k:] + names[:k]:
                 fn = runners[n]
                 if settle_s > 0:
                     time.sleep(settle_s)
+                if on_switch is not None:
+                    res[n]["probes"].append(on_switch(n))
                 res[n]["switch_warmup_ms"].append(round(_time_call(fn, x), 5))
                 ts = []
                 spent = 0
@@ -113,8 +113,6 @@ def time_interleaved(runners, x, repeats, min_calls, min_time, max_calls_per_rou
             q25_ms=float(q[0]), q75_ms=float(q[1]), calls=len(ts),
             round_medians_ms=[statistics.median(ts[a - k:a]) for a, k in zip(
                 np.cumsum(res[n]["calls_per_round"]), res[n]["calls_per_round"])])
-    if on_round is not None:
-        res[None] = probes
     return res
 
 
