@@ -484,3 +484,25 @@ def test_workspace_reused_across_unlike_calls(nt):
         for got, want in zip(outs[0], outs[1]):  # (y past a length: left unwritten, NaN in both)
             assert np.array_equal(got, want, equal_nan=True), f"call {i}: T={T} N={N} lengths={lengths}"
         assert not np.isnan(outs[0][1]).any(), f"call {i}: h_n not written"
+
+
+@pytest.mark.parametrize("layers,batch", [(1, 1), (2, 1), (1, 3), (3, 2)])
+def test_two_thread_steps_keep_the_state_exact_after_every_step(layers, batch):
+    """On two threads the last layer's h_n is written after the threads are
+    done (the caller copies the worker's columns from y): after every step
+    the state -- read, and also set between steps -- is bitwise the
+    one-thread stream's, and so are the outputs."""
+    rng = np.random.default_rng(90 + layers + batch)
+    m = fastlstm.LSTM(7, 50, num_layers=layers, seed=3)  # 4 hidden blocks: two a thread
+    one, two = m.stream(batch, num_threads=1), m.stream(batch, num_threads=2)
+    for t in range(30):
+        x = rng.standard_normal((batch, 7)).astype(np.float32)
+        y1, y2 = one.step(x), two.step(x)
+        assert np.array_equal(y1, y2), f"t={t}"
+        (h1, c1), (h2, c2) = one.state, two.state
+        assert np.array_equal(h1, h2) and np.array_equal(c1, c2), f"state after t={t}"
+        if t % 7 == 6:  # a state set from outside is what the next step starts from
+            h = rng.standard_normal(h1.shape).astype(np.float32)
+            c = rng.standard_normal(c1.shape).astype(np.float32)
+            one.state = (h, c)
+            two.state = (h, c)
