@@ -293,6 +293,23 @@ def core_roundtrip(engine):
     return _engine.core_roundtrip_ns(0.01)
 
 
+# Round-trip bands of the placements seen on the 2-core EPYC guests here (ns).
+PLACEMENTS = (("SMT siblings of one core", 0, 70), ("two cores of one complex", 70, 200),
+              ("two core complexes", 200, None))  # None: no upper bound
+
+
+def placement_bins(trip_rounds):
+    """fastlstm's rounds grouped by the round trip probed before them: per
+    band, how many rounds and the median of their median steps (µs)."""
+    out = []
+    for name, lo, hi in PLACEMENTS:
+        ms = [m for t, m in trip_rounds if lo <= t and (hi is None or t < hi)]
+        if ms:
+            out.append({"placement": name, "lo_ns": lo, "hi_ns": hi, "rounds": len(ms),
+                        "median_us": statistics.median(ms)})
+    return out
+
+
 def markdown_table(results):
     cols = [e for e in ENGINES if any(e in r["engines"] for r in results)]
     head = (["hidden (= input), batch 1, 1 layer", "threads"] + [f"{LABEL[e]} µs" for e in cols]
@@ -436,9 +453,14 @@ def main(argv=None):
                   f"{s['q75_us']:.2f}, {s['calls']} calls){diff}")
         print(f"   read floor: {wbytes >> 10} KB of weights at {bw:.0f} GB/s "
               f"({bw_threads} thread(s)) = {floor_us:.2f} µs")
+        by_trip = placement_bins(trip_rounds)
         if trips:
             print(f"   core round trip before fastlstm's rounds: median {statistics.median(trips):.0f} ns "
                   f"({min(trips):.0f}-{max(trips):.0f})")
+            for b in by_trip:
+                band = f"{b['lo_ns']}-{b['hi_ns']}" if b["hi_ns"] is not None else f">= {b['lo_ns']}"
+                print(f"     {b['placement']} ({band} ns): {b['rounds']} round(s), "
+                      f"fastlstm step {b['median_us']:.2f} µs (median of the rounds' medians)")
         if speedup:
             print(f"   speedup vs {LABEL[best]}: {speedup:.2f}x (target {TARGET:g}x)\n")
         results.append({"hidden": H, "input": H, "batch": 1, "layers": 1, "threads": threads,
@@ -449,6 +471,7 @@ def main(argv=None):
                         "read_floor_us": floor_us,
                         "core_roundtrip_ns": trips,
                         "core_roundtrip_vs_round_median_us": trip_rounds,
+                        "fastlstm_by_placement": by_trip,
                         "core_roundtrip_median_ns": statistics.median(trips) if trips else None,
                         "meets_target": None if speedup is None else speedup >= TARGET})
 
