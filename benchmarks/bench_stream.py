@@ -41,15 +41,16 @@ its outputs are compared with fastlstm's (max abs diff < 1e-4).  Timing:
 run_all.time_interleaved (rounds, engine order rotating, 0.25 s idle and one untimed call
 after each switch, every call timed alone, GC off); medians reported.  Speedup
 is against the fastest of torch nn.LSTM (oneDNN on or off) and ORT; the
-target is >= 5x.  Right before each round of fastlstm's timed steps the
+target is >= 5x.  Right before every engine's timed calls in each round the
 core round trip (fastlstm._engine.core_roundtrip_ns: a cache line between
 this thread and fastlstm's worker and back) is probed: on a VM the host
 moves the two vCPUs, notably while they idle between engines, between SMT
 siblings of one core (~40 ns, one L2 shared: two threads gain little on an
 L2-bound step), two cores (~100-130 ns) and two core complexes (~500 ns:
 every hop of a two-thread step costs that), and the two-thread rows move
-with it; the table gives its median and range, the JSON each round's probe
-beside that round's median step.
+with it; the table gives its median and range before fastlstm's rounds, the
+JSON each of those probes beside that round's median step, and the rounds
+grouped by the probe's band (fastlstm_by_placement).
 
     python benchmarks/bench_stream.py               # writes benchmarks/results/stream.{json,md}
     python benchmarks/bench_stream.py --quick --out /tmp/stream_check
@@ -293,6 +294,13 @@ def core_roundtrip(engine):
     return _engine.core_roundtrip_ns(0.01)
 
 
+def trip_summary(trips):
+    """'median (min–max)' of round trips in ns, '–' when none."""
+    if not trips:
+        return "–"
+    return f"{statistics.median(trips):.0f} ({min(trips):.0f}–{max(trips):.0f})"
+
+
 # Round-trip bands of the placements seen on the 2-core EPYC guests here (ns).
 PLACEMENTS = (("SMT siblings of one core", 0, 70), ("two cores of one complex", 70, 200),
               ("two core complexes", 200, None))  # None: no upper bound
@@ -333,8 +341,7 @@ def markdown_table(results):
                      + (" ✓" if sp >= TARGET else " (below target)"))
         fl = r.get("read_floor_us")
         cells.append("–" if fl is None else f"{fl:.2f}")
-        tr = r.get("core_roundtrip_ns")
-        cells.append(f"{statistics.median(tr):.0f} ({min(tr):.0f}–{max(tr):.0f})" if tr else "–")
+        cells.append(trip_summary(r.get("core_roundtrip_ns")))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -422,9 +429,9 @@ def main(argv=None):
                                    on_switch=core_roundtrip)
         # the round trip right before each round of fastlstm's timed steps,
         # beside that round's median step
-        trips = [v for v in eng["fastlstm"]["probes"] if v is not None]
         trip_rounds = [[v, 1e3 * m] for v, m in zip(eng["fastlstm"]["probes"],
                                                   eng["fastlstm"]["round_medians_ms"]) if v is not None]
+        trips = [v for v, _ in trip_rounds]
         stats = {}
         for name, d in eng.items():
             stats[name] = {
@@ -455,8 +462,7 @@ def main(argv=None):
               f"({bw_threads} thread(s)) = {floor_us:.2f} µs")
         by_trip = placement_bins(trip_rounds)
         if trips:
-            print(f"   core round trip before fastlstm's rounds: median {statistics.median(trips):.0f} ns "
-                  f"({min(trips):.0f}-{max(trips):.0f})")
+            print(f"   core round trip before fastlstm's rounds: {trip_summary(trips)} ns (median, range)")
             for b in by_trip:
                 band = f"{b['lo_ns']}-{b['hi_ns']}" if b["hi_ns"] is not None else f">= {b['lo_ns']}"
                 print(f"     {b['placement']} ({band} ns): {b['rounds']} round(s), "
@@ -472,7 +478,6 @@ def main(argv=None):
                         "core_roundtrip_ns": trips,
                         "core_roundtrip_vs_round_median_us": trip_rounds,
                         "fastlstm_by_placement": by_trip,
-                        "core_roundtrip_median_ns": statistics.median(trips) if trips else None,
                         "meets_target": None if speedup is None else speedup >= TARGET})
 
     table = markdown_table(results)

@@ -283,6 +283,13 @@ static inline int fl_act_planes(const fl_cell *cell) { return cell->act_bits == 
 /* Thread pool: run fn(arg, tid, nthreads) on nthreads threads (the caller is
  * tid 0); returns the number of threads actually used (1 if the pool is busy
  * with another call, so concurrent callers never oversubscribe). */
+/* The spin-wait hint of the pool's waits and peak.c's round-trip probe. */
+#if defined(FL_X86)
+#include <immintrin.h>
+#define FL_PAUSE() _mm_pause()
+#else
+#define FL_PAUSE() ((void)0)
+#endif
 typedef void (*fl_task_fn)(void *arg, int tid, int nthreads);
 int fl_pool_run(fl_task_fn fn, void *arg, int nthreads);
 /* The same, with a hint: [pf, pf + pfbytes) is memory the next job will

@@ -210,11 +210,6 @@ double fl_read_bw_gbps(size_t bytes, int nthreads, double seconds, int *used)
 }
 
 /* ---- the pool's two threads: the time a cache line takes to go there and back */
-#if defined(FL_X86)
-#define PP_PAUSE() _mm_pause()
-#else
-#define PP_PAUSE() ((void)0)
-#endif
 
 typedef struct {
     _Alignas(64) atomic_long ping; /* written by thread 0 only */
@@ -230,7 +225,7 @@ static void pp_task_(void *arg, int tid, int nthreads)
     const long warm = j->n / 8 + 1, total = warm + j->n;
     if (tid == 1) {
         for (long i = 1; i <= total; i++) {
-            while (atomic_load_explicit(&j->ping, memory_order_acquire) != i) PP_PAUSE();
+            while (atomic_load_explicit(&j->ping, memory_order_acquire) != i) FL_PAUSE();
             atomic_store_explicit(&j->pong, i, memory_order_release);
         }
         return;
@@ -239,7 +234,7 @@ static void pp_task_(void *arg, int tid, int nthreads)
     for (long i = 1; i <= total; i++) {
         if (i == warm + 1) t0 = fl_now_();
         atomic_store_explicit(&j->ping, i, memory_order_release);
-        while (atomic_load_explicit(&j->pong, memory_order_acquire) != i) PP_PAUSE();
+        while (atomic_load_explicit(&j->pong, memory_order_acquire) != i) FL_PAUSE();
     }
     j->ns = (fl_now_() - t0) * 1e9 / (double)j->n;
 }

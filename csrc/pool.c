@@ -48,12 +48,6 @@
 #include <sys/syscall.h>
 #define FL_HAVE_FUTEX 1
 #endif
-#if defined(FL_X86)
-#include <immintrin.h>
-#define FL_PAUSE() _mm_pause()
-#else
-#define FL_PAUSE() ((void)0)
-#endif
 
 #define FL_IDLE_SPINS 4000     /* ~ tens of microseconds before sleeping */
 #ifndef FL_PF_EVERY
