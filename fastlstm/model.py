@@ -596,7 +596,7 @@ class LSTM:
         return model
 
     # ------------------------------------------------------------------ call
-    def __call__(self, x, hx=None, *, lengths=None, padding="zeros", num_threads=None):
+    def __call__(self, x, hx=None, *, lengths=None, mask=None, padding="zeros", num_threads=None):
         """Run the model: ``out, (h_n, c_n) = m(x, hx=None)``.
 
         x: (T, N, input_size), or (N, T, input_size) with batch_first, or
@@ -612,15 +612,28 @@ class LSTM:
         is spent on them), h_n and c_n hold the state after its last valid step
         (the initial state for length 0), the reverse direction runs over the
         valid prefix only, and the batch may be in any order.
-        padding: what `out` holds past a sequence's end: "zeros" (PyTorch,
+        mask: None, or booleans of x's shape without its last axis ((T, N),
+        (N, T) with batch_first, (T,) unbatched; integer 0/1 also taken):
+        True marks a valid step, in any pattern (Keras masks: a ``Masking``
+        layer or ``Embedding(mask_zero=True)``, holes inside a sequence
+        included).  A masked step is skipped as Keras skips it: the state
+        carries over it unchanged and no work is spent on it; the reverse
+        direction runs over the valid steps in reverse order; h_n and c_n are
+        the state after each sequence's last valid step.  Its output is set by
+        ``padding`` (below) as past a sequence's end.  A mask whose valid steps
+        form each row's prefix is the same call as ``lengths=mask.sum(time)``
+        (bitwise); one with holes costs a copy of x and of the output on top.
+        Give lengths or mask, not both.
+        padding: what `out` holds past a sequence's end (and at masked steps): "zeros" (PyTorch,
         ONNX Runtime, and Keras 3's Bidirectional, which forces zero outputs
         for masked steps) or "repeat" (a unidirectional Keras LSTM with a mask:
-        the output repeats the last valid one; on a bidirectional model only
-        the forward half repeats and the reverse half is zero).
+        the output repeats the last valid one, zeros before the first; on a
+        bidirectional model only the forward half repeats and the reverse half
+        is zero).
         Returns NumPy arrays of the model's dtype with torch.nn.LSTM's shapes:
         out (T, N, D*output_size) (batch_first: (N, T, ...)), h_n, c_n.
         """
-        if lengths is None and padding == "zeros":
+        if lengths is None and mask is None and padding == "zeros":
             res = self._call_fast(x, hx, num_threads)
             if res is not None:
                 return res
@@ -654,6 +667,17 @@ class LSTM:
         if need >= 2 ** 62:
             raise ShapeError(f"x: shape {x.shape} too large: the output and workspace would "
                              f"need about {need} bytes")
+        if padding not in ("zeros", "repeat"):
+            raise ValueError(f"padding: expected 'zeros' or 'repeat', got {padding!r}")
+        if mask is not None:
+            if lengths is not None:
+                raise ValueError("lengths, mask: give one of them, not both")
+            mtn = _check_mask(mask, x.shape[:-1], unbatched, self.batch_first)
+            cnt = mtn.sum(axis=0, dtype=np.int32)
+            if np.array_equal(mtn, np.arange(T)[:, None] < cnt[None, :]):
+                lengths = cnt[0] if unbatched else cnt  # valid steps are prefixes: lengths
+            else:
+                return self._call_masked(xt, hx, mtn, cnt, padding, num_threads, unbatched)
         xt = _engine_layout(xt)
         h0 = c0 = None
         if hx is not None:
@@ -679,8 +703,6 @@ class LSTM:
                 h0, c0 = h0[:, 0], c0[:, 0]
         D = self.num_directions
         lens = order = None
-        if padding not in ("zeros", "repeat"):
-            raise ValueError(f"padding: expected 'zeros' or 'repeat', got {padding!r}")
         if lengths is not None:
             lens = _check_lengths(lengths, N, T, unbatched)
             order = np.argsort(-lens, kind="stable")
@@ -717,6 +739,39 @@ class LSTM:
         return out, (hn, cn)
 
     forward = __call__
+
+    def _call_masked(self, xt, hx, mtn, cnt, padding, num_threads, unbatched):
+        """__call__ with a mask that has holes: each sequence's valid steps
+        are gathered to the front (in order), run as sequences of cnt[n]
+        steps (the lengths path: nothing computed past them), and the outputs
+        put back at the valid steps; masked steps get zeros, or with "repeat"
+        the forward half of the last valid output before them.
+        xt: (T, N, input_size) time-major; mtn: (T, N) bool; cnt: (N,) int32."""
+        T, N = mtn.shape
+        # valid steps first, in their order (a stable sort of "is masked")
+        src = np.argsort(~mtn, axis=0, kind="stable")
+        xc = np.take_along_axis(xt, src[:, :, None], axis=0)
+        if unbatched:
+            xin, lens = xc[:, 0], cnt[0]
+        else:
+            xin, lens = (xc.transpose(1, 0, 2) if self.batch_first else xc), cnt
+        out, (hn, cn) = self(xin, hx, lengths=lens, padding="zeros", num_threads=num_threads)
+        yc = out[:, None] if unbatched else (out.transpose(1, 0, 2) if self.batch_first else out)
+        # k[t, n]: valid steps of sequence n up to t inclusive, so a valid step
+        # t's output is yc[k - 1]: gathered from [zeros; yc] at k (0: zeros)
+        k = np.cumsum(mtn, axis=0, dtype=np.intp)
+        y0 = np.concatenate([np.zeros((1,) + yc.shape[1:], yc.dtype), yc])
+        Hout = self.output_size
+        if self.batch_first and not unbatched:  # gather straight into (N, T, F)
+            y0, k, mtn = y0.transpose(1, 0, 2), k.T, mtn.T
+            ax = 1
+        else:
+            ax = 0
+        y = np.take_along_axis(y0, np.where(mtn, k, 0)[..., None], axis=ax)
+        if padding == "repeat":
+            y[..., :Hout] = np.take_along_axis(y0[..., :Hout], k[..., None], axis=ax)
+        y = y[:, 0] if unbatched else np.ascontiguousarray(y)  # the layout of other calls' out
+        return y, (hn, cn)
 
     def _call_fast(self, x, hx, num_threads):
         """__call__ for what needs no conversion and no check beyond a few
@@ -873,6 +928,25 @@ def _engine_layout(a):
             or not a.flags.aligned):
         return np.require(a, requirements=["C", "A"])
     return a
+
+
+def _check_mask(mask, shape, unbatched, batch_first):
+    """mask -> (T, N) bool, time-major, or a clear error naming the argument.
+    shape: x's shape without its last axis, which the mask must have."""
+    arr = _to_numpy(mask, "mask")
+    if arr.dtype != bool:
+        if arr.dtype.kind not in "iu" or (arr.size and not np.isin(arr, (0, 1)).all()):
+            raise DTypeError(f"mask: expected booleans (True = a valid step), or integers 0 "
+                             f"and 1, got dtype {arr.dtype}"
+                             + (" with other values" if arr.dtype.kind in "iu" else ""))
+        arr = arr.astype(bool)
+    if arr.shape != tuple(shape):
+        what = "(T,)" if unbatched else ("(N, T)" if batch_first else "(T, N)")
+        raise ShapeError(f"mask: expected x's shape without its last axis, {what} = "
+                         f"{tuple(shape)}, got shape {arr.shape}")
+    if unbatched:
+        return arr[:, None]
+    return arr.T if batch_first else arr
 
 
 def _check_lengths(lengths, N, T, unbatched):

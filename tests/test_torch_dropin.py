@@ -556,6 +556,68 @@ def test_keras_masking_bidirectional_vs_repeat(keras):
     assert_close(out[..., :H], y[..., :H], F32, "forward half")  # differs past each end
 
 
+def _keras_holes(keras, layer, seed, T=8, N=4, In=3):
+    """A Masking(0.0) model over a batch whose masks have holes: a leading
+    masked step, masked steps inside, one row with none valid."""
+    rng = np.random.default_rng(seed)
+    mask = rng.random((N, T)) < 0.6
+    mask[0, 0], mask[0, 3], mask[0, -1] = False, True, True
+    mask[2] = False
+    x = rng.standard_normal((N, T, In)).astype(F32)
+    x[~mask] = 0.0  # Masking(0.0) masks these steps
+    inp = keras.Input((T, In))
+    model = keras.Model(inp, layer(keras.layers.Masking(0.0)(inp)))
+    model.set_weights([rng.uniform(-0.6, 0.6, w.shape).astype(F32)
+                       for w in model.get_weights()])
+    res = model(x)
+    res = res if isinstance(res, (list, tuple)) else [res]
+    return x, mask, model.get_weights(), [keras.ops.convert_to_numpy(o) for o in res]
+
+
+@keras_warnings
+def test_keras_mask_with_holes_unidirectional_is_repeat(keras):
+    H = 6
+    layer = keras.layers.LSTM(H, return_sequences=True, return_state=True)
+    x, mask, w, (y, kh, kc) = _keras_holes(keras, layer, 11)
+    m = fastlstm.LSTM(3, H, batch_first=True)
+    _set_from_keras(m, 0, 0, *w)
+    out, (h, c) = m(x, mask=mask, padding="repeat")
+    assert_close(out, y, F32, "out")  # a masked step repeats the last output (zeros before any)
+    assert not out[0, 0].any()
+    assert_close(h[0], kh, F32, "h_n")
+    assert_close(c[0], kc, F32, "c_n")
+
+
+@keras_warnings
+def test_keras_mask_with_holes_stacked_unidirectional_is_repeat(keras):
+    H = 5
+    l1 = keras.layers.LSTM(H, return_sequences=True)
+    l2 = keras.layers.LSTM(H, return_sequences=True)
+    x, mask, w, (y,) = _keras_holes(keras, lambda t: l2(l1(t)), 12)
+    m = fastlstm.LSTM(3, H, num_layers=2, batch_first=True)
+    _set_from_keras(m, 0, 0, *w[:3])
+    _set_from_keras(m, 1, 0, *w[3:])
+    out, _ = m(x, mask=mask, padding="repeat")
+    assert_close(out, y, F32, "out")
+
+
+@keras_warnings
+def test_keras_mask_with_holes_bidirectional_is_zeros(keras):
+    # the reverse direction runs over the valid steps only, in reverse order
+    H = 6
+    layer = keras.layers.Bidirectional(
+        keras.layers.LSTM(H, return_sequences=True, return_state=True))
+    x, mask, w, (y, fh, fc, bh, bc) = _keras_holes(keras, layer, 13)
+    m = fastlstm.LSTM(3, H, batch_first=True, bidirectional=True)
+    _set_from_keras(m, 0, 0, *w[:3])
+    _set_from_keras(m, 0, 1, *w[3:])
+    out, (h, c) = m(x, mask=mask, padding="zeros")
+    assert_close(out, y, F32, "out")
+    for got, want, name in ((h[0], fh, "h fwd"), (c[0], fc, "c fwd"), (h[1], bh, "h bwd"),
+                            (c[1], bc, "c bwd")):
+        assert_close(got, want, F32, name)
+
+
 @pytest.mark.parametrize("weights", ["int8", "bfloat16", "float16"])
 def test_convert_with_reduced_weights(weights):
     """convert(model, weights=p): every LSTM runs fastlstm's astype(p) of its
