@@ -91,7 +91,9 @@ class Network:
     mask_zero: token 0 is padding (Keras ``Embedding(mask_zero=True)``):
       without ``lengths=`` each row's length is taken as one past its last
       nonzero token, and outputs past a row's end repeat the last valid one
-      as in Keras (zeros inside a row are refused: fastlstm masks suffixes only).
+      as in Keras; a 0 inside a row is a masked step there, skipped as Keras
+      skips it (the state carries over it; LSTM's ``mask=``).  Prompts to
+      ``generate`` take trailing padding only.
 
     Weights are converted to the LSTM's dtype (float32 or float64) and copied.
     """
@@ -276,18 +278,25 @@ class Network:
         np.put_along_axis(x, tok[..., None].astype(np.intp), 1, axis=-1)
         return x
 
-    def _lengths(self, lengths, N, T, unbatched, tok=None):
+    def _lengths(self, lengths, N, T, unbatched, tok=None, holes=False):
+        """-> (lengths or None, mask or None).  With mask_zero and no lengths
+        each row's length is one past its last nonzero token; zeros before it
+        (holes) give a mask instead (tok != 0, batch-major) where `holes`
+        allows them (a call), else an error (a prompt to generate from)."""
         from .model import _check_lengths
         if lengths is None:
             if self.mask_zero and tok is not None:
                 nz = tok != 0
                 last = np.where(nz.any(axis=1), T - np.argmax(nz[:, ::-1], axis=1), 0)
                 if np.any(~nz & (np.arange(T)[None, :] < last[:, None])):
-                    raise ValueError("x: token 0 (mask_zero padding) inside a sequence; fastlstm "
-                                     "masks trailing padding only (pass lengths= explicitly)")
-                return last.astype(np.int32)
-            return None
-        return _check_lengths(lengths, N, T, unbatched)
+                    if holes:
+                        return None, nz
+                    raise ValueError("prompt: token 0 (mask_zero padding) inside a prompt; "
+                                     "generation continues from each prompt's end, so only "
+                                     "trailing padding is taken (pass lengths= explicitly)")
+                return last.astype(np.int32), None
+            return None, None
+        return _check_lengths(lengths, N, T, unbatched), None
 
     # ------------------------------------------------------------------ call
     def __call__(self, x, lengths=None, *, state=None, return_state=False, num_threads=None):
@@ -313,7 +322,7 @@ class Network:
         if self.vocab_size is not None:
             tok, unbatched = self._tokens(x, lengths)
             N, T = tok.shape
-            lens = self._lengths(lengths, N, T, unbatched, tok)
+            lens, mask = self._lengths(lengths, N, T, unbatched, tok, holes=True)
             tok = self._check_tokens(tok, lens, "x")
             feats = self._lookup(tok)
         else:
@@ -325,7 +334,7 @@ class Network:
             unbatched = arr.ndim == 2
             feats = arr[None] if unbatched else (arr if self.batch_first else arr.transpose(1, 0, 2))
             N, T = feats.shape[:2]
-            lens = self._lengths(lengths, N, T, unbatched)
+            lens, mask = self._lengths(lengths, N, T, unbatched)
         states = self._split_state(state, N, unbatched)
         y = feats  # (N, T, F) batch-major views throughout
         new_states = []
@@ -334,7 +343,8 @@ class Network:
             # Bidirectional outputs zeros there (zero_output_for_mask)
             padding = "repeat" if self.mask_zero and m.num_directions == 1 else "zeros"
             xin = y if m.batch_first else y.transpose(1, 0, 2)
-            out, (hn, cn) = m(xin, hx, lengths=lens, padding=padding, num_threads=nt)
+            mk = None if mask is None else (mask if m.batch_first else mask.T)
+            out, (hn, cn) = m(xin, hx, lengths=lens, mask=mk, padding=padding, num_threads=nt)
             y = out if m.batch_first else out.transpose(1, 0, 2)
             new_states.append((hn, cn))
         if self.mode == "last":
@@ -528,7 +538,7 @@ class Network:
             unbatched = arr.ndim == 1
             tok = arr[None] if unbatched else arr
         N, T = tok.shape
-        lens = self._lengths(lengths, N, T, unbatched, tok if self.mask_zero else None)
+        lens, _ = self._lengths(lengths, N, T, unbatched, tok if self.mask_zero else None)
         tok = self._check_tokens(tok.astype(np.int64, copy=False), lens, "prompt")
         if lens is not None and np.all(lens == T):
             lens = None

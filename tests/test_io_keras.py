@@ -127,6 +127,41 @@ def test_keras3_matches_predict(built, case, fmt):
         assert stack.keras_version.startswith("3.")
 
 
+MASK_CASES = CASES + ["zero_output_for_mask", "stacked_bi_concat"]
+
+
+@pytest.mark.parametrize("case", MASK_CASES)
+def test_keras3_masking_with_holes_matches_predict(keras, tmp_path, case):
+    """A Masking layer before the stack, masks with holes (a leading masked
+    step, steps inside, a row with none valid): the loader warns that the
+    file masks, and stack(x, mask=) gives what Keras predicts (skipped steps,
+    repeated or zero outputs, go_backwards, every merge mode, states)."""
+    from tolerances import TOL
+    L = keras.layers
+    extra = {"zero_output_for_mask": lambda: [L.LSTM(5, return_sequences=True,
+                                                     zero_output_for_mask=True)],
+             "stacked_bi_concat": lambda: [L.LSTM(6, return_sequences=True),
+                                           L.Bidirectional(L.LSTM(4, return_sequences=True))]}
+    layers = {**_cases(keras), **extra}[case]()
+    seed = MASK_CASES.index(case)
+    rng = np.random.default_rng(200 + seed)
+    n = 4
+    mask = rng.random((n, T)) < 0.6
+    mask[0, 0], mask[0, 3], mask[0, -1] = False, True, True
+    mask[2] = False
+    x = rng.normal(size=(n, T, IN)).astype(np.float32)
+    x[~mask] = 0.0
+    model = _functional(keras, [L.Masking(0.0)] + layers, seed)
+    want = model.predict(x, verbose=0)
+    model.save(tmp_path / "m.keras")
+    with pytest.warns(UserWarning, match=r"masks the input .* stack\(x, mask=m\)"):
+        stack = fk.load_keras(tmp_path / "m.keras")
+    assert rel_err(want, stack(x, mask=mask)) <= TOL[np.dtype(np.float32)]
+    assert rel_err(want, stack(x, mask=np.any(x != 0, axis=-1))) <= TOL[np.dtype(np.float32)]
+    with pytest.raises(fastlstm.ShapeError, match=r"mask: expected x's first two dimensions"):
+        stack(x, mask=mask.T)
+
+
 def test_hard_sigmoid_slope_follows_version(built):
     model, x, want, paths = built("hard_sigmoid")
     x = x * 4  # drive the gates into the region where the slopes differ

@@ -470,6 +470,9 @@ def test_keras_mask_zero_and_generation(keras, tmp_path):
         seq = np.concatenate([seq, nxt[:, None].astype(np.int32)], 1)
     got = net.generate(prompt, 12, temperature=0)
     np.testing.assert_array_equal(got, seq[:, 4:])
+    # generation continues from a prompt's end: a 0 inside it is refused
+    with pytest.raises(ValueError, match="prompt: token 0 .* inside a prompt"):
+        net.generate(np.array([[3, 0, 5]]), 2)
 
 
 @pytest.mark.parametrize("stack", ["bi", "uni_bi"])
@@ -489,6 +492,31 @@ def test_keras_mask_zero_bidirectional(keras, tmp_path, stack):
     want = np.asarray(model.predict(tok, verbose=0))
     model.save(tmp_path / "m.keras")
     net = Network.from_keras(str(tmp_path / "m.keras"))
+    assert max_rel_err(net(tok), want) <= TOL
+
+
+@pytest.mark.parametrize("stack", ["uni", "uni_uni", "uni_bi", "last"])
+def test_keras_mask_zero_with_holes(keras, tmp_path, stack):
+    """A 0 token inside a row is a masked step for Keras (the state carries
+    over it, a lone LSTM repeats its last output there, a Bidirectional one
+    outputs zeros): the network passes tok != 0 as the LSTMs' mask."""
+    L = keras.layers
+    lstms = {"uni": [L.LSTM(6, return_sequences=True)],
+             "uni_uni": [L.LSTM(5, return_sequences=True), L.LSTM(6, return_sequences=True)],
+             "uni_bi": [L.LSTM(5, return_sequences=True),
+                        L.Bidirectional(L.LSTM(6, return_sequences=True))],
+             "last": [L.LSTM(5, return_sequences=True), L.LSTM(6)]}[stack]
+    model = keras.Sequential([keras.Input((None,), dtype="int32"),
+                              L.Embedding(30, 8, mask_zero=True)] + lstms + [L.Dense(4)])
+    _randomize(model, 23)
+    tok = np.random.default_rng(17).integers(1, 30, (4, 9)).astype(np.int32)
+    tok[0, [0, 3, 4]] = 0  # a leading hole and holes inside
+    tok[1, 5:] = 0         # trailing padding only
+    tok[2, [2, 7, 8]] = 0  # holes and padding
+    want = np.asarray(model.predict(tok, verbose=0))
+    model.save(tmp_path / "m.keras")
+    net = Network.from_keras(str(tmp_path / "m.keras"))
+    assert net.mask_zero and net.mode == ("last" if stack == "last" else "sequence")
     assert max_rel_err(net(tok), want) <= TOL
 
 

@@ -55,8 +55,12 @@ Calling a stack
     ``return_sequences``, a list [y, y_rev] for ``merge_mode=None`` and the
     states appended ([out, h, c], Bidirectional [out, h_f, c_f, h_b, c_b]) with
     ``return_state``.  Masks (Masking layers, ``mask_zero`` embeddings) are
-    not applied: a masked stack computes as if every step were valid (a
-    warning says so).  ``stateful=True`` is not honoured either: every call
+    applied when given: ``stack(x, mask=m)``, m (N, T) True at valid steps,
+    with Keras' semantics (a masked step is skipped, the state carries over;
+    it outputs the last output, or zeros in a Bidirectional layer or with
+    ``zero_output_for_mask``).  A file cannot say what the mask of a call is:
+    without ``mask=`` a masked stack computes as if every step were valid (a
+    warning at load time says so).  ``stateful=True`` is not honoured either: every call
     starts from zero state, as Keras after ``reset_states()`` (a warning
     says so); carry the state yourself with ``return_state=True`` and
     ``initial_state=``, or stream with ``m.stream(batch)`` on a
@@ -79,7 +83,7 @@ import zipfile
 import numpy as np
 
 from ..errors import FastLSTMError, FormatError, ShapeError
-from ..model import LSTM
+from ..model import LSTM, _to_numpy
 
 __all__ = [
     "KerasStack", "KerasLayer", "load_keras", "list_keras_stacks", "from_keras",
@@ -485,7 +489,9 @@ def _history(obj, out):
 def _inbound(layer):
     """Parse a functional layer's inbound nodes: a list of (main, extras), main a
     (layer, node, tensor) tuple or None, extras the other tensors (initial
-    states, constants, masks)."""
+    states, constants).  A ``mask`` keyword (Keras 3 writes the mask a
+    Masking layer or mask_zero embedding makes as one) is not an extra: the
+    layer computes as before, on the mask the call is given (_has_mask_kwarg)."""
     nodes = layer.get("inbound_nodes") or []
     if not isinstance(nodes, list):
         raise FormatError(f"layer {_layer_name(layer)!r}: inbound_nodes is not a list")
@@ -495,6 +501,8 @@ def _inbound(layer):
             args, kwargs = [], []
             _history(node.get("args", []), args)
             kw = node.get("kwargs") or {}
+            if isinstance(kw, dict):
+                kw = {k: v for k, v in kw.items() if k != "mask"}
             _history(kw, kwargs)
             main = args[0] if args else None
             parsed.append((main, args[1:] + kwargs))
@@ -505,7 +513,9 @@ def _inbound(layer):
                     refs.append((ref[0], ref[1], ref[2]))
                     if len(ref) > 3 and isinstance(ref[3], dict):
                         extra = []
-                        for v in ref[3].values():  # tensors passed as keyword arguments
+                        for k, v in ref[3].items():  # tensors passed as keyword arguments
+                            if k == "mask":
+                                continue
                             if isinstance(v, list) and v and isinstance(v[0], (list, str)):
                                 vs = v if isinstance(v[0], list) else [v]
                                 extra.extend(tuple(e[:3]) for e in vs
@@ -515,6 +525,19 @@ def _inbound(layer):
         else:
             raise FormatError(f"layer {_layer_name(layer)!r}: unreadable inbound node")
     return parsed
+
+
+def _has_mask_kwarg(layer):
+    """Whether a functional layer is called with a mask tensor (``mask=``)."""
+    for node in layer.get("inbound_nodes") or []:
+        if isinstance(node, dict) and isinstance(node.get("kwargs"), dict):
+            if node["kwargs"].get("mask") is not None:
+                return True
+        elif isinstance(node, list):
+            if any(isinstance(r, list) and len(r) > 3 and isinstance(r[3], dict)
+                   and r[3].get("mask") is not None for r in node):
+                return True
+    return False
 
 
 def _walk_model(model_cfg, what, h5prefix="", legacy_prefix=()):
@@ -593,13 +616,14 @@ def _walk_model(model_cfg, what, h5prefix="", legacy_prefix=()):
         nodes = by_name[name][2]
         if len(nodes) != 1:  # shared layer (or never called): a stack of its own
             spec.extra_inputs = any(n[1] for n in nodes)
+            spec.masked = _has_mask_kwarg(layer) or any(upstream_masked(n[0]) for n in nodes)
             stacks.append([spec])
             spec_of[name] = (spec, stacks[-1])
             continue
         main, extras = nodes[0]
         spec.extra_inputs = bool(extras)
         src = resolve(main)
-        spec.masked = upstream_masked(main)
+        spec.masked = upstream_masked(main) or _has_mask_kwarg(layer)
         prev = spec_of.get(src[0]) if src is not None else None
         if (prev is not None and not extras and src[0] not in has_successor
                 and prev[0] is prev[1][-1] and _produces_sequence(prev[0], src[2])):
@@ -834,6 +858,11 @@ def _build(spec, weights, keras_major, dtype, num_threads, read=None, batch_firs
     layer.input_index = spec.input_index
     layer.stateful = bool(cfg0.get("stateful", False))
     layer.masked = spec.masked
+    # Keras: what a masked step outputs -- a lone layer's zero_output_for_mask
+    # (default False: the last output repeated); Bidirectional forces it to
+    # return_sequences on both halves (zeros)
+    layer.zero_output_for_mask = (spec.class_name == "Bidirectional"
+                                  or bool(cfg0.get("zero_output_for_mask", False)))
     layer.input_size = int(cells[0]["kernel"].shape[0])
     layer.units = [c["units"] for c in cells]
 
@@ -912,20 +941,23 @@ class KerasLayer:
     def _flip(self, a):
         return np.flip(a, axis=0 if self.time_major else 1)
 
-    def _run(self, lstm, go_backwards, x, state):
+    def _run(self, lstm, go_backwards, x, state, mask, padding):
         xin = self._flip(x) if go_backwards else x
+        if mask is not None and go_backwards:
+            mask = self._flip(mask)
         hx = None
         if state is not None:
             h0, c0 = state
             hx = (np.asarray(h0)[None], np.asarray(c0)[None])
-        out, (h, c) = lstm(xin, hx)
+        out, (h, c) = lstm(xin, hx, mask=mask, padding=padding)
         return out, h[0], c[0]
 
-    def __call__(self, x, initial_state=None):
+    def __call__(self, x, initial_state=None, mask=None):
         """Run the layer like Keras: x (N, T, In) (time-major: (T, N, In)).
 
         initial_state: None or [h, c] (Bidirectional: [h_f, c_f, h_b, c_b]),
-        each (N, units)."""
+        each (N, units).  mask: None or booleans (N, T) ((T, N) time-major),
+        True at valid steps, as Keras' mask (fastlstm.LSTM's ``mask=``)."""
         x = np.asarray(x) if not hasattr(x, "detach") else x.detach().cpu().numpy()
         if x.ndim != 3:
             raise ShapeError(f"x: expected a 3-D array ({'T, N' if self.time_major else 'N, T'}, "
@@ -934,8 +966,16 @@ class KerasLayer:
         if initial_state is not None and len(initial_state) != n_states:
             raise ShapeError(f"initial_state: expected {n_states} arrays for layer "
                              f"{self.name!r}, got {len(initial_state)}")
+        if mask is not None:
+            mask = _to_numpy(mask, "mask")
+            if mask.shape != x.shape[:2]:
+                raise ShapeError(f"mask: expected x's first two dimensions "
+                                 f"({'T, N' if self.time_major else 'N, T'}) = {x.shape[:2]}, "
+                                 f"got shape {mask.shape}")
+        padding = "zeros" if getattr(self, "zero_output_for_mask", False) else "repeat"
         if self.kind == "uni":
-            out, h, c = self._run(self.lstms[0], self.go_backwards, x, initial_state)
+            out, h, c = self._run(self.lstms[0], self.go_backwards, x, initial_state, mask,
+                                  padding)
             y = out if self.return_sequences else h
             return [y, h, c] if self.return_state else y
         if self.kind == "bi":
@@ -943,7 +983,7 @@ class KerasLayer:
             if initial_state is not None:
                 hx = (np.stack([np.asarray(s) for s in initial_state[0::2]]),
                       np.stack([np.asarray(s) for s in initial_state[1::2]]))
-            out, (hn, cn) = self.lstms[0](x, hx)
+            out, (hn, cn) = self.lstms[0](x, hx, mask=mask, padding="zeros")
             U = self.units[0]
             states = [hn[0], cn[0], hn[1], cn[1]]
             if self.return_sequences:
@@ -953,8 +993,10 @@ class KerasLayer:
         else:
             fs = None if initial_state is None else initial_state[:2]
             bs = None if initial_state is None else initial_state[2:]
-            fwd, hf, cf = self._run(self.lstms[0], self.directions_go_backwards[0], x, fs)
-            bwd, hb, cb = self._run(self.lstms[1], self.directions_go_backwards[1], x, bs)
+            fwd, hf, cf = self._run(self.lstms[0], self.directions_go_backwards[0], x, fs, mask,
+                                    "zeros")
+            bwd, hb, cb = self._run(self.lstms[1], self.directions_go_backwards[1], x, bs, mask,
+                                    "zeros")
             states = [hf, cf, hb, cb]
             if self.return_sequences:
                 y, y_rev = fwd, self._flip(bwd)
@@ -1007,8 +1049,10 @@ class KerasStack:
                                   f"{prev.name!r} gives {size} (for a weights-only file, "
                                   "pass config=)")
         if any(layer.masked for layer in self.layers):
-            warnings.warn("the Keras model masks the input of this LSTM stack; fastlstm does "
-                          "not apply masks (every step counts as valid)", stacklevel=3)
+            warnings.warn("the Keras model masks the input of this LSTM stack; pass that mask "
+                          "as stack(x, mask=m) (m: True at valid steps, e.g. "
+                          "np.any(x != mask_value, axis=-1) for a Masking layer): without it "
+                          "every step counts as valid", stacklevel=3)
         stateful = [layer.name for layer in self.layers if layer.stateful]
         if stateful:
             warnings.warn(f"Keras layer(s) {', '.join(map(repr, stateful))} are stateful=True; "
@@ -1038,7 +1082,10 @@ class KerasStack:
         inner = ", ".join(repr(layer) for layer in self.layers)
         return f"KerasStack([{inner}])"
 
-    def __call__(self, x, initial_state=None):
+    def __call__(self, x, initial_state=None, mask=None):
+        """mask: None or booleans (N, T) ((T, N) time-major), True at valid
+        steps: the Keras mask of the stack's input (a Masking layer's or a
+        mask_zero embedding's), which Keras passes on to every layer."""
         if initial_state is not None and len(initial_state) != len(self.layers):
             raise ShapeError(f"initial_state: expected one entry per layer "
                              f"({len(self.layers)}), got {len(initial_state)}")
@@ -1050,7 +1097,7 @@ class KerasStack:
                 elif layer.input_index != 0:
                     raise FormatError(f"layer {layer.name!r} reads output "
                                       f"{layer.input_index} of a single output")
-            result = layer(result, None if initial_state is None else initial_state[k])
+            result = layer(result, None if initial_state is None else initial_state[k], mask)
         return result
 
     predict = __call__
@@ -1476,8 +1523,8 @@ def list_keras_stacks(source, *, config=None):
     return_sequences, return_state, stateful, activation,
     recurrent_activation), ``external_inputs`` (the first layer also takes
     tensors such as an initial state from elsewhere in the graph) and
-    ``masked`` (a Masking layer or mask_zero embedding feeds it: masks are
-    not applied).
+    ``masked`` (a Masking layer or mask_zero embedding feeds it: pass its
+    mask to the stack's call, ``mask=``).
     Only the configuration and the weights' HDF5 headers are read (shapes
     are checked, no weight data is read); inconsistent shapes raise
     FormatError."""
