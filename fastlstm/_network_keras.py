@@ -296,7 +296,8 @@ def network_from_keras(cls, source, *, config, mode, dtype, num_threads):
     import warnings
     with warnings.catch_warnings():
         if emb is not None and emb["config"].get("mask_zero"):
-            # Network applies mask_zero itself (as lengths); the stack's warning does not apply.
+            # Network applies mask_zero itself (lengths, or a mask with holes): the
+            # stack's warning does not apply.
             warnings.filterwarnings("ignore", message="the Keras model masks")
         stack = fk.load_keras(source, lstm_names[0], config=config, dtype=dtype,
                               num_threads=num_threads)

@@ -312,8 +312,9 @@ class Network:
         Returns, in the model's dtype:
           mode "sequence"/"prediction": (N, T, output_size) ((T, N, ...) with
           batch_first=False); positions past a sequence's end are zeros (with
-          mask_zero, as Keras: the head on the last valid output repeated, or on
-          zeros when the last LSTM is bidirectional);
+          mask_zero, as Keras, there and at 0 tokens inside a row: the head on
+          the last valid output repeated, or on zeros when the last LSTM is
+          bidirectional);
           mode "last": (N, output_size);
         unbatched input drops N.  With return_state=True: ``(out, state)``,
         state as taken by ``state=`` (h_n, c_n after each row's last valid step).
