@@ -14,7 +14,7 @@ import numpy as np
 
 from .errors import ShapeError
 from . import _engine
-from .model import _as_real, _engine_layout, _positive_int
+from .model import _as_real, _check_mask, _engine_layout, _positive_int, _to_numpy
 
 __all__ = ["Stream"]
 
@@ -116,20 +116,35 @@ class Stream:
         self._c[:, idx] = 0
 
     # ------------------------------------------------------------------ run
-    def step(self, x_t, out=None):
+    def step(self, x_t, out=None, *, mask=None, padding=None):
         """One time step: x_t (batch, input_size) -> y_t (batch, output_size).
         A batch-1 stream also takes x_t of shape (input_size,) and then
         returns (output_size,).
 
         y_t is a new array, or ``out`` when given: an array exactly like the
         one step would return (the model's dtype, that shape, C-contiguous,
-        writeable), not overlapping x_t; the step then allocates nothing."""
-        y = self._fast.step(x_t, out)  # None unless x_t and out are ready for the engine as they are
-        if y is None:
-            y = self._step_slow(x_t, out)
-        return y
+        writeable), not overlapping x_t; the step then allocates nothing.
 
-    def _step_slow(self, x_t, out):
+        mask: None, or (batch,) booleans (a bool for a batch-1 stream fed
+        (input_size,)): rows where it is False have no step now (a Keras
+        masked step): their state stays as it is (bitwise) and their output
+        is zeros (``padding="zeros"``, or None: the default), or with
+        ``padding="repeat"`` their last output (h of the last layer: zeros
+        for a fresh stream).  The other rows get bitwise what an unmasked
+        step gives them: every row is computed, the masked ones then put back."""
+        if mask is None and padding is None:  # the real-time path: two identity tests
+            y = self._fast.step(x_t, out)  # None unless x_t and out are ready for the engine as they are
+            if y is None:
+                y = self._step_slow(x_t, out)
+            return y
+        padding = "zeros" if padding is None else padding
+        _check_padding(padding)
+        if mask is None:
+            return self.step(x_t, out)
+        return self._step_masked(x_t, out, mask, padding)
+
+    def _step_args(self, x_t, out):
+        """The checked (x_t, out, squeeze) of a step; x_t C-contiguous."""
         m = self.model
         x_t = _as_real(x_t, "x_t", m.dtype)
         squeeze = x_t.ndim == 1 and self.batch == 1
@@ -153,14 +168,51 @@ class Stream:
                 raise ValueError("out: must not overlap x_t (the step reads all of x_t while it writes out)")
             if np.may_share_memory(out, self._h) or np.may_share_memory(out, self._c):
                 raise ValueError("out: must not overlap the stream's state")
+        return x_t, out, squeeze
+
+    def _step_slow(self, x_t, out):
+        x_t, out, _ = self._step_args(x_t, out)
         y = self._fast.step(x_t, out)
         if y is None:  # pragma: no cover - the checks above are the fast path's
             raise RuntimeError("fastlstm: internal error in Stream.step")
         return y
 
-    def __call__(self, chunk):
+    def _step_masked(self, x_t, out, mask, padding):
+        m = self.model
+        x_t, out, squeeze = self._step_args(x_t, out)
+        arr = _to_numpy(mask, "mask")
+        N, Hout = self.batch, m.output_size
+        if squeeze and arr.ndim == 0:
+            arr = arr.reshape(1)
+        if arr.shape != (N,):
+            raise ShapeError(f"mask: expected shape ({N},), a bool per batch row, got shape "
+                             f"{arr.shape}")
+        valid = _check_mask(arr, (N,), True, False)[:, 0]  # its dtype checks
+        y = np.empty((N, Hout), m.dtype) if out is None else out.reshape(N, Hout)
+        with self._alone("step"):
+            off = ~valid
+            h_off, c_off = self._h[:, off], self._c[:, off]  # copies (boolean indexing)
+            m._stack.forward(x_t.reshape(1, N, m.input_size), y.reshape(1, N, Hout), self._h,
+                             self._c, self._h, self._c, self._workspace(1), self.num_threads)
+            self._h[:, off] = h_off
+            self._c[:, off] = c_off
+            y[off] = h_off[-1] if padding == "repeat" else 0
+        if out is not None:
+            return out
+        return y[0] if squeeze else y
+
+    def __call__(self, chunk, *, mask=None, padding="zeros"):
         """A chunk of steps: (T, batch, input_size) ((batch, T, input_size)
-        if the model is batch_first) -> outputs of the same layout."""
+        if the model is batch_first) -> outputs of the same layout.
+
+        mask: None, or booleans (T, batch) ((batch, T) if batch_first), True
+        at valid steps: LSTM's ``mask=`` over the chunk, starting from the
+        stream's state (a masked step is skipped, the state carries over it).
+        A masked step outputs zeros, or with ``padding="repeat"`` the row's
+        last output, from an earlier chunk too (zeros for a fresh stream):
+        fed in chunks and steps with their masks, a sequence gives the
+        outputs of one ``m(x, mask=, padding=)`` call (to float32 rounding:
+        other batches of valid rows per step run other kernels)."""
         m = self.model
         x = _as_real(chunk, "chunk", m.dtype)
         if x.ndim != 3:
@@ -180,7 +232,33 @@ class Stream:
             yt = out.transpose(1, 0, 2)
         else:
             out = yt = np.empty((T, self.batch, m.output_size), m.dtype)
+        _check_padding(padding)
+        if mask is not None:
+            return self._chunk_masked(x, mask, padding)
         with self._alone("stream(chunk)"):
             m._stack.forward(xt, yt, self._h, self._c, self._h, self._c, self._workspace(T),
                              self.num_threads)
         return out
+
+    def _chunk_masked(self, x, mask, padding):
+        m = self.model
+        mtn = _check_mask(mask, x.shape[:-1], False, m.batch_first)  # (T, N)
+        T = mtn.shape[0]
+        with self._alone("stream(chunk)"):
+            h0, c0 = self._h.copy(), self._c.copy()
+            out, (hn, cn) = m(x, (h0, c0), mask=mtn.T if m.batch_first else mtn,
+                              padding=padding, num_threads=self.num_threads or None)
+            if padding == "repeat":
+                # before a row's first valid step of this chunk: its last output
+                first = np.where(mtn.any(axis=0), np.argmax(mtn, axis=0), T)
+                before = np.arange(T)[:, None] < first[None, :]
+                yt = out.transpose(1, 0, 2) if m.batch_first else out
+                yt[before] = np.broadcast_to(h0[-1], yt.shape)[before]
+            self._h[...] = hn
+            self._c[...] = cn
+        return out
+
+
+def _check_padding(padding):
+    if padding not in ("zeros", "repeat"):
+        raise ValueError(f"padding: expected 'zeros' or 'repeat', got {padding!r}")

@@ -391,6 +391,9 @@ def test_busy_stream_refuses_every_entry_point():
             "step": lambda: s.step(x),
             "step (slow path)": lambda: s.step([1.0, 1.0, 1.0, 1.0]),
             "stream(chunk)": lambda: s(np.ones((3, 1, 4), np.float32)),
+            "step (mask)": lambda: s.step(x, mask=[False]),
+            "stream(chunk) (mask)": lambda: s(np.ones((3, 1, 4), np.float32),
+                                              mask=np.array([[1], [0], [1]], bool)),
             "reset": lambda: s.reset(),
             "state": lambda: s.state,
         }
@@ -506,3 +509,91 @@ def test_two_thread_steps_keep_the_state_exact_after_every_step(layers, batch):
             c = rng.standard_normal(c1.shape).astype(np.float32)
             one.state = (h, c)
             two.state = (h, c)
+
+
+# ------------------------------------------------------------------ masks
+@pytest.mark.parametrize("cfg", CONFIGS[1:], ids=lambda c: "I{}_H{}_L{}_P{}_N{}_bf{}".format(*c))
+@pytest.mark.parametrize("padding", ["zeros", "repeat"])
+def test_masked_steps_and_chunks_equal_one_masked_call(cfg, padding, isa):
+    """A sequence with a Keras mask (holes, leading masked steps, a row
+    masked throughout), fed step by step and in random chunks with its mask,
+    gives the outputs and final state of one m(x, mask=) call (float32
+    rounding: the valid rows of a step are other batches there)."""
+    from tolerances import assert_close
+    In, H, L, P, N, bf = cfg
+    rng = np.random.default_rng(300 + H)
+    m = fastlstm.LSTM(In, H, num_layers=L, proj_size=P, batch_first=bf, seed=H)
+    T = 19
+    x = rng.standard_normal((T, N, In)).astype(np.float32)
+    mask = rng.random((T, N)) < 0.6
+    mask[:4, 0] = False
+    mask[:, -1] = False
+    xm, mm = (x.transpose(1, 0, 2), mask.T) if bf else (x, mask)
+    for nt in THREADS:
+        want, (wh, wc) = m(xm, mask=mm, padding=padding, num_threads=nt)
+        wt = want.transpose(1, 0, 2) if bf else want
+        s = m.stream(N, num_threads=nt)
+        got = np.stack([s.step(x[t], mask=mask[t], padding=padding) for t in range(T)])
+        assert_close(got, wt, np.float32, f"steps, {nt} threads")
+        assert_close(s.state[0], wh, np.float32, "h after steps")
+        assert_close(s.state[1], wc, np.float32, "c after steps")
+        sizes = _random_chunks(rng, T)
+        s, outs, t = m.stream(N, num_threads=nt), [], 0
+        for k in sizes:
+            c, mk = x[t:t + k], mask[t:t + k]
+            outs.append(s(c.transpose(1, 0, 2) if bf else c, mask=mk.T if bf else mk,
+                          padding=padding))
+            t += k
+        got = np.concatenate(outs, axis=1 if bf else 0)
+        assert_close(got, want, np.float32, f"chunks {sizes}, {nt} threads")
+        assert_close(s.state[0], wh, np.float32, "h after chunks")
+
+
+@pytest.mark.parametrize("nt", THREADS)
+def test_masked_step_keeps_masked_rows_and_the_others_bitwise(nt):
+    m = fastlstm.LSTM(5, 24, num_layers=2, proj_size=7, seed=4)
+    rng = np.random.default_rng(4)
+    a, b = m.stream(4, num_threads=nt), m.stream(4, num_threads=nt)
+    for _ in range(3):  # some history in both
+        x = rng.standard_normal((4, 5)).astype(np.float32)
+        a.step(x), b.step(x)
+    h0, c0 = a.state
+    x = rng.standard_normal((4, 5)).astype(np.float32)
+    valid = np.array([True, False, True, False])
+    y = a.step(x, mask=valid)
+    yr = b.step(x)
+    h, c = a.state
+    hb, cb = b.state
+    np.testing.assert_array_equal(y[valid], yr[valid])  # valid rows: the unmasked step's bits
+    np.testing.assert_array_equal(h[:, valid], hb[:, valid])
+    np.testing.assert_array_equal(c[:, valid], cb[:, valid])
+    np.testing.assert_array_equal(h[:, ~valid], h0[:, ~valid])  # masked rows: untouched
+    np.testing.assert_array_equal(c[:, ~valid], c0[:, ~valid])
+    assert not y[~valid].any()
+    out = np.full((4, 7), np.nan, np.float32)
+    assert a.step(x, out=out, mask=~valid, padding="repeat") is out
+    np.testing.assert_array_equal(out[valid], h[-1, valid])  # repeat: the row's last output
+
+
+def test_masked_step_batch1_and_errors():
+    m = fastlstm.LSTM(3, 6, seed=5)
+    s = m.stream(1)
+    y = s.step(np.ones(3, np.float32))
+    np.testing.assert_array_equal(s.step(np.ones(3, np.float32), mask=False, padding="repeat"), y)
+    assert not s.step(np.ones(3, np.float32), mask=np.array([0], np.uint8)).any()
+    s2 = m.stream(2)
+    x = np.ones((2, 3), np.float32)
+    with pytest.raises(ShapeError, match=r"mask: expected shape \(2,\), a bool per batch row"):
+        s2.step(x, mask=[True, False, True])
+    with pytest.raises(fastlstm.DTypeError, match="mask: expected booleans"):
+        s2.step(x, mask=[0.5, 1.0])
+    with pytest.raises(ValueError, match="padding: expected 'zeros' or 'repeat'"):
+        s2.step(x, padding="same")
+    with pytest.raises(ValueError, match="padding: expected"):
+        s2.step(x, mask=[True, True], padding="last")
+    with pytest.raises(ShapeError, match=r"mask: expected x's shape without its last axis"):
+        s2(np.ones((4, 2, 3), np.float32), mask=np.ones((2, 4), bool))
+    with pytest.raises(ValueError, match="padding: expected"):
+        s2(np.ones((4, 2, 3), np.float32), padding="ones")
+    h, c = s2.state
+    assert not h.any() and not c.any()  # nothing ran
