@@ -471,11 +471,23 @@ def keras():
     return keras
 
 
-def _keras_case(keras, layer, seed, T=7, N=4, In=3):
+def _keras_case(keras, layer, seed, pattern, T=8, N=4, In=3):
+    """A Masking(0.0) model: Keras' outputs and fastlstm's mask arguments.
+    pattern "lengths": each row's valid steps a prefix (lengths 8, 2, 0, 5),
+    given as lengths=; "holes": a leading masked step, masked steps inside
+    rows, a row with none valid, given as mask=."""
     rng = np.random.default_rng(seed)
-    lens = np.array([T, 2, 0, 5])[:N]
+    if pattern == "lengths":
+        lens = np.array([T, 2, 0, 5])[:N]
+        mask = np.arange(T)[None, :] < lens[:, None]
+        kw = {"lengths": lens}
+    else:
+        mask = rng.random((N, T)) < 0.6
+        mask[0, 0], mask[0, 3], mask[0, -1] = False, True, True
+        mask[2] = False
+        kw = {"mask": mask}
     x = rng.standard_normal((N, T, In)).astype(F32)
-    x[np.arange(T)[None, :] >= lens[:, None]] = 0.0  # Masking(0.0) masks these steps
+    x[~mask] = 0.0  # Masking(0.0) masks these steps
     inp = keras.Input((T, In))
     model = keras.Model(inp, layer(keras.layers.Masking(0.0)(inp)))
     model.set_weights([rng.uniform(-0.6, 0.6, w.shape).astype(F32)
@@ -483,7 +495,7 @@ def _keras_case(keras, layer, seed, T=7, N=4, In=3):
     res = model(x)
     res = res if isinstance(res, (list, tuple)) else [res]
     outs = [keras.ops.convert_to_numpy(o) for o in res]
-    return x, lens, model.get_weights(), outs
+    return x, kw, model.get_weights(), outs
 
 
 def _set_from_keras(m, layer, direction, kernel, recurrent, bias):
@@ -492,50 +504,57 @@ def _set_from_keras(m, layer, direction, kernel, recurrent, bias):
                   b_hh=np.zeros_like(bias))
 
 
+PATTERNS = ["lengths", "holes"]
+
+
 @keras_warnings
-def test_keras_masking_unidirectional_is_repeat(keras):
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_keras_masking_unidirectional_is_repeat(keras, pattern):
     H = 6
     layer = keras.layers.LSTM(H, return_sequences=True, return_state=True)
-    x, lens, w, (y, kh, kc) = _keras_case(keras, layer, 8)
+    x, kw, w, (y, kh, kc) = _keras_case(keras, layer, 8, pattern)
     m = fastlstm.LSTM(3, H, batch_first=True)
     _set_from_keras(m, 0, 0, *w)
-    out, (h, c) = m(x, lengths=lens, padding="repeat")
-    assert_close(out, y, F32, "out")  # last valid output repeated; zeros for length 0
+    out, (h, c) = m(x, padding="repeat", **kw)
+    assert_close(out, y, F32, "out")  # last valid output repeated; zeros before any
     assert_close(h[0], kh, F32, "h_n")
     assert_close(c[0], kc, F32, "c_n")
 
 
 @keras_warnings
-def test_keras_masking_stacked_unidirectional_is_repeat(keras):
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_keras_masking_stacked_unidirectional_is_repeat(keras, pattern):
     H = 5
     l1 = keras.layers.LSTM(H, return_sequences=True)
     l2 = keras.layers.LSTM(H, return_sequences=True)
-    x, lens, w, (y,) = _keras_case(keras, lambda t: l2(l1(t)), 9)
+    x, kw, w, (y,) = _keras_case(keras, lambda t: l2(l1(t)), 9, pattern)
     m = fastlstm.LSTM(3, H, num_layers=2, batch_first=True)
     _set_from_keras(m, 0, 0, *w[:3])
     _set_from_keras(m, 1, 0, *w[3:])
-    out, _ = m(x, lengths=lens, padding="repeat")
+    out, _ = m(x, padding="repeat", **kw)
     assert_close(out, y, F32, "out")
 
 
-def _keras_bidirectional(keras, seed):
+def _keras_bidirectional(keras, seed, pattern):
     H = 6
     layer = keras.layers.Bidirectional(
         keras.layers.LSTM(H, return_sequences=True, return_state=True))
-    x, lens, w, (y, fh, fc, bh, bc) = _keras_case(keras, layer, seed)
+    x, kw, w, (y, fh, fc, bh, bc) = _keras_case(keras, layer, seed, pattern)
     m = fastlstm.LSTM(3, H, batch_first=True, bidirectional=True)
     _set_from_keras(m, 0, 0, *w[:3])
     _set_from_keras(m, 0, 1, *w[3:])
-    return m, x, lens, y, (fh, fc, bh, bc)
+    return m, x, kw, y, (fh, fc, bh, bc)
 
 
 @keras_warnings
-def test_keras_masking_bidirectional_is_zeros(keras):
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_keras_masking_bidirectional_is_zeros(keras, pattern):
     # Keras 3's Bidirectional sets zero_output_for_mask = return_sequences on
-    # both of its layers: past each length both directions output zeros,
-    # which is fastlstm's padding="zeros" (PyTorch's convention).
-    m, x, lens, y, (fh, fc, bh, bc) = _keras_bidirectional(keras, 10)
-    out, (h, c) = m(x, lengths=lens, padding="zeros")
+    # both of its layers: at masked steps both directions output zeros,
+    # which is fastlstm's padding="zeros" (PyTorch's convention); the reverse
+    # direction runs over the valid steps only, in reverse order.
+    m, x, kw, y, (fh, fc, bh, bc) = _keras_bidirectional(keras, 10, pattern)
+    out, (h, c) = m(x, padding="zeros", **kw)
     assert_close(out, y, F32, "out")
     for got, want, name in ((h[0], fh, "h fwd"), (c[0], fc, "c fwd"), (h[1], bh, "h bwd"),
                             (c[1], bc, "c bwd")):
@@ -549,73 +568,11 @@ def test_keras_masking_bidirectional_is_zeros(keras):
     "forces zero_output_for_mask=True on both layers, so its forward half is "
     "zeros there (its reverse half agrees: zeros)"))
 def test_keras_masking_bidirectional_vs_repeat(keras):
-    m, x, lens, y, _ = _keras_bidirectional(keras, 10)
-    out, _ = m(x, lengths=lens, padding="repeat")
+    m, x, kw, y, _ = _keras_bidirectional(keras, 10, "lengths")
+    out, _ = m(x, padding="repeat", **kw)
     H = m.hidden_size
     assert_close(out[..., H:], y[..., H:], F32, "reverse half")  # agrees
     assert_close(out[..., :H], y[..., :H], F32, "forward half")  # differs past each end
-
-
-def _keras_holes(keras, layer, seed, T=8, N=4, In=3):
-    """A Masking(0.0) model over a batch whose masks have holes: a leading
-    masked step, masked steps inside, one row with none valid."""
-    rng = np.random.default_rng(seed)
-    mask = rng.random((N, T)) < 0.6
-    mask[0, 0], mask[0, 3], mask[0, -1] = False, True, True
-    mask[2] = False
-    x = rng.standard_normal((N, T, In)).astype(F32)
-    x[~mask] = 0.0  # Masking(0.0) masks these steps
-    inp = keras.Input((T, In))
-    model = keras.Model(inp, layer(keras.layers.Masking(0.0)(inp)))
-    model.set_weights([rng.uniform(-0.6, 0.6, w.shape).astype(F32)
-                       for w in model.get_weights()])
-    res = model(x)
-    res = res if isinstance(res, (list, tuple)) else [res]
-    return x, mask, model.get_weights(), [keras.ops.convert_to_numpy(o) for o in res]
-
-
-@keras_warnings
-def test_keras_mask_with_holes_unidirectional_is_repeat(keras):
-    H = 6
-    layer = keras.layers.LSTM(H, return_sequences=True, return_state=True)
-    x, mask, w, (y, kh, kc) = _keras_holes(keras, layer, 11)
-    m = fastlstm.LSTM(3, H, batch_first=True)
-    _set_from_keras(m, 0, 0, *w)
-    out, (h, c) = m(x, mask=mask, padding="repeat")
-    assert_close(out, y, F32, "out")  # a masked step repeats the last output (zeros before any)
-    assert not out[0, 0].any()
-    assert_close(h[0], kh, F32, "h_n")
-    assert_close(c[0], kc, F32, "c_n")
-
-
-@keras_warnings
-def test_keras_mask_with_holes_stacked_unidirectional_is_repeat(keras):
-    H = 5
-    l1 = keras.layers.LSTM(H, return_sequences=True)
-    l2 = keras.layers.LSTM(H, return_sequences=True)
-    x, mask, w, (y,) = _keras_holes(keras, lambda t: l2(l1(t)), 12)
-    m = fastlstm.LSTM(3, H, num_layers=2, batch_first=True)
-    _set_from_keras(m, 0, 0, *w[:3])
-    _set_from_keras(m, 1, 0, *w[3:])
-    out, _ = m(x, mask=mask, padding="repeat")
-    assert_close(out, y, F32, "out")
-
-
-@keras_warnings
-def test_keras_mask_with_holes_bidirectional_is_zeros(keras):
-    # the reverse direction runs over the valid steps only, in reverse order
-    H = 6
-    layer = keras.layers.Bidirectional(
-        keras.layers.LSTM(H, return_sequences=True, return_state=True))
-    x, mask, w, (y, fh, fc, bh, bc) = _keras_holes(keras, layer, 13)
-    m = fastlstm.LSTM(3, H, batch_first=True, bidirectional=True)
-    _set_from_keras(m, 0, 0, *w[:3])
-    _set_from_keras(m, 0, 1, *w[3:])
-    out, (h, c) = m(x, mask=mask, padding="zeros")
-    assert_close(out, y, F32, "out")
-    for got, want, name in ((h[0], fh, "h fwd"), (c[0], fc, "c fwd"), (h[1], bh, "h bwd"),
-                            (c[1], bc, "c bwd")):
-        assert_close(got, want, F32, name)
 
 
 @pytest.mark.parametrize("weights", ["int8", "bfloat16", "float16"])
