@@ -240,9 +240,11 @@ def _auto_batch(model, T):
 
 
 # ------------------------------------------------------------ the one task
-def score_batch(model, x, lengths=None, *, output="h_n", padding="zeros", num_threads=None):
+def score_batch(model, x, lengths=None, *, mask=None, output="h_n", padding="zeros",
+                num_threads=None):
     """Score one padded batch ``x`` (N, T, input_size), batch first whatever
-    ``model.batch_first`` says, in one model call.
+    ``model.batch_first`` says, in one model call.  ``lengths`` (N,) or
+    ``mask`` (N, T) booleans (batch first too), as in ``LSTM.__call__``.
 
     output: ``"h_n"`` the last layer's final hidden state (N, D*H_out),
     ``[forward | reverse]`` (for a sequence of length 0, the zero initial
@@ -250,14 +252,23 @@ def score_batch(model, x, lengths=None, *, output="h_n", padding="zeros", num_th
     (N, D*H_out) (zeros for length 0; for the reverse direction this is its
     output after one step, which is why ``"h_n"`` is the default);
     ``"sequence"`` the whole output (N, T, D*H_out), zeros (or, with
-    ``padding="repeat"``, the Keras fill) past each sequence's end.
+    ``padding="repeat"``, the Keras fill) past each sequence's end and at
+    masked steps.
     """
     _check_output(output)
     x = np.asarray(x)
     N, T = x.shape[0], x.shape[1]
     kw = {"num_threads": num_threads}
-    if lengths is not None:
+    if lengths is not None or mask is not None:
         kw.update(lengths=lengths, padding=padding)
+    if mask is not None:
+        mask = np.asarray(mask)
+        if mask.shape != (N, T):
+            raise ValueError(f"mask: expected shape ({N}, {T}) (batch first, as x), "
+                             f"got {mask.shape}")
+        kw["mask"] = mask if model.batch_first else mask.T
+        # "last": the output at each row's last valid step (as with lengths)
+        lengths = np.where(mask.any(axis=1), T - np.argmax(mask[:, ::-1], axis=1), 0)
     if model.batch_first:
         out, (h_n, _) = model(x, **kw)
     else:
@@ -278,7 +289,7 @@ def score_batch(model, x, lengths=None, *, output="h_n", padding="zeros", num_th
     return res
 
 
-def _score_block(x, lengths, model, output, padding, batch_size, num_threads):
+def _score_block(x, lengths, model, output, padding, batch_size, num_threads, mask=None):
     """A Dask block (n, T, input_size) -> its result, in batches of rows."""
     n, T = x.shape[0], x.shape[1]
     bs = batch_size or _auto_batch(model, T)
@@ -287,8 +298,9 @@ def _score_block(x, lengths, model, output, padding, batch_size, num_threads):
     res = np.empty(shape, model.dtype)
     for i in range(0, n, bs):
         lb = None if lengths is None else lengths[i:i + bs]
-        res[i:i + bs] = score_batch(model, x[i:i + bs], lb, output=output, padding=padding,
-                                    num_threads=num_threads)
+        mb = None if mask is None else mask[i:i + bs]
+        res[i:i + bs] = score_batch(model, x[i:i + bs], lb, mask=mb, output=output,
+                                    padding=padding, num_threads=num_threads)
     return res
 
 
@@ -296,19 +308,25 @@ def _score_block_lengths(x, lengths, model, output, padding, batch_size, num_thr
     return _score_block(x, lengths, model, output, padding, batch_size, num_threads)
 
 
+def _score_block_mask(x, mask, model, output, padding, batch_size, num_threads):
+    return _score_block(x, None, model, output, padding, batch_size, num_threads, mask)
+
+
 def _score_block_plain(x, model, output, padding, batch_size, num_threads):
     return _score_block(x, None, model, output, padding, batch_size, num_threads)
 
 
 # -------------------------------------------------------------- dask array
-def score_array(model, x, *, lengths=None, output="h_n", padding="zeros", batch_size=None,
-                num_threads=None, client=None):
+def score_array(model, x, *, lengths=None, mask=None, output="h_n", padding="zeros",
+                batch_size=None, num_threads=None, client=None):
     """Score a Dask array ``x`` of shape (N, T, input_size) -> a Dask array.
 
     ``x`` is read batch first (N, T, input_size) whatever ``model.batch_first``
     says, and is chunked along N only (other axes are rechunked to one chunk).
     ``lengths``: None, or N ints (NumPy or Dask array, rechunked like ``x``)
-    of valid steps per sequence, as in ``LSTM.__call__``.
+    of valid steps per sequence, as in ``LSTM.__call__``; or ``mask``: None,
+    or (N, T) booleans (NumPy or Dask array, batch first), True at valid
+    steps (``LSTM.__call__``'s ``mask``: Keras masks, holes included).
 
     Returns, chunked like ``x`` along N, with the model's dtype:
     ``output="h_n"`` (default) (N, D*H_out), the last layer's final hidden
@@ -339,8 +357,19 @@ def score_array(model, x, *, lengths=None, output="h_n", padding="zeros", batch_
     meta = np.empty((0,) * len(out_ind), dt)
     common = dict(new_axes={"f": F}, concatenate=True, dtype=dt, meta=meta,
                   name="fastlstm-score-" + dask.base.tokenize(
-                      x, lengths, token, output, padding, batch_size, nt))
+                      x, lengths, mask, token, output, padding, batch_size, nt))
     extra = (marg, None, output, None, padding, None, batch_size, None, nt, None)
+    if mask is not None:
+        if lengths is not None:
+            raise ValueError("lengths, mask: give one of them, not both")
+        want = (x.shape[0], x.shape[1])
+        if mask.shape != want:
+            raise ValueError(f"mask: expected shape {want} (batch first, as x), got {mask.shape}")
+        if not isinstance(mask, da.Array):
+            mask = da.from_array(np.asarray(mask), chunks=(x.chunks[0], -1))
+        else:
+            mask = mask.rechunk((x.chunks[0], -1))
+        return da.blockwise(_score_block_mask, out_ind, x, "nti", mask, "nt", *extra, **common)
     if lengths is None:
         return da.blockwise(_score_block_plain, out_ind, x, "nti", *extra, **common)
     if not isinstance(lengths, da.Array):

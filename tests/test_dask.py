@@ -126,6 +126,33 @@ def test_score_array_with_lengths(client, fd, output, padding):
     assert np.array_equal(res, want)
 
 
+@pytest.mark.parametrize("output", ["h_n", "last", "sequence"])
+@pytest.mark.parametrize("padding", ["zeros", "repeat"])
+def test_score_array_with_mask(client, fd, output, padding):
+    """A Keras mask with holes (NumPy, or Dask chunked differently from x)
+    gives the single-process m(x, mask=) call's results; "last" is the output
+    at each row's last valid step."""
+    import dask.array as da
+
+    m = _model()
+    x, _ = _data(seed=2)
+    N, T = x.shape[:2]
+    mask = np.random.default_rng(2).random((N, T)) < 0.6
+    mask[0], mask[1, :3] = False, False
+    out, (h, _) = m(x.transpose(1, 0, 2), mask=mask.T, padding=padding)
+    out = out.transpose(1, 0, 2)
+    last_t = np.where(mask.any(1), T - 1 - np.argmax(mask[:, ::-1], axis=1), 0)
+    want = {"sequence": out, "h_n": np.concatenate([h[-2], h[-1]], axis=1),
+            "last": np.where(mask.any(1)[:, None], out[np.arange(N), last_t], 0)}[output]
+    dx = da.from_array(x, chunks=(128, 5, 8))
+    res = fd.score_array(m, dx, mask=mask, output=output, padding=padding).compute()
+    assert np.array_equal(res, want)
+    dm = da.from_array(mask, chunks=(50, 4))
+    res = fd.score_array(m, dx, mask=dm, output=output, padding=padding,
+                         batch_size=33).compute()
+    assert np.array_equal(res, want)
+
+
 def test_score_array_float64_and_projection(client, fd):
     import dask.array as da
 
@@ -238,6 +265,11 @@ def test_errors(fd):
         fd.score_array(m, dx, output="everything", client=False)
     with pytest.raises(ValueError, match="lengths"):
         fd.score_array(m, dx, lengths=np.ones(9, int), client=False)
+    with pytest.raises(ValueError, match=r"mask: expected shape \(10, 4\)"):
+        fd.score_array(m, dx, mask=np.ones((10, 5), bool), client=False)
+    with pytest.raises(ValueError, match="lengths, mask: give one"):
+        fd.score_array(m, dx, mask=np.ones((10, 4), bool), lengths=np.ones(10, int),
+                       client=False)
     with pytest.raises(ValueError, match="num_threads"):
         fd.score_array(m, dx, num_threads=0, client=False)
     with pytest.raises(ValueError, match="batch_size"):
