@@ -177,12 +177,14 @@ def _open(source, config):
 
 
 def _plan(config):
-    """Walk a Sequential config -> (embedding entry, [LSTM names], head entry, activation)."""
+    """Walk a Sequential config -> (embedding entry, [LSTM names], head entry,
+    activation, whether the last LSTM returns sequences, Masking's mask_value
+    or None)."""
     cls, cfg, layers = fk._layer_list(config, "model config")
     if not (cls == "Sequential" or isinstance(cfg, list)):
         raise FormatError(f"model config: expected a Sequential model, got {cls!r}")
     used = {}
-    emb = head = None
+    emb = head = mask_value = None
     lstms = []
     act = None
     last_seq = False
@@ -196,8 +198,16 @@ def _plan(config):
         what = f"layer {name!r} ({lcls})"
         if lcls in fk._IDENTITY:
             continue
-        if lcls == "Embedding":
-            if emb is not None or lstms:
+        if lcls == "Masking":
+            if emb is not None or lstms or mask_value is not None:
+                raise FormatError(f"{what}: a Masking layer is supported only first, on "
+                                  "feature input")
+            mask_value = lcfg.get("mask_value", 0.0)
+            if isinstance(mask_value, bool) or not isinstance(mask_value, (int, float)):
+                raise FormatError(f"{what}: mask_value {mask_value!r} is not a number")
+            mask_value = float(mask_value)
+        elif lcls == "Embedding":
+            if emb is not None or lstms or mask_value is not None:
                 raise FormatError(f"{what}: an Embedding must come first, once")
             emb = {"name": name, "h5": h5, "config": lcfg}
         elif lcls in _RECURRENT:
@@ -236,12 +246,12 @@ def _plan(config):
             else:
                 act = _act_name(lcfg.get("activation"), what)
         else:
-            raise FormatError(f"{what}: layer not supported by fastlstm.Network (Embedding, "
-                              "LSTM, Bidirectional, Dense, TimeDistributed(Dense), Activation, "
-                              "Dropout)")
+            raise FormatError(f"{what}: layer not supported by fastlstm.Network (Masking, "
+                              "Embedding, LSTM, Bidirectional, Dense, TimeDistributed(Dense), "
+                              "Activation, Dropout)")
     if not lstms:
         raise FormatError("model config: no LSTM layer")
-    return emb, lstms, head, act or "none", last_seq
+    return emb, lstms, head, act or "none", last_seq, mask_value
 
 
 def _lstms_of(stack):
@@ -264,7 +274,7 @@ def _lstms_of(stack):
 def network_from_keras(cls, source, *, config, mode, dtype, num_threads):
     conf, weights, closer = fk._guarded(lambda: _open(source, config))
     try:
-        emb, lstm_names, head, act, last_seq = fk._guarded(lambda: _plan(conf))
+        emb, lstm_names, head, act, last_seq, mask_value = fk._guarded(lambda: _plan(conf))
 
         def read():
             e = w = b = None
@@ -295,9 +305,9 @@ def network_from_keras(cls, source, *, config, mode, dtype, num_threads):
             closer()
     import warnings
     with warnings.catch_warnings():
-        if emb is not None and emb["config"].get("mask_zero"):
-            # Network applies mask_zero itself (lengths, or a mask with holes): the
-            # stack's warning does not apply.
+        if mask_value is not None or (emb is not None and emb["config"].get("mask_zero")):
+            # Network applies the mask itself (Masking's mask_value, mask_zero's
+            # tokens): the stack's warning does not apply.
             warnings.filterwarnings("ignore", message="the Keras model masks")
         stack = fk.load_keras(source, lstm_names[0], config=config, dtype=dtype,
                               num_threads=num_threads)
@@ -309,4 +319,4 @@ def network_from_keras(cls, source, *, config, mode, dtype, num_threads):
         mode = "sequence" if last_seq else "last"
     return cls(lstms if len(lstms) > 1 else lstms[0], embedding=e, head=w, head_bias=b,
                activation=act, mode=mode, batch_first=True, mask_zero=mask_zero,
-               num_threads=num_threads)
+               mask_value=mask_value, num_threads=num_threads)

@@ -67,7 +67,7 @@ class Network:
 
     ``Network(lstm, *, embedding=None, one_hot=None, head=None, head_bias=None,
     activation="none", mode="sequence", batch_first=True, mask_zero=False,
-    num_threads=None)``
+    mask_value=None, num_threads=None)``
 
     lstm: a ``fastlstm.LSTM``, or a list of them run one after the other (a
       chain, e.g. Keras layers of different widths).
@@ -94,13 +94,17 @@ class Network:
       as in Keras; a 0 inside a row is a masked step there, skipped as Keras
       skips it (the state carries over it; LSTM's ``mask=``).  Prompts to
       ``generate`` take trailing padding only.
+    mask_value: feature input only: a step whose features all equal it is
+      masked (Keras ``Masking(mask_value)``), with mask_zero's semantics
+      (without ``lengths=``: skipped, outputs as in Keras); None: no masking.
+      Streams (``stream``) apply both masks per step and row.
 
     Weights are converted to the LSTM's dtype (float32 or float64) and copied.
     """
 
     def __init__(self, lstm, *, embedding=None, one_hot=None, head=None, head_bias=None,
                  activation="none", mode="sequence", batch_first=True, mask_zero=False,
-                 num_threads=None):
+                 mask_value=None, num_threads=None):
         lstms = list(lstm) if isinstance(lstm, (list, tuple)) else [lstm]
         if not lstms or not all(isinstance(m, LSTM) for m in lstms):
             raise TypeError("lstm: expected a fastlstm.LSTM or a non-empty list of them")
@@ -139,6 +143,15 @@ class Network:
             self.one_hot = v
         if self.mask_zero and self.vocab_size is None:
             raise ValueError("mask_zero: needs a token input stage (embedding or one_hot)")
+        self.mask_value = None
+        if mask_value is not None:
+            if self.vocab_size is not None:
+                raise ValueError("mask_value: masks feature input; with token input use "
+                                 "mask_zero")
+            mv = _to_numpy(mask_value, "mask_value")
+            if mv.ndim != 0 or mv.dtype.kind not in "iuf":
+                raise DTypeError(f"mask_value: expected a real number, got {mask_value!r}")
+            self.mask_value = float(mv)
         feat = self.lstms[-1].num_directions * self.lstms[-1].output_size
         self.head_weight = self.head_bias = None
         if head is not None:
@@ -183,11 +196,28 @@ class Network:
                           mode=state.get("mode", "sequence"),
                           batch_first=state.get("batch_first", True),
                           mask_zero=state.get("mask_zero", False),
+                          mask_value=state.get("mask_value"),
                           num_threads=state.get("num_threads"))
         except (KeyError, TypeError, ValueError, WeightsError, ShapeError, DTypeError) as exc:
             raise WeightsError(f"pickle: not a valid fastlstm.Network ({exc})") from exc
 
     # ------------------------------------------------------------ properties
+    @property
+    def _keras_masks(self):
+        """Whether the network masks its input as Keras does (mask_zero or
+        mask_value): outputs at masked steps as Keras, not zeros."""
+        return self.mask_zero or self.mask_value is not None
+
+    def _valid_rows(self, x_t, tok):
+        """A stream step's (batch,) mask, or None when every row is valid."""
+        if self.mask_zero:
+            valid = tok != 0
+        elif self.mask_value is not None:
+            valid = np.any(x_t != x_t.dtype.type(self.mask_value), axis=-1)
+        else:
+            return None
+        return None if valid.all() else valid
+
     @property
     def lstm(self):
         """The LSTM, when the network has a single one."""
@@ -336,13 +366,15 @@ class Network:
             feats = arr[None] if unbatched else (arr if self.batch_first else arr.transpose(1, 0, 2))
             N, T = feats.shape[:2]
             lens, mask = self._lengths(lengths, N, T, unbatched)
+            if self.mask_value is not None and lengths is None:
+                mask = np.any(feats != feats.dtype.type(self.mask_value), axis=-1)
         states = self._split_state(state, N, unbatched)
         y = feats  # (N, T, F) batch-major views throughout
         new_states = []
         for m, hx in zip(self.lstms, states):
             # Keras: a masked LSTM repeats its last output past the mask; one in
             # Bidirectional outputs zeros there (zero_output_for_mask)
-            padding = "repeat" if self.mask_zero and m.num_directions == 1 else "zeros"
+            padding = "repeat" if self._keras_masks and m.num_directions == 1 else "zeros"
             xin = y if m.batch_first else y.transpose(1, 0, 2)
             mk = None if mask is None else (mask if m.batch_first else mask.T)
             out, (hn, cn) = m(xin, hx, lengths=lens, mask=mk, padding=padding, num_threads=nt)
@@ -355,7 +387,7 @@ class Network:
             out = self._apply_head(z)
         else:
             out = self._apply_head(y)
-            if lens is not None and not self.mask_zero:  # zeros, after head and activation
+            if lens is not None and not self._keras_masks:  # zeros, after head and activation
                 out[np.arange(T)[None, :] >= lens[:, None]] = 0
             if not self.batch_first:
                 out = out.transpose(1, 0, 2)
@@ -670,13 +702,17 @@ class NetworkStream:
                 raise ShapeError(f"x_t: expected {self.batch} token ids, got shape {arr.shape}")
             tok = net._check_tokens(tok[None].astype(np.int64), None, "x_t")
             x = net._lookup(tok)[0]
+            valid = net._valid_rows(None, tok[0])
         else:
             x = _as_real(x_t, "x_t", net.dtype)
             scalar = x.ndim == 1
             if scalar:
                 x = x[None]
+            valid = net._valid_rows(x, None)
+        # a masked row (mask_zero's token 0, mask_value's features) keeps its
+        # state and repeats its last output, as Keras' masked step
         for s in self._streams:
-            x = s.step(x)
+            x = s.step(x) if valid is None else s.step(x, mask=valid, padding="repeat")
         y = net._apply_head(x)
         return y[0] if scalar and self.batch == 1 else y
 

@@ -518,6 +518,58 @@ def test_keras_mask_zero_with_holes(keras, tmp_path, stack):
     net = Network.from_keras(str(tmp_path / "m.keras"))
     assert net.mask_zero and net.mode == ("last" if stack == "last" else "sequence")
     assert max_rel_err(net(tok), want) <= TOL
+    if stack in ("uni", "uni_uni"):  # a stream masks the 0 tokens per step and row too
+        s = net.stream(4)
+        got = np.stack([s.step(tok[:, t]) for t in range(9)], axis=1)
+        assert max_rel_err(got, want) <= TOL
+
+
+@pytest.mark.parametrize("stack", ["uni", "uni_bi", "last"])
+def test_keras_masking_layer(keras, tmp_path, stack):
+    """Sequential([Masking(v), LSTM..., Dense]) on features: the network masks
+    the steps whose features all equal v itself, as Keras (holes, trailing
+    padding, a row masked throughout), with no warning; it pickles with its
+    mask_value, and a unidirectional network's stream, fed the same steps,
+    gives the sequence's outputs."""
+    import pickle
+    import warnings
+    L = keras.layers
+    lstms = {"uni": [L.LSTM(6, return_sequences=True)],
+             "uni_bi": [L.LSTM(5, return_sequences=True),
+                        L.Bidirectional(L.LSTM(6, return_sequences=True))],
+             "last": [L.LSTM(5, return_sequences=True), L.LSTM(6)]}[stack]
+    model = keras.Sequential([keras.Input((None, 3)), L.Masking(-1.5)] + lstms + [L.Dense(4)])
+    _randomize(model, 24)
+    rng = np.random.default_rng(18)
+    x = rng.standard_normal((4, 9, 3)).astype(np.float32)
+    x[0, [0, 3, 4]] = -1.5  # a leading hole and holes inside
+    x[1, 5:] = -1.5         # trailing padding
+    x[2] = -1.5             # nothing valid
+    x[3, 2, 0] = -1.5       # one feature only: not masked
+    want = np.asarray(model.predict(x, verbose=0))
+    model.save(tmp_path / "m.keras")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the stack's "masks" warning does not apply here
+        net = Network.from_keras(str(tmp_path / "m.keras"))
+    assert net.mask_value == -1.5 and not net.mask_zero
+    assert max_rel_err(net(x), want) <= TOL
+    again = pickle.loads(pickle.dumps(net))
+    assert again.mask_value == -1.5
+    np.testing.assert_array_equal(again(x), net(x))
+    if stack == "uni":
+        s = net.stream(4)
+        got = np.stack([s.step(x[:, t]) for t in range(9)], axis=1)
+        assert max_rel_err(got, want) <= TOL
+
+
+def test_mask_value_errors():
+    lstm = fastlstm.LSTM(4, 6, seed=1)
+    with pytest.raises(ValueError, match="mask_value: masks feature input"):
+        Network(lstm, embedding=np.ones((10, 4), np.float32), mask_value=0.0)
+    with pytest.raises(fastlstm.DTypeError, match="mask_value: expected a real number"):
+        Network(lstm, mask_value="zero")
+    with pytest.raises(fastlstm.DTypeError, match="mask_value: expected a real number"):
+        Network(lstm, mask_value=[0.0, 1.0])
 
 
 def test_no_head_padding_is_zero_after_the_activation():
