@@ -19,6 +19,9 @@ import pytest
 
 import fastlstm
 from fastlstm.io import keras as fk
+from tolerances import TOL
+
+F32_TOL = TOL[np.dtype(np.float32)]  # the float32 bound (tolerances.py)
 
 DATA = Path(__file__).parent / "data" / "keras2"
 # Keras 3 on NumPy 2 warns about __array__(copy=...) on every conversion.
@@ -121,7 +124,7 @@ def test_keras3_matches_predict(built, case, fmt):
     else:
         stack = fk.load_keras(paths[fmt])
     got = stack(x)
-    assert rel_err(want, got) <= 1e-5
+    assert rel_err(want, got) <= F32_TOL
     assert all(isinstance(m, fastlstm.LSTM) for m in stack.lstms)
     if fmt in ("keras", "h5"):
         assert stack.keras_version.startswith("3.")
@@ -136,7 +139,6 @@ def test_keras3_masking_with_holes_matches_predict(keras, tmp_path, case):
     step, steps inside, a row with none valid): the loader warns that the
     file masks, and stack(x, mask=) gives what Keras predicts (skipped steps,
     repeated or zero outputs, go_backwards, every merge mode, states)."""
-    from tolerances import TOL
     L = keras.layers
     extra = {"zero_output_for_mask": lambda: [L.LSTM(5, return_sequences=True,
                                                      zero_output_for_mask=True)],
@@ -156,17 +158,40 @@ def test_keras3_masking_with_holes_matches_predict(keras, tmp_path, case):
     model.save(tmp_path / "m.keras")
     with pytest.warns(UserWarning, match=r"masks the input .* stack\(x, mask=m\)"):
         stack = fk.load_keras(tmp_path / "m.keras")
-    assert rel_err(want, stack(x, mask=mask)) <= TOL[np.dtype(np.float32)]
-    assert rel_err(want, stack(x, mask=np.any(x != 0, axis=-1))) <= TOL[np.dtype(np.float32)]
+    assert rel_err(want, stack(x, mask=mask)) <= F32_TOL
+    assert rel_err(want, stack(x, mask=np.any(x != 0, axis=-1))) <= F32_TOL
     with pytest.raises(fastlstm.ShapeError, match=r"mask: expected x's first two dimensions"):
         stack(x, mask=mask.T)
+
+
+def test_keras3_call_with_initial_state_gets_no_mask(keras, tmp_path):
+    """Keras 3 gives no mask to an LSTM called with initial_state=, even
+    behind a Masking layer (its config then has no mask= keyword): the loader
+    does not warn, and the stack without a mask is what Keras predicts."""
+    import warnings
+    L = keras.layers
+    inp, h0, c0 = keras.Input((T, IN)), keras.Input((5,)), keras.Input((5,))
+    lstm = L.LSTM(5, return_sequences=True)
+    model = _randomize(keras.Model([inp, h0, c0], lstm(L.Masking(0.0)(inp),
+                                                       initial_state=[h0, c0])), 30)
+    rng = np.random.default_rng(30)
+    x = rng.normal(size=(N, T, IN)).astype(np.float32)
+    x[0, 2:4] = 0.0  # steps a mask would skip
+    hc = [rng.normal(size=(N, 5)).astype(np.float32) for _ in range(2)]
+    want = model.predict([x] + hc, verbose=0)
+    model.save(tmp_path / "m.keras")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stack = fk.load_keras(tmp_path / "m.keras")
+    assert not stack.layers[0].masked
+    assert rel_err(want, stack(x, initial_state=[hc])) <= F32_TOL
 
 
 def test_hard_sigmoid_slope_follows_version(built):
     model, x, want, paths = built("hard_sigmoid")
     x = x * 4  # drive the gates into the region where the slopes differ
     want = model.predict(x, verbose=0)
-    assert rel_err(want, fk.load_keras(paths["keras"])(x)) <= 1e-5
+    assert rel_err(want, fk.load_keras(paths["keras"])(x)) <= F32_TOL
     m2 = fk.load_keras(paths["keras"], keras_version="2.15.0")  # slope 0.2: not Keras 3
     assert rel_err(want, m2(x)) > 1e-3
     lstm = fk.load_keras(paths["h5"]).lstms[0]
@@ -180,7 +205,7 @@ def test_weights_only_without_config_uses_defaults(built):
     with pytest.raises(fastlstm.FormatError, match="config"):
         fk.load_keras(paths["weights"])
     model, x, want, paths = built("lstm")
-    assert rel_err(want, fk.load_keras(paths["weights"])(x)) <= 1e-5
+    assert rel_err(want, fk.load_keras(paths["weights"])(x)) <= F32_TOL
 
 
 def test_to_lstm_refuses_mixed_stacks(built):
@@ -206,7 +231,7 @@ def test_sequential_stacks_names_and_registry(keras, tmp_path):
     x = np.random.default_rng(0).normal(size=(N, T, IN)).astype(np.float32)
     # The first stack's output is the output of the layer named "second".
     sub = keras.Model(model.inputs, model.get_layer("second").output)
-    assert rel_err(sub.predict(x, verbose=0), fk.load_keras(path, "second")(x)) <= 1e-5
+    assert rel_err(sub.predict(x, verbose=0), fk.load_keras(path, "second")(x)) <= F32_TOL
     stack = fk.load_keras(path, 0)
     fused = stack.to_lstm()  # two LSTM(4) layers: one 2-layer fastlstm.LSTM
     assert (fused.num_layers, fused.batch_first) == (2, True)
@@ -235,12 +260,12 @@ def test_initial_state_and_layer_object(keras):
     _randomize(layer, 5)
     want = [np.asarray(v.detach().cpu()) for v in layer(x, initial_state=[h0, c0])]
     got = fk.from_keras(layer)(x, initial_state=[[h0, c0]])
-    assert rel_err(want, got) <= 1e-5
+    assert rel_err(want, got) <= F32_TOL
     bi(x)
     _randomize(bi, 6)
     want = [np.asarray(v.detach().cpu()) for v in bi(x, initial_state=states)]
     got = fk.from_keras(bi)(x, initial_state=[states])
-    assert rel_err(want, got) <= 1e-5
+    assert rel_err(want, got) <= F32_TOL
 
 
 def test_nested_model(keras, tmp_path):
@@ -256,7 +281,7 @@ def test_nested_model(keras, tmp_path):
     model.save(tmp_path / "n.h5")
     for src in (tmp_path / "n.keras", tmp_path / "n.h5", model):
         assert [d["num_layers"] for d in fk.list_keras_stacks(src)] == [2]
-        assert rel_err(want, fk.load_keras(src)(x)) <= 1e-5
+        assert rel_err(want, fk.load_keras(src)(x)) <= F32_TOL
 
 
 def test_no_code_from_lambda_layers(keras, tmp_path, built):
@@ -276,7 +301,7 @@ def test_no_code_from_lambda_layers(keras, tmp_path, built):
     with zipfile.ZipFile(out, "w") as zf:
         for n, b in files.items():
             zf.writestr(n, b)
-    assert rel_err(want, fk.load_keras(out)(x)) <= 1e-5
+    assert rel_err(want, fk.load_keras(out)(x)) <= F32_TOL
 
 
 # ----------------------------------------------------------------- Keras 2 files
@@ -299,7 +324,7 @@ def test_keras2_files_match_tf_keras(model, file):
     stack = fk.load_keras(DATA / file, config=config)
     assert stack.keras_version == str(e["keras_version"]) and stack.keras_version[0] == "2"
     got = stack(e[model + "_x"])
-    assert rel_err(want if len(want) > 1 else want[0], got) <= 1e-5
+    assert rel_err(want if len(want) > 1 else want[0], got) <= F32_TOL
 
 
 def test_keras2_hard_sigmoid_is_slope_0_2():
@@ -375,7 +400,7 @@ def test_keras22_hand_built_legacy_file(tmp_path):
     y2, h2, _ = keras_lstm_np(y1, *w["lstm"], hard, go_backwards=True)
     stack = fk.load_keras(path)
     assert [layer.class_name for layer in stack.layers] == ["CuDNNLSTM", "LSTM"]
-    assert rel_err(h2, stack(x)) <= 1e-5
+    assert rel_err(h2, stack(x)) <= F32_TOL
     # Weights-only legacy layout (save_weights in Keras 2): the same groups at the root.
     import h5py
     wpath = tmp_path / "keras22_weights.h5"
@@ -385,7 +410,7 @@ def test_keras22_hand_built_legacy_file(tmp_path):
         for lname in ("cu_dnnlstm_1", "lstm_1"):
             src.copy(src["model_weights"][lname], dst, lname)
         cfg = src.attrs["model_config"]
-    assert rel_err(h2, fk.load_keras(wpath, config=cfg)(x)) <= 1e-5
+    assert rel_err(h2, fk.load_keras(wpath, config=cfg)(x)) <= F32_TOL
     # Without the config: Keras' defaults (sigmoid, forward), so a different result.
     guessed = fk.load_keras(wpath)
     assert [layer.return_sequences for layer in guessed.layers] == [True, False]
@@ -603,7 +628,7 @@ def test_activation_layers_read_with_their_settings(keras, tmp_path, make, want_
         assert lstm.activations[1] == want_act[0]
         if want_act[1] is not None:
             assert lstm.activation_alpha[1] == pytest.approx(want_act[1])
-        assert rel_err(want, stack(x)) <= 1e-5
+        assert rel_err(want, stack(x)) <= F32_TOL
 
 
 def test_elu_layer_reads_its_alpha(keras, tmp_path):
@@ -617,7 +642,7 @@ def test_elu_layer_reads_its_alpha(keras, tmp_path):
         stack = fk.load_keras(src)
         assert stack.lstms[0].activations[1] == "elu"
         assert stack.lstms[0].activation_alpha[1] == pytest.approx(0.5)
-        assert rel_err(want, stack(x)) <= 1e-5
+        assert rel_err(want, stack(x)) <= F32_TOL
     with zipfile.ZipFile(path) as zf:
         cfg = json.loads(zf.read("config.json"))
     lstm = next(l for l in cfg["config"]["layers"] if l["class_name"] == "LSTM")
@@ -670,7 +695,7 @@ def test_stateful_layers_warn(keras, tmp_path):
         stack = fk.load_keras(path)
     assert stack.layers[0].stateful
     assert fk.list_keras_stacks(path)[0]["layers"][0]["stateful"] is True
-    assert rel_err(first, stack(x)) <= 1e-5  # a first call: Keras' zero state too
+    assert rel_err(first, stack(x)) <= F32_TOL  # a first call: Keras' zero state too
     with pytest.warns(UserWarning, match="stateful"):
         fk.from_keras(model)
 
@@ -688,15 +713,15 @@ def test_fastlstm_load_options_on_keras_files(built):
     with pytest.raises(ValueError, match="weights"):
         fastlstm.load(paths["keras"], weights="int4")
     # batch_first: the Keras layout by default; False takes and gives (T, N, ...).
-    assert rel_err(want, fastlstm.load(paths["keras"], batch_first=True)(x)) <= 1e-5
+    assert rel_err(want, fastlstm.load(paths["keras"], batch_first=True)(x)) <= F32_TOL
     model_b, x_b, want_b, paths_b = built("bi_concat")
     tm = fastlstm.load(paths_b["keras"], batch_first=False)
-    assert rel_err(want_b.transpose(1, 0, 2), tm(x_b.transpose(1, 0, 2))) <= 1e-5
+    assert rel_err(want_b.transpose(1, 0, 2), tm(x_b.transpose(1, 0, 2))) <= F32_TOL
     time_major = fastlstm.load(paths["keras"], batch_first=False)
-    assert rel_err(want, time_major(x.transpose(1, 0, 2))) <= 1e-5  # last output: (N, U)
+    assert rel_err(want, time_major(x.transpose(1, 0, 2))) <= F32_TOL  # last output: (N, U)
     f64 = fastlstm.load(paths["h5"], dtype=np.float64, num_threads=1)
     assert all(np.dtype(m.dtype) == np.float64 for m in f64.lstms)
-    assert rel_err(want, f64(x)) <= 1e-5
+    assert rel_err(want, f64(x)) <= F32_TOL
     with pytest.raises(TypeError, match="batch_first"):
         fastlstm.load(paths["keras"], batch_first="yes")
     with pytest.raises(TypeError, match=r"^activations: not an argument for Keras files"):

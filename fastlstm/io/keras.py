@@ -527,6 +527,18 @@ def _inbound(layer):
     return parsed
 
 
+def _masked_call(layer, upstream):
+    """Whether Keras applies a mask to a functional layer's call.  Keras 3
+    writes the mask a call gets as its ``mask=`` keyword (and gives none to
+    a call with ``initial_state=``, even behind a Masking layer): that is the
+    answer.  Keras 2 does not write it: a Masking layer or mask_zero
+    embedding upstream (``upstream()``) is."""
+    nodes = layer.get("inbound_nodes") or []
+    if nodes and all(isinstance(n, dict) for n in nodes):
+        return _has_mask_kwarg(layer)
+    return _has_mask_kwarg(layer) or upstream()
+
+
 def _has_mask_kwarg(layer):
     """Whether a functional layer is called with a mask tensor (``mask=``)."""
     for node in layer.get("inbound_nodes") or []:
@@ -616,14 +628,14 @@ def _walk_model(model_cfg, what, h5prefix="", legacy_prefix=()):
         nodes = by_name[name][2]
         if len(nodes) != 1:  # shared layer (or never called): a stack of its own
             spec.extra_inputs = any(n[1] for n in nodes)
-            spec.masked = _has_mask_kwarg(layer) or any(upstream_masked(n[0]) for n in nodes)
+            spec.masked = _masked_call(layer, lambda: any(upstream_masked(n[0]) for n in nodes))
             stacks.append([spec])
             spec_of[name] = (spec, stacks[-1])
             continue
         main, extras = nodes[0]
         spec.extra_inputs = bool(extras)
         src = resolve(main)
-        spec.masked = upstream_masked(main) or _has_mask_kwarg(layer)
+        spec.masked = _masked_call(layer, lambda: upstream_masked(main))
         prev = spec_of.get(src[0]) if src is not None else None
         if (prev is not None and not extras and src[0] not in has_successor
                 and prev[0] is prev[1][-1] and _produces_sequence(prev[0], src[2])):
