@@ -1,16 +1,18 @@
-"""fastlstm.io.trees: TF1, Flax and Haiku parameter trees.
+"""fastlstm.io.trees: TF1, Flax and Haiku parameter trees, Equinox cells.
 
 Each framework's cell is written out below in NumPy straight from its own
 equations and in its own layout (TF1's [x, h]·kernel with blocks i, j, f, o
 and a run-time forget bias; Flax's eight denses; Haiku's blocks i, g, f, o
-with f = σ(f + 1)), so the tests do not re-run the conversion they check.
-Where Flax / Haiku are installed they are run too.
+with f = σ(f + 1); Equinox's weight_ih @ x + weight_hh @ h + bias, blocks i,
+f, g, o), so the tests do not re-run the conversion they check.  Where Flax /
+Haiku / Equinox are installed they are run too.
 """
 import numpy as np
 import pytest
 
 import fastlstm
 from fastlstm.io import trees
+from tolerances import TOL as _TOL
 
 T, N = 7, 3
 
@@ -73,6 +75,17 @@ def haiku_step(x, state, w, b):
     return h_new, c_new
 
 
+def eqx_step(x, state, p):
+    """equinox.nn.LSTMCell.__call__ (rows of x at once); state = (h, c)."""
+    h, c = state
+    lin = x @ p["weight_ih"].T + h @ p["weight_hh"].T
+    if p.get("bias") is not None:
+        lin = lin + p["bias"]
+    i, f, g, o = np.split(lin, 4, axis=-1)
+    c_new = sig(f) * c + sig(i) * np.tanh(g)
+    return sig(o) * np.tanh(c_new), c_new
+
+
 def unroll(step, x, state, reverse=False, out_index=1):
     """Run `step` over time; returns outputs (T, N, ·) in time order and the
     final state."""
@@ -95,7 +108,9 @@ def check(got, want, tol):
     assert err <= tol, err
 
 
-TOL = {np.float64: 1e-11, np.float32: 2e-5}
+# the one table's bounds (tolerances.py), by dtype; F64 / F32 for short
+TOL = {np.float64: _TOL[np.dtype(np.float64)], np.float32: _TOL[np.dtype(np.float32)]}
+F64, F32 = TOL[np.float64], TOL[np.float32]
 
 
 # ------------------------------------------------------------------------ TF1
@@ -149,11 +164,11 @@ def test_tf1_peepholes_projection_cell_clip():
                           (np.zeros((N, U)), np.zeros((N, P))))
     assert np.max(np.abs(c)) == pytest.approx(0.5)
     out, (hn, cn) = m(x)
-    check(out, want, 1e-11)
-    check(cn[0], c, 1e-11)
+    check(out, want, F64)
+    check(cn[0], c, F64)
     m32 = trees.from_tf1_cell({k: v.astype(np.float32) for k, v in flat.items()}, cell_clip=0.5)
     assert m32.dtype == np.float32  # the weights' dtype by default
-    check(m32(x)[0], want, 2e-5)
+    check(m32(x)[0], want, F32)
 
 
 def test_tf1_old_names_activation_and_block_cell():
@@ -167,12 +182,12 @@ def test_tf1_old_names_activation_and_block_cell():
     m = trees.from_tf1_cell({"lstm_cell": old}, activation="relu", dtype=np.float64)
     relu = lambda v: np.maximum(v, 0.0)  # noqa: E731
     want, _ = unroll(lambda xt, s: tf1_step(xt, s, p, 1.0, act=relu), x, zeros)
-    check(m(x)[0], want, 1e-11)
+    check(m(x)[0], want, F64)
     # LSTMBlockCell: same layout and equations, cell_clip from the op attr.
     mb = trees.from_tf1_block_cell(tf1_tree(p), cell_clip=3.0, forget_bias=0.5,
                                    dtype=np.float64, batch_first=True)
     want, _ = unroll(lambda xt, s: tf1_step(xt, s, p, 0.5, cell_clip=3.0), x, zeros)
-    check(mb(x.transpose(1, 0, 2))[0], want.transpose(1, 0, 2), 1e-11)
+    check(mb(x.transpose(1, 0, 2))[0], want.transpose(1, 0, 2), F64)
 
 
 def test_tf1_stacked_bidirectional_by_prefix():
@@ -201,10 +216,10 @@ def test_tf1_stacked_bidirectional_by_prefix():
         finals += [sf, sb]
         layer_in = np.concatenate([fw, bw], axis=2)
     out, (hn, cn) = m(x)
-    check(out, layer_in, 1e-11)
+    check(out, layer_in, F64)
     for j, (c, h) in enumerate(finals):
-        check(hn[j], h, 1e-11)
-        check(cn[j], c, 1e-11)
+        check(hn[j], h, F64)
+        check(cn[j], c, F64)
 
 
 # ----------------------------------------------------------------------- Flax
@@ -230,9 +245,9 @@ def test_flax_lstm_cell(nnx):
     c0, h0 = rand(rng, N, H), rand(rng, N, H)
     want, (c, h) = unroll(lambda xt, s: flax_step(xt, s, p), x, (c0, h0))
     out, (hn, cn) = m(x, (h0[None], c0[None]))  # Flax's carry is (c, h)
-    check(out, want, 1e-11)
-    check(hn[0], h, 1e-11)
-    check(cn[0], c, 1e-11)
+    check(out, want, F64)
+    check(hn[0], h, F64)
+    check(cn[0], c, F64)
 
 
 def test_flax_activation_functions():
@@ -246,7 +261,7 @@ def test_flax_activation_functions():
     softsign = lambda v: v / (1 + np.abs(v))  # noqa: E731
     want, _ = unroll(lambda xt, s: flax_step(xt, s, p, gate=hard, act=softsign), x,
                      (np.zeros((N, H)), np.zeros((N, H))))
-    check(m(x)[0], want, 1e-11)
+    check(m(x)[0], want, F64)
     with pytest.raises(ValueError, match="gelu"):
         trees.from_flax_lstm_cell(tree, activation_fn="gelu")
 
@@ -261,8 +276,8 @@ def test_flax_nnx_optimized_cell():
     want, (c, h) = unroll(lambda xt, s: flax_nnx_opt_step(xt, s, p), x,
                           (np.zeros((N, H)), np.zeros((N, H))))
     out, (hn, cn) = m(x)
-    check(out, want, 1e-11)
-    check(cn[0], c, 1e-11)
+    check(out, want, F64)
+    check(cn[0], c, F64)
 
 
 # ---------------------------------------------------------------------- Haiku
@@ -297,7 +312,66 @@ def test_haiku_deep_rnn_by_prefix():
     z = (np.zeros((N, H)), np.zeros((N, H)))
     y0, _ = unroll(lambda xt, s: haiku_step(xt, s, w0, b0), x, z, out_index=0)
     y1, _ = unroll(lambda xt, s: haiku_step(xt, s, w1, b1), y0, z, out_index=0)
-    check(m(x)[0], y1, 1e-11)
+    check(m(x)[0], y1, F64)
+
+
+# ------------------------------------------------------------------ Equinox
+def eqx_params(rng, In, H, bias=True):
+    return {"weight_ih": rand(rng, 4 * H, In), "weight_hh": rand(rng, 4 * H, H),
+            "bias": rand(rng, 4 * H) if bias else None}
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_equinox_cells_stacked_and_bidirectional(bias):
+    rng = np.random.default_rng(20)
+    In, H = 4, 5
+    x = rng.normal(size=(T, N, In))
+    z = np.zeros((N, H))
+    p = eqx_params(rng, In, H, bias)
+    h0, c0 = rng.normal(size=(N, H)), rng.normal(size=(N, H))
+    m = trees.from_equinox_lstm_cell(p, dtype=np.float64)
+    out, (hn, cn) = m(x, (h0[None], c0[None]))
+    want, (h, c) = unroll(lambda xt, st: eqx_step(xt, st, p), x, (h0, c0), out_index=0)
+    check(out, want, F64)
+    check(hn[0], h, F64)
+    check(cn[0], c, F64)
+    p2 = eqx_params(rng, H, H, bias)
+    y1, _ = unroll(lambda xt, st: eqx_step(xt, st, p2), want, (z, z), out_index=0)
+    m2 = trees.from_equinox_lstm_cell([p, p2], dtype=np.float64)
+    check(m2(x, (np.stack([h0, z]), np.stack([c0, z])))[0], y1, F64)
+    pb = eqx_params(rng, In, H, bias)
+    yb, _ = unroll(lambda xt, st: eqx_step(xt, st, pb), x, (z, z), reverse=True, out_index=0)
+    mb = trees.from_equinox_lstm_cell([(p, pb)], dtype=np.float64, batch_first=True)
+    wz, _ = unroll(lambda xt, st: eqx_step(xt, st, p), x, (z, z), out_index=0)
+    check(mb(x.transpose(1, 0, 2))[0], np.concatenate([wz, yb], -1).transpose(1, 0, 2), F64)
+
+
+@pytest.mark.parametrize("bad, exc, words", [
+    ({"weight_ih": np.zeros((8, 3))}, fastlstm.FormatError, "expected an equinox.nn.LSTMCell"),
+    ({"weight_ih": np.zeros((8, 3)), "weight_hh": np.zeros((8, 3))}, fastlstm.FormatError,
+     r"weight_hh has shape \(8, 3\), expected \(4H, H\)"),
+    ({"weight_ih": np.zeros((12, 3)), "weight_hh": np.zeros((8, 2))}, fastlstm.FormatError,
+     r"weight_ih has shape \(12, 3\), expected \(8, In\)"),
+    ({"weight_ih": np.zeros((8, 3)), "weight_hh": np.zeros((8, 2)), "bias": np.zeros(7)},
+     fastlstm.FormatError, r"bias has shape \(7,\)"),
+    ({"weight_ih": np.zeros((8, 3), np.int32), "weight_hh": np.zeros((8, 2))},
+     fastlstm.FormatError, "floating-point"),
+    ([], ValueError, "empty list"),
+    ([("a", "b", "c")], ValueError, r"cells\[0\]: expected a cell or a \(forward, backward\)"),
+    ("not a cell", fastlstm.FormatError, "got str"),
+])
+def test_equinox_malformed(bad, exc, words):
+    with pytest.raises(exc, match=words):
+        trees.from_equinox_lstm_cell(bad)
+
+
+def test_equinox_mixed_layers_refused():
+    rng = np.random.default_rng(21)
+    p = eqx_params(rng, 3, 2)
+    with pytest.raises(ValueError, match="mix of unidirectional and bidirectional"):
+        trees.from_equinox_lstm_cell([p, (p, p)])
+    with pytest.raises(fastlstm.FormatError, match="size"):
+        trees.from_equinox_lstm_cell([p, eqx_params(rng, 3, 2)])  # layer 1 reads 2, not 3
 
 
 # ----------------------------------------------------------- malformed trees
@@ -398,9 +472,9 @@ def test_against_flax_linen_and_nnx():
             ys.append(np.asarray(y))
         m = trees.from_flax_lstm_cell(variables)
         out, (hn, cn) = m(x)
-        check(out, np.stack(ys), 2e-5)
-        check(cn[0], np.asarray(carry[0]), 2e-5)  # carry is (c, h)
-        check(hn[0], np.asarray(carry[1]), 2e-5)
+        check(out, np.stack(ys), F32)
+        check(cn[0], np.asarray(carry[0]), F32)  # carry is (c, h)
+        check(hn[0], np.asarray(carry[1]), F32)
     for cls in (nnx.LSTMCell, nnx.OptimizedLSTMCell):
         cell = cls(In, H, rngs=nnx.Rngs(2))
         carry = cell.initialize_carry((N, In), rngs=nnx.Rngs(3))
@@ -410,8 +484,8 @@ def test_against_flax_linen_and_nnx():
             ys.append(np.asarray(y))
         m = trees.from_flax_lstm_cell(nnx.state(cell, nnx.Param))
         out, (hn, cn) = m(x)
-        check(out, np.stack(ys), 2e-5)
-        check(cn[0], np.asarray(carry[0]), 2e-5)
+        check(out, np.stack(ys), F32)
+        check(cn[0], np.asarray(carry[0]), F32)
 
 
 def test_against_haiku():
@@ -434,6 +508,49 @@ def test_against_haiku():
     ys, state = fn.apply(params, jnp.asarray(x))
     m = trees.from_haiku_lstm(params)
     out, (hn, cn) = m(x)
-    check(out, np.asarray(ys), 2e-5)
-    check(hn[0], np.asarray(state.hidden), 2e-5)
-    check(cn[0], np.asarray(state.cell), 2e-5)
+    check(out, np.asarray(ys), F32)
+    check(hn[0], np.asarray(state.hidden), F32)
+    check(cn[0], np.asarray(state.cell), F32)
+
+
+def test_against_equinox():
+    pytest.importorskip("equinox", reason="equinox not installed (pip install equinox)")
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+
+    jax.config.update("jax_enable_x64", False)
+    rng = np.random.default_rng(22)
+    In, H = 4, 6
+    x = rng.normal(size=(T, N, In)).astype(np.float32)
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    fwd = eqx.nn.LSTMCell(In, H, key=keys[0])
+    bwd = eqx.nn.LSTMCell(In, H, use_bias=False, key=keys[1])
+    top = eqx.nn.LSTMCell(2 * H, H, key=keys[2])
+
+    def scan(cell, xs, state):  # the usual Equinox idiom: vmap over rows, scan over time
+        def step(st, xt):
+            st = jax.vmap(cell)(xt, st)
+            return st, st[0]
+        return jax.lax.scan(step, state, xs)
+
+    h0 = jnp.asarray(rng.normal(size=(N, H)).astype(np.float32))
+    c0 = jnp.asarray(rng.normal(size=(N, H)).astype(np.float32))
+    (h, c), ys = scan(fwd, jnp.asarray(x), (h0, c0))
+    out, (hn, cn) = trees.from_equinox_lstm_cell(fwd)(x, (np.asarray(h0)[None],
+                                                          np.asarray(c0)[None]))
+    check(out, np.asarray(ys), F32)
+    check(hn[0], np.asarray(h), F32)
+    check(cn[0], np.asarray(c), F32)
+    # two layers, the first bidirectional (backward cell without bias)
+    zero = (jnp.zeros((N, H)), jnp.zeros((N, H)))
+    _, yf = scan(fwd, jnp.asarray(x), zero)
+    _, yb = scan(bwd, jnp.asarray(x[::-1]), zero)
+    layer0 = jnp.concatenate([yf, yb[::-1]], axis=-1)
+    m = trees.from_equinox_lstm_cell([(fwd, bwd)])
+    check(m(x)[0], np.asarray(layer0), F32)
+    topb = eqx.nn.LSTMCell(2 * H, H, key=keys[0])
+    _, y2f = scan(top, layer0, zero)
+    _, y2b = scan(topb, layer0[::-1], zero)
+    m2 = trees.from_equinox_lstm_cell([(fwd, bwd), (top, topb)])
+    check(m2(x)[0], np.concatenate([np.asarray(y2f), np.asarray(y2b)[::-1]], -1), F32)

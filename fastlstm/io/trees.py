@@ -1,4 +1,4 @@
-"""LSTMs from the parameter trees of TF1, Flax and Haiku.
+"""LSTMs from the parameter trees of TF1, Flax and Haiku, and Equinox cells.
 
 A parameter tree is a mapping of names to arrays, nested mappings allowed
 (``{"params": {"cell": {"ii": {"kernel": ...}}}}``) and names may already
@@ -13,6 +13,7 @@ order their recurrent state differently:
 * TF1 ``LSTMStateTuple`` is **(c, h)**;
 * Flax's carry is **(c, h)**;
 * Haiku's ``LSTMState`` is **(hidden, cell)**, i.e. (h, c);
+* Equinox's ``LSTMCell`` hidden state is **(h, c)**;
 * fastlstm (like PyTorch) takes and returns **(h, c)**, each
   (num_layers * num_directions, N, ·): for one cell ``hx = (h[None], c[None])``.
 
@@ -34,7 +35,8 @@ from ..errors import FormatError
 from ..model import LSTM
 
 __all__ = ["flatten_tree", "from_tf1_cell", "from_tf1_block_cell", "from_flax_lstm_cell",
-           "from_flax_optimized_lstm_cell", "from_haiku_lstm", "list_cells"]
+           "from_flax_optimized_lstm_cell", "from_haiku_lstm", "from_equinox_lstm_cell",
+           "list_cells"]
 
 _MAX_DEPTH = 64
 
@@ -516,3 +518,82 @@ def from_haiku_lstm(params, *, prefix=None, batch_first=False, dtype=None, num_t
     cells = [[_haiku_cell(flat, p, "Haiku LSTM") for p in layer] for layer in layout]
     return _build(cells, {}, batch_first=batch_first, dtype=dtype, num_threads=num_threads,
                   what="Haiku LSTM")
+
+
+# ------------------------------------------------------------------ Equinox
+def _eqx_cell(cell, name, what):
+    """An ``equinox.nn.LSTMCell`` (or a mapping with its fields) -> a cell
+    dict.  Equinox: lin = weight_ih @ x + weight_hh @ h (+ bias), split in
+    blocks i, f, g, o: PyTorch's layout, with one bias."""
+    if isinstance(cell, Mapping):
+        get = cell.get
+    else:
+        def get(key):
+            return getattr(cell, key, None)
+    w_ih, w_hh = get("weight_ih"), get("weight_hh")
+    if w_ih is None or w_hh is None:
+        raise FormatError(f"{what}: {name}: expected an equinox.nn.LSTMCell (weight_ih, "
+                          f"weight_hh, bias), got {type(cell).__name__}")
+    w_ih = _to_numpy(w_ih, f"{name}.weight_ih")
+    w_hh = _to_numpy(w_hh, f"{name}.weight_hh")
+    if w_hh.ndim != 2 or w_hh.shape[0] != 4 * w_hh.shape[1] or not w_hh.size:
+        raise FormatError(f"{what}: {name}.weight_hh has shape {w_hh.shape}, expected (4H, H)")
+    H = w_hh.shape[1]
+    if w_ih.ndim != 2 or w_ih.shape[0] != 4 * H:
+        raise FormatError(f"{what}: {name}.weight_ih has shape {w_ih.shape}, expected "
+                          f"({4 * H}, In)")
+    b = get("bias")
+    if get("use_bias") is False:
+        b = None
+    if b is not None:
+        b = _to_numpy(b, f"{name}.bias")
+        if b.shape != (4 * H,):
+            raise FormatError(f"{what}: {name}.bias has shape {b.shape}, expected ({4 * H},)")
+    return {"name": name, "w_ih": np.ascontiguousarray(w_ih),
+            "w_hh": np.ascontiguousarray(w_hh), "b": b, "w_hr": None, "peep": None,
+            "label": {"w_ih": f"{name}.weight_ih", "w_hh": f"{name}.weight_hh"}}
+
+
+def from_equinox_lstm_cell(cells, *, batch_first=False, dtype=None, num_threads=None):
+    """A fastlstm.LSTM from ``equinox.nn.LSTMCell`` modules (weights copied).
+
+    cells: one cell; a list of cells for a stacked LSTM (layer k reads layer
+    k-1's outputs); or a list of (forward, backward) pairs for a
+    bidirectional one (the backward cell scanned over the reversed sequence,
+    its outputs returned in time order after the forward ones).  A mapping
+    with the fields ``weight_ih`` (4H, In), ``weight_hh`` (4H, H) and
+    ``bias`` (4H,) or None also counts as a cell (e.g. after
+    ``eqx.tree_deserialise_leaves`` into your own model, pass its cell).
+    Equinox's cell runs one step of one sequence (``cell(x, (h, c))``, used
+    under ``jax.lax.scan`` and ``jax.vmap``); fastlstm runs the whole batch
+    and sequence in one call.
+
+    State: Equinox's hidden state is (h, c), the order fastlstm takes in
+    ``hx`` (each (num_layers * num_directions, N, H)).
+    """
+    what = "Equinox LSTMCell"
+    if isinstance(cells, (list, tuple)):
+        if not cells:
+            raise ValueError("cells: expected a cell, a list of cells or a list of "
+                             "(forward, backward) pairs, got an empty list")
+        layout = []
+        for k, item in enumerate(cells):
+            if isinstance(item, (list, tuple)):
+                if len(item) != 2:
+                    raise ValueError(f"cells[{k}]: expected a cell or a (forward, backward) "
+                                     f"pair, got {len(item)} items")
+                layout.append([(item[0], f"cells[{k}][0]"), (item[1], f"cells[{k}][1]")])
+            else:
+                layout.append([(item, f"cells[{k}]")])
+        if len({len(layer) for layer in layout}) != 1:
+            raise ValueError("cells: mix of unidirectional and bidirectional layers")
+    else:
+        layout = [[(cells, "cells")]]
+    built = [[_eqx_cell(c, n, what) for c, n in layer] for layer in layout]
+    if any(c["b"] is not None for layer in built for c in layer):
+        for layer in built:  # use_bias=False beside cells with bias: a zero bias (exact)
+            for c in layer:
+                if c["b"] is None:
+                    c["b"] = np.zeros(c["w_hh"].shape[0], c["w_hh"].dtype)
+    return _build(built, {}, batch_first=batch_first, dtype=dtype, num_threads=num_threads,
+                  what=what)
