@@ -31,6 +31,9 @@ carries (h, c) from one call to the next, as a real-time loop must:
   torch cell      ``h, c = cell(x, (h, c))``: nn.LSTMCell with the same
                   weights, for reference (not counted as the peer: it is not
                   an nn.LSTM call)
+  fastlstm.torch cell  the same loop on ``fastlstm.torch.LSTMCell.from_cell``
+                  of that cell (tensors in and out): what converting a torch
+                  decoder's nn.LSTMCell gives, beside torch's own cell
   ORT             one ONNX LSTM node built with onnx.helper, T=1, inputs X,
                   initial_h, initial_c, outputs Y_h and Y_c only (Y_h is y_t);
                   ``sess.run`` with intra_op_num_threads=n, inter_op=1,
@@ -75,11 +78,12 @@ import peers  # noqa: E402
 from run_all import SETTLE_S, time_interleaved  # noqa: E402
 
 ENGINES = ("fastlstm", "fastlstm_out", "fastlstm_call", "fastlstm_bf16", "fastlstm_int8", "torch", "torch_nodnn",
-           "torch_cell", "onnxruntime")
+           "torch_cell", "ft_torch_cell", "onnxruntime")
 PEERS = ("torch", "torch_nodnn", "onnxruntime")  # speedup: against the fastest of these
 LABEL = {"fastlstm": "fastlstm step", "fastlstm_out": "fastlstm step(out=)", "fastlstm_call": "fastlstm m(x, hx)",
          "torch": "torch nn.LSTM", "torch_nodnn": "torch nn.LSTM oneDNN off",
-         "torch_cell": "torch LSTMCell", "onnxruntime": "ORT",
+         "torch_cell": "torch LSTMCell", "ft_torch_cell": "fastlstm.torch LSTMCell",
+         "onnxruntime": "ORT",
          "fastlstm_bf16": "fastlstm bf16 step", "fastlstm_int8": "fastlstm int8 step"}
 # Max abs difference from fastlstm float32 over the check steps: the reduced
 # precisions round the weights (and activations); float32 engines: peers.TOLERANCE.
@@ -168,13 +172,17 @@ def make_torch_nodnn(module, threads):
     return make_torch(module, threads, onednn=False)
 
 
-def make_torch_cell(module, threads):
+def make_torch_cell(module, threads, fastlstm_cell=False):
     import torch
     H = module.hidden_size
     cell = torch.nn.LSTMCell(module.input_size, H).eval()
     with torch.no_grad():
         for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
             getattr(cell, name).copy_(getattr(module, name + "_l0"))
+    if fastlstm_cell:
+        import fastlstm.torch as ft
+        with torch.no_grad():
+            cell = ft.LSTMCell.from_cell(cell, num_threads=threads)
     st = {}
 
     def reset():
@@ -185,8 +193,12 @@ def make_torch_cell(module, threads):
         return st["h"]
 
     reset()
-    return StepRunner("torch_cell", step, lambda x: torch.from_numpy(np.array(x, np.float32)),
-                      reset, threads)
+    return StepRunner("ft_torch_cell" if fastlstm_cell else "torch_cell", step,
+                      lambda x: torch.from_numpy(np.array(x, np.float32)), reset, threads)
+
+
+def make_ft_torch_cell(module, threads):
+    return make_torch_cell(module, threads, fastlstm_cell=True)
 
 
 def onnx_step_model(module):
@@ -251,7 +263,8 @@ def make_ort(module, threads):
 MAKERS = {"fastlstm": make_fastlstm, "fastlstm_out": make_fastlstm_out, "fastlstm_call": make_fastlstm_call,
           "fastlstm_bf16": _make_fastlstm_reduced("bfloat16", "fastlstm_bf16"),
           "fastlstm_int8": _make_fastlstm_reduced("int8", "fastlstm_int8"), "torch": make_torch,
-          "torch_nodnn": make_torch_nodnn, "torch_cell": make_torch_cell, "onnxruntime": make_ort}
+          "torch_nodnn": make_torch_nodnn, "torch_cell": make_torch_cell,
+          "ft_torch_cell": make_ft_torch_cell, "onnxruntime": make_ort}
 
 
 def build(module, threads, engines):

@@ -3,12 +3,16 @@
     import fastlstm.torch
 
     model.eval().requires_grad_(False)
-    fastlstm.torch.convert(model)        # every nn.LSTM inside swapped, in place
+    fastlstm.torch.convert(model)        # every nn.LSTM and nn.LSTMCell inside swapped, in place
     out = model(tokens, lengths)         # tensors and PackedSequences as before
 
     lstm = fastlstm.torch.LSTM.from_lstm(torch_lstm.eval().requires_grad_(False))
     lstm = fastlstm.torch.LSTM(8, 16, num_layers=2)   # nn.LSTM's constructor
     fastlstm.torch.convert(model, weights="int8")      # or stored in int8 (bfloat16, float16)
+
+``fastlstm.torch.LSTMCell`` does the same for ``torch.nn.LSTMCell``
+(``h, c = cell(x, (h, c))``, one engine step a call); what follows about
+LSTM holds for it too.
 
 ``fastlstm.torch.LSTM`` is a subclass of ``torch.nn.LSTM`` whose ``forward``
 runs fastlstm: same arguments (tensor or ``PackedSequence`` input,
@@ -73,7 +77,7 @@ import numpy as np
 from .errors import DTypeError, FastLSTMError, ShapeError
 from .model import LSTM as _NumpyLSTM
 
-__all__ = ["LSTM", "convert", "UnsupportedError"]
+__all__ = ["LSTM", "LSTMCell", "convert", "UnsupportedError"]
 
 _NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
 
@@ -96,13 +100,23 @@ def _check_weights_dtype(weights, dtype, where):
                          f"{dtype}")
 
 
-def _check_lstm(lstm, where, detach):
-    """Refuse, with a message naming ``where``, an nn.LSTM fastlstm cannot run."""
-    if not isinstance(lstm, nn.LSTM):
-        raise TypeError(f"{where}: expected a torch.nn.LSTM, got {type(lstm).__name__}")
-    if type(lstm).forward is not nn.LSTM.forward:
+def _param_names(module):
+    """The weight names of an nn.LSTM or nn.LSTMCell, in fastlstm's order."""
+    if isinstance(module, nn.LSTM):
+        return list(module._flat_weights_names)
+    return ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if module.bias else [])
+
+
+def _check_lstm(lstm, where, detach, base=None):
+    """Refuse, with a message naming ``where``, an nn.LSTM (or with
+    ``base=nn.LSTMCell`` an nn.LSTMCell) fastlstm cannot run."""
+    base = base or nn.LSTM
+    kind = base.__name__
+    if not isinstance(lstm, base):
+        raise TypeError(f"{where}: expected a torch.nn.{kind}, got {type(lstm).__name__}")
+    if type(lstm).forward is not base.forward:
         raise UnsupportedError(
-            f"{where}: {type(lstm).__name__} subclasses nn.LSTM and overrides forward; "
+            f"{where}: {type(lstm).__name__} subclasses nn.{kind} and overrides forward; "
             "fastlstm would not run that code")
     try:
         from torch.nn.utils import parametrize
@@ -114,20 +128,20 @@ def _check_lstm(lstm, where, detach):
     if parametrized or hooks:
         what = "parametrizations" if parametrized else "hooks (" + ", ".join(hooks) + ")"
         raise UnsupportedError(
-            f"{where}: the nn.LSTM has {what} (weight_norm, pruning, ...); fastlstm would "
+            f"{where}: the nn.{kind} has {what} (weight_norm, pruning, ...); fastlstm would "
             "not run them.  Remove them (e.g. torch.nn.utils.remove_weight_norm) first")
     if lstm.training:
         raise UnsupportedError(
-            f"{where}: the nn.LSTM is in training mode; fastlstm is inference-only "
+            f"{where}: the nn.{kind} is in training mode; fastlstm is inference-only "
             "(call model.eval() first)")
-    params = [getattr(lstm, n) for n in lstm._flat_weights_names]
+    params = [getattr(lstm, n) for n in _param_names(lstm)]
     _check_weights(params, where)
     if not detach and torch.is_grad_enabled() and any(p.requires_grad for p in params):
         raise UnsupportedError(
             f"{where}: parameters require grad and autograd is on; fastlstm computes no "
             "gradients.  Call model.requires_grad_(False) first, convert under "
-            "torch.no_grad() / torch.inference_mode(), or pass detach=True to let "
-            "gradients stop at the LSTM")
+            f"torch.no_grad() / torch.inference_mode(), or pass detach=True to let "
+            f"gradients stop at the {kind}")
 
 
 def _check_weights(params, where):
@@ -174,7 +188,99 @@ def _version(p):
 
 
 # ------------------------------------------------------------------- module
-class LSTM(nn.LSTM):
+class _Engine:
+    """What fastlstm.torch.LSTM and LSTMCell share: the packed fastlstm copy
+    of the parameters, repacked when they change, and the checks of a call."""
+
+    _kind = "LSTM"
+
+    def _fastlstm_init(self, num_threads, detach, weights="float32"):
+        self.num_threads = num_threads
+        self.detach = bool(detach)
+        self.weights = weights
+        self._fl = None
+        self._fl_key = None
+
+    def _share(self, module):
+        """Take ``module``'s parameters (shared storage, requires_grad=False)."""
+        for name in _param_names(module):
+            setattr(self, name, nn.Parameter(getattr(module, name).detach(),
+                                             requires_grad=False))
+
+    def _get_name(self):
+        return "fastlstm.torch." + self._kind
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())  # RNNBase drops its weakrefs there
+        state["_fl"] = None  # the packed engine state is rebuilt on first use
+        state["_fl_key"] = None
+        return state
+
+    # ---------------------------------------------------------- the engine
+    @property
+    def fastlstm(self):
+        """The underlying ``fastlstm.LSTM`` (NumPy API), packed from the
+        current parameters."""
+        return self._sync()
+
+    def refresh(self):
+        """Repack the weights from the parameters (needed only after writes
+        through ``.data``, which autograd's version counters do not see)."""
+        self._fl_key = None
+        return self._sync()
+
+    def _sync(self):
+        names = _param_names(self)
+        params = [self._parameters[n] for n in names]
+        key = tuple((p.data_ptr(), _version(p), p.dtype, p.device) for p in params)
+        if key != self._fl_key or self._fl is None:
+            _check_weights(params, f"fastlstm.torch.{self._kind} weights")
+            sd = {n if self._kind == "LSTM" else n + "_l0": p.detach().numpy()
+                  for n, p in zip(names, params)}
+            fl = _NumpyLSTM.from_state_dict(
+                sd, batch_first=getattr(self, "batch_first", False),
+                dtype=_NP_DTYPE[params[0].dtype], num_threads=self.num_threads)
+            weights = getattr(self, "weights", "float32")  # pickles from before weights=
+            if weights != "float32":
+                _check_weights_dtype(weights, params[0].dtype, f"fastlstm.torch.{self._kind}")
+                fl = fl.astype(weights)
+            self._fl = fl
+            self._fl_key = key
+        elif self._fl.batch_first != getattr(self, "batch_first", False):
+            self._fl.batch_first = self.batch_first
+        return self._fl
+
+    def __prepare_scriptable__(self):  # torch.jit.script calls it on every submodule
+        raise UnsupportedError(
+            f"fastlstm.torch.{self._kind}: TorchScript (torch.jit.script) is not supported: "
+            f"the module runs NumPy and C code; script the original nn.{self._kind}, or "
+            "leave this module unscripted")
+
+    def _check_call(self):
+        """The refusals of forward; returns whether inputs must not require grad."""
+        what = f"fastlstm.torch.{self._kind}"
+        exporting = getattr(getattr(torch, "compiler", None), "is_exporting", None)
+        if torch.jit.is_tracing() or (exporting is not None and exporting()):
+            raise UnsupportedError(
+                f"{what}: tracing (torch.jit.trace, torch.export, "
+                "torch.onnx.export) cannot see into fastlstm's C code (the old tracer would "
+                "record this call's outputs as constants); trace or export the original "
+                f"nn.{self._kind}")
+        if self.training:
+            raise UnsupportedError(
+                f"{what}: the module is in training mode (model.train() was "
+                "called?); fastlstm is inference-only: call .eval()")
+        grad_check = torch.is_grad_enabled() and not self.detach
+        if grad_check and any(self._parameters[n].requires_grad for n in _param_names(self)):
+            raise UnsupportedError(
+                f"{what}: its parameters require grad (requires_grad_(True) "
+                "after conversion?) while grad mode is on; fastlstm computes no gradients: "
+                "call requires_grad_(False), run under torch.no_grad()/inference_mode(), "
+                "or build the module with detach=True")
+        return grad_check
+
+
+class LSTM(_Engine, nn.LSTM):
     """``torch.nn.LSTM`` running fastlstm (inference only; see the module doc).
 
     ``LSTM(input_size, hidden_size, ..., *, num_threads=None, detach=False,
@@ -198,13 +304,6 @@ class LSTM(nn.LSTM):
         self._fastlstm_init(num_threads, detach, weights)
         self.eval()
 
-    def _fastlstm_init(self, num_threads, detach, weights="float32"):
-        self.num_threads = num_threads
-        self.detach = bool(detach)
-        self.weights = weights
-        self._fl = None
-        self._fl_key = None
-
     @classmethod
     def from_lstm(cls, lstm, *, num_threads=None, detach=False, weights=None):
         """Wrap an eval-mode ``torch.nn.LSTM``: the new module's parameters
@@ -221,81 +320,16 @@ class LSTM(nn.LSTM):
                 bias=lstm.bias, batch_first=lstm.batch_first, dropout=lstm.dropout,
                 bidirectional=lstm.bidirectional, proj_size=getattr(lstm, "proj_size", 0),
                 device="meta", dtype=getattr(lstm, lstm._flat_weights_names[0]).dtype)
-        for name in self._flat_weights_names:
-            setattr(self, name, nn.Parameter(getattr(lstm, name).detach(), requires_grad=False))
+        self._share(lstm)
         self._init_flat_weights()
         self._fastlstm_init(num_threads, detach, weights)
         self.train(False)
         self._sync()
         return self
 
-    def _get_name(self):
-        return "fastlstm.torch.LSTM"
-
-    def __getstate__(self):
-        state = dict(super().__getstate__())  # RNNBase drops its weakrefs there
-        state["_fl"] = None  # the packed engine state is rebuilt on first use
-        state["_fl_key"] = None
-        return state
-
-    # ---------------------------------------------------------- the engine
-    @property
-    def fastlstm(self):
-        """The underlying ``fastlstm.LSTM`` (NumPy API), packed from the
-        current parameters."""
-        return self._sync()
-
-    def refresh(self):
-        """Repack the weights from the parameters (needed only after writes
-        through ``.data``, which autograd's version counters do not see)."""
-        self._fl_key = None
-        return self._sync()
-
-    def _sync(self):
-        params = [self._parameters[n] for n in self._flat_weights_names]
-        key = tuple((p.data_ptr(), _version(p), p.dtype, p.device) for p in params)
-        if key != self._fl_key or self._fl is None:
-            _check_weights(params, "fastlstm.torch.LSTM weights")
-            sd = {n: p.detach().numpy() for n, p in zip(self._flat_weights_names, params)}
-            fl = _NumpyLSTM.from_state_dict(
-                sd, batch_first=self.batch_first, dtype=_NP_DTYPE[params[0].dtype],
-                num_threads=self.num_threads)
-            weights = getattr(self, "weights", "float32")  # pickles from before weights=
-            if weights != "float32":
-                _check_weights_dtype(weights, params[0].dtype, "fastlstm.torch.LSTM")
-                fl = fl.astype(weights)
-            self._fl = fl
-            self._fl_key = key
-        elif self._fl.batch_first != self.batch_first:
-            self._fl.batch_first = self.batch_first
-        return self._fl
-
-    def __prepare_scriptable__(self):  # torch.jit.script calls it on every submodule
-        raise UnsupportedError(
-            "fastlstm.torch.LSTM: TorchScript (torch.jit.script) is not supported: the "
-            "module runs NumPy and C code; script the original nn.LSTM, or leave this "
-            "module unscripted")
-
     # -------------------------------------------------------------- forward
     def forward(self, input, hx=None):  # noqa: A002 - nn.LSTM's argument name
-        exporting = getattr(getattr(torch, "compiler", None), "is_exporting", None)
-        if torch.jit.is_tracing() or (exporting is not None and exporting()):
-            raise UnsupportedError(
-                "fastlstm.torch.LSTM: tracing (torch.jit.trace, torch.export, "
-                "torch.onnx.export) cannot see into fastlstm's C code (the old tracer would "
-                "record this call's outputs as constants); trace or export the original "
-                "nn.LSTM")
-        if self.training:
-            raise UnsupportedError(
-                "fastlstm.torch.LSTM: the module is in training mode (model.train() was "
-                "called?); fastlstm is inference-only: call .eval()")
-        grad_check = torch.is_grad_enabled() and not self.detach
-        if grad_check and any(self._parameters[n].requires_grad for n in self._flat_weights_names):
-            raise UnsupportedError(
-                "fastlstm.torch.LSTM: its parameters require grad (requires_grad_(True) "
-                "after conversion?) while grad mode is on; fastlstm computes no gradients: "
-                "call requires_grad_(False), run under torch.no_grad()/inference_mode(), "
-                "or build the module with detach=True")
+        grad_check = self._check_call()
         packed = isinstance(input, PackedSequence)
         data = input.data if packed else input
         x = _array(data, "input.data" if packed else "input", grad_check)
@@ -359,18 +393,81 @@ class LSTM(nn.LSTM):
                 (torch.from_numpy(hn), torch.from_numpy(cn)))
 
 
+class LSTMCell(_Engine, nn.LSTMCell):
+    """``torch.nn.LSTMCell`` running fastlstm (inference only, as LSTM: see
+    the module doc): ``cell(input, hx=None) -> (h_1, c_1)``, input (N, In)
+    or unbatched (In,), hx ``(h_0, c_0)`` each (N, H) or (H,).  One call is
+    one step of fastlstm's engine (the fast path of ``fastlstm.LSTM``'s call:
+    a decoder loop pays microseconds a step, not torch's dispatch).
+
+    ``LSTMCell(input_size, hidden_size, bias=True, *, num_threads=None,
+    detach=False, weights=None)`` takes nn.LSTMCell's constructor arguments;
+    ``LSTMCell.from_cell(cell)`` wraps an eval-mode ``nn.LSTMCell`` (shared
+    parameters); ``convert`` swaps them too.
+    """
+
+    _kind = "LSTMCell"
+
+    def __init__(self, *args, num_threads=None, detach=False, weights=None, **kwargs):
+        weights = _weights_arg(weights)
+        super().__init__(*args, **kwargs)
+        for p in self.parameters():
+            p.requires_grad_(False)
+        _check_weights_dtype(weights, self.weight_ih.dtype, "weights")
+        self._fastlstm_init(num_threads, detach, weights)
+        self.eval()
+
+    @classmethod
+    def from_cell(cls, cell, *, num_threads=None, detach=False, weights=None):
+        """Wrap an eval-mode ``torch.nn.LSTMCell`` (parameters shared, with
+        ``requires_grad=False``; fastlstm packs its own copy)."""
+        weights = _weights_arg(weights)
+        _check_lstm(cell, "cell", detach, base=nn.LSTMCell)
+        _check_weights_dtype(weights, cell.weight_ih.dtype, "cell")
+        self = cls.__new__(cls)
+        nn.LSTMCell.__init__(self, cell.input_size, cell.hidden_size, bias=cell.bias,
+                             device="meta", dtype=cell.weight_ih.dtype)
+        self._share(cell)
+        self._fastlstm_init(num_threads, detach, weights)
+        self.train(False)
+        self._sync()
+        return self
+
+    def forward(self, input, hx=None):  # noqa: A002 - nn.LSTMCell's argument name
+        grad_check = self._check_call()
+        x = _array(input, "input", grad_check)
+        if x.ndim not in (1, 2):
+            raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {x.ndim}D instead")
+        hxs = None
+        if hx is not None:
+            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                raise ShapeError("hx: expected a tuple (h_0, c_0) or None")
+            h0 = _array(hx[0], "hx[0] (h_0)", grad_check)
+            c0 = _array(hx[1], "hx[1] (c_0)", grad_check)
+            if h0.ndim != x.ndim or c0.ndim != x.ndim:
+                raise RuntimeError(
+                    f"LSTMCell: Expected hx[0] and hx[1] to be {x.ndim}D for {x.ndim}D "
+                    f"input, got ({h0.ndim}D, {c0.ndim}D)")
+            hxs = (h0[None], c0[None])
+        # one step: (N, In) -> a (1, N, In) sequence; (In,) -> an unbatched (1, In) one
+        _, (hn, cn) = self._sync()(x[None], hxs, num_threads=self.num_threads)
+        return torch.from_numpy(hn[0]), torch.from_numpy(cn[0])
+
+
 # torch.compile: Dynamo must not trace into forward (it would follow the
 # tensors into NumPy and C); a graph break runs the call eagerly instead.
 if hasattr(getattr(torch, "compiler", None), "disable"):
     LSTM.forward = torch.compiler.disable(LSTM.forward)
+    LSTMCell.forward = torch.compiler.disable(LSTMCell.forward)
 
 
 # ------------------------------------------------------------------ convert
 def convert(model, *, num_threads=None, detach=False, weights=None):
     """Swap every ``torch.nn.LSTM`` inside ``model`` for a
-    ``fastlstm.torch.LSTM`` in place, under the same attribute names, and
-    return ``model``.  ``model`` itself may be an ``nn.LSTM``: the new module
-    is returned (it cannot be swapped in place).  An LSTM reachable under
+    ``fastlstm.torch.LSTM`` (and every ``nn.LSTMCell`` for a
+    ``fastlstm.torch.LSTMCell``) in place, under the same attribute names, and
+    return ``model``.  ``model`` itself may be an ``nn.LSTM`` or
+    ``nn.LSTMCell``: the new module is returned (it cannot be swapped in place).  An LSTM reachable under
     several names becomes one module; already converted ones are kept.
 
     Checks every LSTM before swapping any (so a refusal leaves ``model``
@@ -384,10 +481,12 @@ def convert(model, *, num_threads=None, detach=False, weights=None):
     but on fastlstm's kernels; None keeps them exact.
     """
     weights = _weights_arg(weights)
-    if isinstance(model, LSTM):
+    if isinstance(model, (LSTM, LSTMCell)):
         return model
     if isinstance(model, nn.LSTM):
         return LSTM.from_lstm(model, num_threads=num_threads, detach=detach, weights=weights)
+    if isinstance(model, nn.LSTMCell):
+        return LSTMCell.from_cell(model, num_threads=num_threads, detach=detach, weights=weights)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if model.training:
@@ -397,18 +496,23 @@ def convert(model, *, num_threads=None, detach=False, weights=None):
     slots = []
     for parent_name, parent in model.named_modules():
         for name, child in parent._modules.items():
-            if isinstance(child, nn.LSTM) and not isinstance(child, LSTM):
+            cell = isinstance(child, nn.LSTMCell) and not isinstance(child, LSTMCell)
+            if cell or (isinstance(child, nn.LSTM) and not isinstance(child, LSTM)):
                 where = f"model.{parent_name + '.' if parent_name else ''}{name}"
-                _check_lstm(child, where, detach)
-                _check_weights_dtype(weights, getattr(child, child._flat_weights_names[0]).dtype,
+                _check_lstm(child, where, detach, base=nn.LSTMCell if cell else nn.LSTM)
+                _check_weights_dtype(weights, getattr(child, _param_names(child)[0]).dtype,
                                      where)
                 slots.append((parent, name, child, where))
     done = {}
     for parent, name, child, where in slots:  # build every module first: a refusal swaps none
         if id(child) not in done:
             try:
-                done[id(child)] = LSTM.from_lstm(child, num_threads=num_threads, detach=detach,
-                                                 weights=weights)
+                if isinstance(child, nn.LSTMCell):
+                    done[id(child)] = LSTMCell.from_cell(child, num_threads=num_threads,
+                                                         detach=detach, weights=weights)
+                else:
+                    done[id(child)] = LSTM.from_lstm(child, num_threads=num_threads,
+                                                     detach=detach, weights=weights)
             except (ValueError, TypeError) as exc:
                 raise type(exc)(f"{where}: {exc}") from exc
     for parent, name, child, _ in slots:

@@ -661,3 +661,115 @@ def test_torchscript_and_tracing_refused_compile_runs():
     with torch.no_grad():  # and again on a new input (no constants baked in)
         x2 = torch.randn(5, 2, 3)
         assert_close(compiled(x2)[0].numpy(), lstm(x2)[0].numpy(), np.float32, "second input")
+
+
+# ------------------------------------------------------------ nn.LSTMCell
+class Decoder(nn.Module):
+    """An nn.LSTM encoder and a greedy nn.LSTMCell decoder loop fed its own
+    predictions (the seq2seq pattern that steps a cell from Python)."""
+
+    def __init__(self, vocab=30, emb=8, hidden=16):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, emb)
+        self.encoder = nn.LSTM(emb, hidden, batch_first=True)
+        self.cell = nn.LSTMCell(emb, hidden)
+        self.head = nn.Linear(hidden, vocab)
+
+    def forward(self, tokens, steps=6):
+        _, (h, c) = self.encoder(self.emb(tokens))
+        h, c = h[0], c[0]
+        tok = tokens[:, -1]
+        logits = []
+        for _ in range(steps):
+            h, c = self.cell(self.emb(tok), (h, c))
+            logits.append(self.head(h))
+            tok = logits[-1].argmax(-1)
+        return torch.stack(logits, 1)
+
+
+def test_convert_decoder_with_lstm_cell_same_outputs():
+    torch.manual_seed(5)
+    model = Decoder().eval().requires_grad_(False)
+    tok = torch.randint(0, 30, (4, 7))
+    with torch.no_grad():
+        want = model(tok)
+    ft.convert(model)
+    assert type(model.cell) is ft.LSTMCell and isinstance(model.cell, nn.LSTMCell)
+    assert type(model.encoder) is ft.LSTM
+    assert "fastlstm.torch.LSTMCell" in repr(model)
+    got = model(tok)
+    assert not got.requires_grad
+    _close(got, want, what="decoder logits")
+    assert torch.equal(got.argmax(-1), want.argmax(-1))  # the same greedy tokens
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lstm_cell_forms_against_torch(bias, dtype):
+    torch.manual_seed(6)
+    ref = nn.LSTMCell(5, 9, bias=bias).to(dtype).eval().requires_grad_(False)
+    cell = ft.LSTMCell.from_cell(ref)
+    assert cell.weight_hh.data_ptr() == ref.weight_hh.data_ptr()  # shared, not copied
+    tol = F32 if dtype == torch.float32 else F64
+    x = torch.randn(4, 5, dtype=dtype)
+    hx = (torch.randn(4, 9, dtype=dtype), torch.randn(4, 9, dtype=dtype))
+    for args in ((x,), (x, hx), (x[1],), (x[1], (hx[0][1], hx[1][1]))):
+        got, want = cell(*args), ref(*args)
+        for g, w, what in zip(got, want, ("h_1", "c_1")):
+            assert g.shape == w.shape and g.dtype == w.dtype
+            _close(g, w, tol, what)
+    ref.weight_ih.mul_(0.5)  # an in-place update is seen (version counter)
+    _close(cell(x, hx)[0], ref(x, hx)[0], tol, "after update")
+    other = nn.LSTMCell(5, 9, bias=bias).to(dtype).eval().requires_grad_(False)
+    cell.load_state_dict(other.state_dict())
+    _close(cell(x, hx)[1], other(x, hx)[1], tol, "after load_state_dict")
+    for copied in (copy.deepcopy(cell), ft.LSTMCell(5, 9, bias=bias, dtype=dtype)):
+        copied.load_state_dict(other.state_dict())
+        assert torch.equal(copied(x, hx)[0], cell(x, hx)[0])
+
+
+def test_lstm_cell_refusals():
+    with pytest.raises(ft.UnsupportedError, match=r"cell: the nn.LSTMCell is in training mode"):
+        ft.LSTMCell.from_cell(nn.LSTMCell(3, 4).requires_grad_(False))
+    with pytest.raises(ft.UnsupportedError, match=r"model\.1: parameters require grad"):
+        ft.convert(nn.Sequential(nn.Linear(3, 3), nn.LSTMCell(3, 4)).eval())
+    with torch.no_grad():
+        with pytest.raises(fastlstm.DTypeError, match="float32 or float64"):
+            ft.convert(nn.LSTMCell(3, 4).half().eval())
+
+        class Custom(nn.LSTMCell):
+            def forward(self, x, hx=None):
+                return super().forward(x * 2, hx)
+
+        with pytest.raises(ft.UnsupportedError, match="subclasses nn.LSTMCell and overrides"):
+            ft.convert(nn.Sequential(Custom(3, 4)).eval())
+        cell = ft.convert(nn.LSTMCell(3, 4).eval())
+    x = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="Expected input to be 1D or 2D, got 3D"):
+        cell(torch.randn(1, 2, 3))
+    with pytest.raises(RuntimeError, match=r"Expected hx\[0\] and hx\[1\] to be 2D"):
+        cell(x, (torch.zeros(4), torch.zeros(4)))
+    with pytest.raises(ft.UnsupportedError, match="input: requires grad"):
+        cell(x.requires_grad_(True))
+    cell.train()
+    with pytest.raises(ft.UnsupportedError, match=r"LSTMCell: the module is in training"):
+        cell(x.detach())
+    cell.eval()
+    with pytest.raises(ft.UnsupportedError, match="TorchScript"):
+        torch.jit.script(cell)
+    with pytest.raises(ft.UnsupportedError, match="trac"):
+        torch.jit.trace(cell, (x.detach(),))
+
+
+@pytest.mark.parametrize("weights", ["int8", "bfloat16"])
+def test_convert_lstm_cell_with_reduced_weights(weights):
+    """convert(model, weights=p) stores the cells' weights in p too: one
+    step is within the documented bound of the float32 cell."""
+    from tolerances import PRECISION_TOL, max_rel_err
+    torch.manual_seed(7)
+    ref = nn.LSTMCell(6, 32).eval().requires_grad_(False)
+    cell = ft.convert(copy.deepcopy(ref), weights=weights)
+    assert cell.fastlstm.weights_precision == weights
+    x, hx = torch.randn(3, 6), (torch.randn(3, 32), torch.randn(3, 32))
+    for g, w in zip(cell(x, hx), ref(x, hx)):
+        assert max_rel_err(_np(g), _np(w)) <= PRECISION_TOL[weights]
