@@ -157,8 +157,19 @@ def _check_weights(params, where):
             "float64 (convert with .float() or .double() first)")
 
 
+_FAST_DTYPES = frozenset((torch.float32, torch.float64))
+
+
 def _array(t, name, grad_check):
     """A CPU tensor -> a NumPy view of it (no copy)."""
+    # the common case in a few attribute reads (a step of a small cell is a
+    # few microseconds: each of the checks below costs ~0.1-0.4 us)
+    if (type(t) is torch.Tensor and t.is_cpu and not t.requires_grad
+            and t.dtype in _FAST_DTYPES):
+        try:
+            return t.numpy()
+        except RuntimeError:  # e.g. a conjugate or negative view: the checks below say
+            pass
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if t.device.type != "cpu":
@@ -214,6 +225,7 @@ class _Engine:
         state = dict(super().__getstate__())  # RNNBase drops its weakrefs there
         state["_fl"] = None  # the packed engine state is rebuilt on first use
         state["_fl_key"] = None
+        state.pop("_last", None)  # LSTMCell: the last call's outputs
         return state
 
     # ---------------------------------------------------------- the engine
@@ -230,9 +242,18 @@ class _Engine:
         return self._sync()
 
     def _sync(self):
-        names = _param_names(self)
+        names = self.__dict__.get("_fl_names")
+        if names is None:  # fixed by the constructor's arguments: computed once
+            names = self.__dict__["_fl_names"] = _param_names(self)
         params = [self._parameters[n] for n in names]
-        key = tuple((p.data_ptr(), _version(p), p.dtype, p.device) for p in params)
+        # A change of dtype or device (.double(), .to()) gives the parameter
+        # new storage, and an in-place write bumps its version: the storage
+        # pointers and versions tell whether the packed copy is current.
+        try:
+            key = tuple([p.data_ptr() for p in params] + [p._version for p in params])
+        except RuntimeError:  # inference tensors have no version counter
+            key = tuple([p.data_ptr() for p in params] + [_version(p) for p in params]
+                        + [p.dtype for p in params])
         if key != self._fl_key or self._fl is None:
             _check_weights(params, f"fastlstm.torch.{self._kind} weights")
             sd = {n if self._kind == "LSTM" else n + "_l0": p.detach().numpy()
@@ -442,23 +463,55 @@ class LSTMCell(_Engine, nn.LSTMCell):
         if hx is not None:
             if not isinstance(hx, (tuple, list)) or len(hx) != 2:
                 raise ShapeError("hx: expected a tuple (h_0, c_0) or None")
-            h0 = _array(hx[0], "hx[0] (h_0)", grad_check)
-            c0 = _array(hx[1], "hx[1] (c_0)", grad_check)
-            if h0.ndim != x.ndim or c0.ndim != x.ndim:
+            h0 = self._state_array(hx[0], 0, "hx[0] (h_0)", grad_check)
+            c0 = self._state_array(hx[1], 1, "hx[1] (c_0)", grad_check)
+            if h0.ndim != x.ndim + 1 or c0.ndim != x.ndim + 1:
                 raise RuntimeError(
                     f"LSTMCell: Expected hx[0] and hx[1] to be {x.ndim}D for {x.ndim}D "
-                    f"input, got ({h0.ndim}D, {c0.ndim}D)")
-            hxs = (h0[None], c0[None])
+                    f"input, got ({h0.ndim - 1}D, {c0.ndim - 1}D)")
+            hxs = (h0, c0)
         # one step: (N, In) -> a (1, N, In) sequence; (In,) -> an unbatched (1, In) one
         _, (hn, cn) = self._sync()(x[None], hxs, num_threads=self.num_threads)
-        return torch.from_numpy(hn[0]), torch.from_numpy(cn[0])
+        h1, c1 = torch.from_numpy(hn[0]), torch.from_numpy(cn[0])
+        # h_1 and c_1 view hn and cn: fed back as the next hx (a decoder
+        # loop), they are read through those arrays, not converted again
+        # (in __dict__ directly: nn.Module.__setattr__ costs ~1 us)
+        self.__dict__["_last"] = (h1, h1.data_ptr(), hn, c1, c1.data_ptr(), cn)
+        return h1, c1
+
+    def _state_array(self, t, k, name, grad_check):
+        """hx[k] as a (1, ...) array: the array behind a state tensor this
+        cell returned (the same memory), else a view of the tensor."""
+        last = self.__dict__.get("_last")
+        if (last is not None and t is last[3 * k] and t.data_ptr() == last[3 * k + 1]
+                and not t.requires_grad):
+            return last[3 * k + 2]
+        return _array(t, name, grad_check)[None]
 
 
 # torch.compile: Dynamo must not trace into forward (it would follow the
 # tensors into NumPy and C); a graph break runs the call eagerly instead.
-if hasattr(getattr(torch, "compiler", None), "disable"):
-    LSTM.forward = torch.compiler.disable(LSTM.forward)
-    LSTMCell.forward = torch.compiler.disable(LSTMCell.forward)
+# The disabled copy is entered only while Dynamo compiles: its wrapper costs
+# ~2-3 us a call, as much as a whole step of a small cell.
+def _eager_only(forward):
+    compiler = getattr(torch, "compiler", None)
+    if not hasattr(compiler, "disable") or not hasattr(compiler, "is_compiling"):
+        return forward  # pragma: no cover - old torch
+    disabled = compiler.disable(forward)
+    is_compiling = compiler.is_compiling
+
+    def dispatch(self, *args, **kwargs):
+        if is_compiling():
+            return disabled(self, *args, **kwargs)
+        return forward(self, *args, **kwargs)
+
+    dispatch.__name__, dispatch.__doc__ = forward.__name__, forward.__doc__
+    dispatch.__wrapped__ = forward
+    return dispatch
+
+
+LSTM.forward = _eager_only(LSTM.forward)
+LSTMCell.forward = _eager_only(LSTMCell.forward)
 
 
 # ------------------------------------------------------------------ convert

@@ -718,6 +718,19 @@ def test_lstm_cell_forms_against_torch(bias, dtype):
         for g, w, what in zip(got, want, ("h_1", "c_1")):
             assert g.shape == w.shape and g.dtype == w.dtype
             _close(g, w, tol, what)
+    # the state it returned, fed back (read through the engine's arrays), also
+    # after an in-place change of it, and beside another tensor
+    h1, c1 = cell(x, hx)
+    r1 = ref(x, hx)
+    for k in range(3):
+        if k == 1:
+            h1.mul_(0.5)
+            r1[0].mul_(0.5)
+        c_in = (c1, r1[1]) if k < 2 else (hx[1], hx[1])
+        h1, c1 = cell(x, (h1, c_in[0]))
+        r1 = ref(x, (r1[0], c_in[1]))
+        _close(h1, r1[0], tol, f"fed back {k}")
+        _close(c1, r1[1], tol, f"fed back {k}")
     ref.weight_ih.mul_(0.5)  # an in-place update is seen (version counter)
     _close(cell(x, hx)[0], ref(x, hx)[0], tol, "after update")
     other = nn.LSTMCell(5, 9, bias=bias).to(dtype).eval().requires_grad_(False)
