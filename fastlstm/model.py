@@ -788,6 +788,8 @@ class LSTM:
         if num_threads is None:
             nt = self.num_threads
             nt = 0 if nt is None else nt
+        elif type(num_threads) is int and 1 <= num_threads < _INT_MAX:
+            nt = num_threads  # the common case without _positive_int's checks
         else:
             nt = min(_positive_int(num_threads, "num_threads", 1), _INT_MAX)
         if hx is None and not self._whh_finite():

@@ -158,6 +158,7 @@ def _check_weights(params, where):
 
 
 _FAST_DTYPES = frozenset((torch.float32, torch.float64))
+_is_exporting = getattr(getattr(torch, "compiler", None), "is_exporting", None)
 
 
 def _array(t, name, grad_check):
@@ -250,7 +251,7 @@ class _Engine:
         # new storage, and an in-place write bumps its version: the storage
         # pointers and versions tell whether the packed copy is current.
         try:
-            key = tuple([p.data_ptr() for p in params] + [p._version for p in params])
+            key = tuple([v for p in params for v in (p.data_ptr(), p._version)])
         except RuntimeError:  # inference tensors have no version counter
             key = tuple([p.data_ptr() for p in params] + [_version(p) for p in params]
                         + [p.dtype for p in params])
@@ -259,7 +260,7 @@ class _Engine:
             sd = {n if self._kind == "LSTM" else n + "_l0": p.detach().numpy()
                   for n, p in zip(names, params)}
             fl = _NumpyLSTM.from_state_dict(
-                sd, batch_first=getattr(self, "batch_first", False),
+                sd, batch_first=self.__dict__.get("batch_first", False),
                 dtype=_NP_DTYPE[params[0].dtype], num_threads=self.num_threads)
             weights = getattr(self, "weights", "float32")  # pickles from before weights=
             if weights != "float32":
@@ -267,7 +268,8 @@ class _Engine:
                 fl = fl.astype(weights)
             self._fl = fl
             self._fl_key = key
-        elif self._fl.batch_first != getattr(self, "batch_first", False):
+        # (__dict__: a missing attribute costs nn.Module.__getattr__ ~1 us)
+        elif self._fl.batch_first != self.__dict__.get("batch_first", False):
             self._fl.batch_first = self.batch_first
         return self._fl
 
@@ -279,14 +281,13 @@ class _Engine:
 
     def _check_call(self):
         """The refusals of forward; returns whether inputs must not require grad."""
-        what = f"fastlstm.torch.{self._kind}"
-        exporting = getattr(getattr(torch, "compiler", None), "is_exporting", None)
-        if torch.jit.is_tracing() or (exporting is not None and exporting()):
+        if torch.jit.is_tracing() or (_is_exporting is not None and _is_exporting()):
             raise UnsupportedError(
-                f"{what}: tracing (torch.jit.trace, torch.export, "
+                f"fastlstm.torch.{self._kind}: tracing (torch.jit.trace, torch.export, "
                 "torch.onnx.export) cannot see into fastlstm's C code (the old tracer would "
                 "record this call's outputs as constants); trace or export the original "
                 f"nn.{self._kind}")
+        what = f"fastlstm.torch.{self._kind}"
         if self.training:
             raise UnsupportedError(
                 f"{what}: the module is in training mode (model.train() was "
@@ -471,7 +472,10 @@ class LSTMCell(_Engine, nn.LSTMCell):
                     f"input, got ({h0.ndim - 1}D, {c0.ndim - 1}D)")
             hxs = (h0, c0)
         # one step: (N, In) -> a (1, N, In) sequence; (In,) -> an unbatched (1, In) one
-        _, (hn, cn) = self._sync()(x[None], hxs, num_threads=self.num_threads)
+        fl = self._sync()
+        nt = self.num_threads
+        res = fl._call_fast(x[None], hxs, nt) if x.ndim == 2 else None  # None: not as it is
+        _, (hn, cn) = res if res is not None else fl(x[None], hxs, num_threads=nt)
         h1, c1 = torch.from_numpy(hn[0]), torch.from_numpy(cn[0])
         # h_1 and c_1 view hn and cn: fed back as the next hx (a decoder
         # loop), they are read through those arrays, not converted again
