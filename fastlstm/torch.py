@@ -189,14 +189,17 @@ def _array(t, name, grad_check):
     return t.numpy()
 
 
-def _version(p):
-    """Autograd's version counter (bumped by in-place writes); inference
-    tensors have none, and only a write inside inference mode can change them
-    (call refresh() after one)."""
-    try:
-        return p._version
-    except RuntimeError:
-        return -1
+def _params_key(params, inference):
+    """What tells whether the packed copy of ``params`` is current: each
+    one's storage pointer (a change of dtype or device, .double(), .to(),
+    gives new storage) and version counter (bumped by in-place writes).
+    Inference tensors (``inference[k]``) have no version counter (reading it
+    raises, at ~10 us): only a write inside inference mode can change them,
+    and refresh() is needed after one."""
+    if not any(inference):
+        return tuple([v for p in params for v in (p.data_ptr(), p._version)])
+    return tuple([v for p, inf in zip(params, inference)
+                  for v in ((p.data_ptr(),) if inf else (p.data_ptr(), p._version))])
 
 
 # ------------------------------------------------------------------- module
@@ -247,15 +250,14 @@ class _Engine:
         if names is None:  # fixed by the constructor's arguments: computed once
             names = self.__dict__["_fl_names"] = _param_names(self)
         params = [self._parameters[n] for n in names]
-        # A change of dtype or device (.double(), .to()) gives the parameter
-        # new storage, and an in-place write bumps its version: the storage
-        # pointers and versions tell whether the packed copy is current.
-        try:
-            key = tuple([v for p in params for v in (p.data_ptr(), p._version)])
-        except RuntimeError:  # inference tensors have no version counter
-            key = tuple([p.data_ptr() for p in params] + [_version(p) for p in params]
-                        + [p.dtype for p in params])
-        if key != self._fl_key or self._fl is None:
+        inference = self.__dict__.get("_fl_inference")
+        key = None
+        if inference is not None and len(inference) == len(params):
+            try:
+                key = _params_key(params, inference)
+            except RuntimeError:  # a parameter became an inference tensor: repack
+                key = None
+        if key is None or key != self._fl_key or self._fl is None:
             _check_weights(params, f"fastlstm.torch.{self._kind} weights")
             sd = {n if self._kind == "LSTM" else n + "_l0": p.detach().numpy()
                   for n, p in zip(names, params)}
@@ -267,7 +269,8 @@ class _Engine:
                 _check_weights_dtype(weights, params[0].dtype, f"fastlstm.torch.{self._kind}")
                 fl = fl.astype(weights)
             self._fl = fl
-            self._fl_key = key
+            self.__dict__["_fl_inference"] = inference = [p.is_inference() for p in params]
+            self._fl_key = _params_key(params, inference)
         # (__dict__: a missing attribute costs nn.Module.__getattr__ ~1 us)
         elif self._fl.batch_first != self.__dict__.get("batch_first", False):
             self._fl.batch_first = self.batch_first

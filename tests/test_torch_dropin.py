@@ -290,14 +290,24 @@ def test_weights_shared_and_repacked_on_change():
 
 
 def test_model_built_under_inference_mode():
-    # inference tensors have no version counter
+    # inference tensors have no version counter (reading it raises, slowly):
+    # the module notes which parameters are inference tensors and keys the
+    # packed copy on their storage alone, without repacking per call
     with torch.inference_mode():
         ref = nn.LSTM(3, 4, num_layers=2).eval()
         m = ft.convert(ref)
         x = torch.randn(5, 2, 3)
         want = ref(x)[0]
         _close(m(x)[0], want)
+        cell = ft.convert(nn.LSTMCell(3, 4).eval())
+        packed = cell.fastlstm
+        h, c = cell(x[0])
+        assert cell.fastlstm is packed and cell.__dict__["_fl_inference"] == [True] * 4
     _close(m(x.clone())[0], want)
+    assert m.__dict__["_fl_inference"] == [True] * 8
+    m.weight_hh_l1 = nn.Parameter(torch.zeros(16, 4), requires_grad=False)  # not one
+    m(x.clone())  # new storage: repacked, and that parameter keyed on its version too
+    assert m.__dict__["_fl_inference"] == [True] * 5 + [False] + [True] * 2
 
 
 def test_other_input_dtypes_converted():
