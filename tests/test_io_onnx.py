@@ -923,14 +923,16 @@ def test_fastlstm_load_and_list_stacks(tmp_path):
 
 # ------------------------------------------------------------ malformed input
 def _load_and_run(data):
-    """Load (list_stacks, load_onnx) and, if that works, run the node once."""
+    """Load (list_stacks, load_onnx) and, if that works, run the node once
+    (every listed node, when the file has several)."""
     try:
-        fo.list_stacks(data)
+        listed = fo.list_stacks(data)
     except fastlstm.FormatError:
-        pass
-    node = fo.load_onnx(data)
-    x = np.zeros((2, 1, node.input_size), np.float32)
-    node(x if node.layout == 0 else x.transpose(1, 0, 2))
+        listed = []
+    for name in [i["name"] for i in listed] if len(listed) > 1 else [None]:
+        node = fo.load_onnx(data, name)
+        x = np.zeros((2, 1, node.input_size), np.float32)
+        node(x if node.layout == 0 else x.transpose(1, 0, 2))
 
 
 def _loads(data):
@@ -959,6 +961,7 @@ def test_fuzzed_files_raise_only_format_error():
         m, _ = make_lstm(3, 4, "bidirectional", peep=True, activations=["HardSigmoid", "Tanh",
                          "Elu"] * 2, alpha=[0.3, 0.9], clip=2.0, encoding=enc, weights=weights)
         seeds.append(m.SerializeToString())
+    seeds.append(_loop_model(3, 4, 2)[0].SerializeToString())  # LSTMs in Loop and If bodies
     n = iters(1000)
     with Fuzzer() as fz:
         for k in range(n):
@@ -1035,3 +1038,141 @@ def test_hostile_sizes_do_not_allocate():
     # a length prefix far beyond the end of the file
     with pytest.raises(fastlstm.FormatError):
         fo.load_onnx(b"\x08\x08\x3a\xff\xff\xff\xff\x0f" + bytes(8))
+
+
+# ------------------------------------------------------------- subgraphs
+def _loop_model(In, H, steps, seed=60):
+    """Main graph: X (T, N, In), h0, c0; a Loop of `steps` iterations whose
+    body runs LSTM 'body_lstm' on the outer X (its W, R from the main
+    graph's initializers, B from a Constant in the body) from the carried
+    state, and an If whose branches hold one LSTM each (weights local to
+    each branch), fed the Loop's final state."""
+    rng = np.random.default_rng(seed)
+    f = TensorProto.FLOAT
+
+    def w(*shape):
+        return rng.uniform(-0.4, 0.4, shape).astype(np.float32)
+
+    W, R, B = w(1, 4 * H, In), w(1, 4 * H, H), w(1, 8 * H)
+    body = helper.make_graph(
+        [helper.make_node("Constant", [], ["B_body"], value=numpy_helper.from_array(B, "Bt")),
+         helper.make_node("LSTM", ["X", "W", "R", "B_body", "", "h_in", "c_in"],
+                          ["", "h_out_", "c_out_"], hidden_size=H, name="body_lstm"),
+         helper.make_node("Squeeze", ["h_out_", "ax0"], ["h_sq"]),
+         helper.make_node("Unsqueeze", ["h_sq", "ax0"], ["h_out"]),
+         helper.make_node("Identity", ["c_out_"], ["c_out"]),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"])],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_in", f, [1, None, H]),
+         helper.make_tensor_value_info("c_in", f, [1, None, H])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_out", f, [1, None, H]),
+         helper.make_tensor_value_info("c_out", f, [1, None, H])])
+
+    def branch(name, seed_w):
+        Wb, Rb = w(1, 4 * H, H), w(1, 4 * H, H)
+        return helper.make_graph(
+            [helper.make_node("LSTM", ["h_seq", "Wb_" + name, "Rb_" + name], ["y_" + name],
+                              hidden_size=H, name="lstm")],
+            name, [], [helper.make_tensor_value_info("y_" + name, f, [None, 1, None, H])],
+            initializer=[numpy_helper.from_array(Wb, "Wb_" + name),
+                         numpy_helper.from_array(Rb, "Rb_" + name)]), (Wb, Rb)
+
+    then_g, then_w = branch("then", 1)
+    else_g, else_w = branch("else", 2)
+    nodes = [
+        helper.make_node("Loop", ["M", "", "h0", "c0"], ["h_fin", "c_fin"], body=body,
+                         name="steps"),
+        helper.make_node("Identity", ["h_fin"], ["h_seq"]),  # (1, N, H): a 1-step sequence
+        helper.make_node("If", ["flag"], ["y_if"], then_branch=then_g, else_branch=else_g),
+    ]
+    inits = [numpy_helper.from_array(a, n) for a, n in
+             ((W, "W"), (R, "R"), (np.array(steps, np.int64), "M"),
+              (np.array([0], np.int64), "ax0"))]
+    graph = helper.make_graph(
+        nodes, "main",
+        [helper.make_tensor_value_info("X", f, [None, None, In]),
+         helper.make_tensor_value_info("h0", f, [1, None, H]),
+         helper.make_tensor_value_info("c0", f, [1, None, H]),
+         helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("h_fin", f, [1, None, H]),
+         helper.make_tensor_value_info("c_fin", f, [1, None, H]),
+         helper.make_tensor_value_info("y_if", f, [None, 1, None, H])],
+        initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model, (W, R, B), then_w, else_w
+
+
+def test_lstm_nodes_inside_loop_and_if_bodies():
+    In, H, T, N, steps = 3, 5, 4, 2, 3
+    model, _, _, _ = _loop_model(In, H, steps)
+    buf = model.SerializeToString()
+    names = [i["name"] for i in fo.list_stacks(buf)]
+    # (in the file's order: onnx.helper writes attributes sorted by name)
+    assert names == ["steps/body/body_lstm", "If_2/else_branch/lstm", "If_2/then_branch/lstm"]
+    assert all(i["loadable"] for i in fo.list_stacks(buf))
+    rng = np.random.default_rng(61)
+    X = rng.standard_normal((T, N, In)).astype(np.float32)
+    h0 = rng.standard_normal((1, N, H)).astype(np.float32)
+    c0 = rng.standard_normal((1, N, H)).astype(np.float32)
+    node = fo.load_onnx(buf, "steps/body/body_lstm")  # W, R from the main graph, B from the body
+    h, c = h0, c0
+    for _ in range(steps):  # what the Loop does: the body's LSTM from the carried state
+        _, h, c = node(X, h, c)
+    for flag, branch in ((True, "then_branch"), (False, "else_branch")):
+        h_fin, c_fin, y_if = ort_run(model, {"X": X, "h0": h0, "c0": c0,
+                                             "flag": np.array(flag)})
+        assert_close(h, h_fin, np.float32, "Loop h")
+        assert_close(c, c_fin, np.float32, "Loop c")
+        y, _, _ = fo.load_onnx(buf, f"If_2/{branch}/lstm")(h_fin)
+        assert_close(y, y_if, np.float32, f"If {branch}")
+    # a nested node loads as a stack too (fastlstm.load / load_stack)
+    m = fo.load_stack(buf, "steps/body/body_lstm")
+    out, (hn, cn) = m(X, (h0, c0))
+    _, want_h, want_c = node(X, h0, c0)
+    assert_close(hn, want_h, np.float32, "stack h")
+
+
+def test_subgraph_inputs_are_run_time_values_and_depth_is_bounded():
+    In, H = 3, 4
+    model, _, _, _ = _loop_model(In, H, 2)
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    body = m.graph.node[0].attribute[0].g
+    for n in body.node:
+        if n.op_type == "LSTM":
+            n.input[2] = "h_in"  # R: the body's loop-carried input, a run-time value
+    info = {i["name"]: i for i in fo.list_stacks(m.SerializeToString())}
+    assert not info["steps/body/body_lstm"]["loadable"]
+    assert "graph input without an initializer" in info["steps/body/body_lstm"]["problem"]
+    # If nodes nested 20 deep, an LSTM at the bottom: not searched past 16 levels
+    f = TensorProto.FLOAT
+    rng = np.random.default_rng(62)
+    inner = helper.make_graph(
+        [helper.make_node("LSTM", ["x", "W", "R"], ["y"], hidden_size=H, name="deep")], "g0", [],
+        [helper.make_tensor_value_info("y", f, [None, 1, None, H])],
+        initializer=[numpy_helper.from_array(rng.uniform(-1, 1, (1, 4 * H, In)).astype(
+            np.float32), "W"), numpy_helper.from_array(rng.uniform(-1, 1, (1, 4 * H, H)).astype(
+                np.float32), "R")])
+    empty = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "e", [],
+                              [helper.make_tensor_value_info("y", f, [None, 1, None, H])])
+    for depth in range(1, 21):
+        node = helper.make_node("If", ["flag"], ["y"], then_branch=inner, else_branch=empty,
+                                name=f"if{depth}")
+        g = helper.make_graph([node], f"g{depth}", [],
+                              [helper.make_tensor_value_info("y", f, [None, 1, None, H])])
+        if depth == 3:
+            shallow = g
+        inner = g
+    for top, found in ((shallow, 1), (inner, 0)):
+        main = helper.make_graph(list(top.node), "main",
+                                 [helper.make_tensor_value_info("x", f, [None, None, In]),
+                                  helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+                                 [helper.make_tensor_value_info("y", f, None)])
+        mm = helper.make_model(main, opset_imports=[helper.make_opsetid("", 17)])
+        listed = fo.list_stacks(mm.SerializeToString())
+        assert len(listed) == found and all(i["loadable"] for i in listed)

@@ -14,7 +14,8 @@ loading needs NumPy only (the `onnx` package is a test dependency).  The file
 is untrusted input: every length, dimension and offset is checked against
 the bytes actually present before anything is allocated, nothing recurses
 deeper than ModelProto -> GraphProto -> NodeProto -> AttributeProto ->
-TensorProto, and anything malformed raises fastlstm.FormatError.
+TensorProto (subgraphs are walked from a work list, at most 16 levels deep),
+and anything malformed raises fastlstm.FormatError.
 
 What is read (ONNX facts, from onnx.proto and the LSTM operator spec):
   ModelProto: ir_version (1), graph (7), opset_import (8).
@@ -25,9 +26,15 @@ What is read (ONNX facts, from onnx.proto and the LSTM operator spec):
     dim_param (2); read only to prove a layer link (see below).
   NodeProto: input (1), output (2), name (3), op_type (4), attribute (5),
     domain (7).
-  AttributeProto: name (1), f (2), i (3), s (4), t (5), floats (7), ints (8),
-    strings (9), type (20).  Subgraph attributes (If/Loop/Scan bodies) are
-    skipped: LSTM nodes inside them are not found.
+  AttributeProto: name (1), f (2), i (3), s (4), t (5), g (6), floats (7),
+    ints (8), strings (9), graphs (11), type (20).  Subgraphs (g, graphs: If
+    branches, Loop and Scan bodies) are read as graphs: their LSTM nodes are
+    listed as "<owner node>/<attribute>/<node>" (the owner's name, or its op
+    type and index), and a name a subgraph does not define (an initializer,
+    a Constant's output, a subgraph input) resolves in its enclosing graphs,
+    as ONNX scopes names.  A stack never spans two graphs.  Subgraphs nested
+    deeper than 16 levels, and ones that do not parse, are not searched (the
+    other graphs' nodes load as usual).
   TensorProto: dims (1), data_type (2), float_data (4), int32_data (5),
     int64_data (7), name (8), raw_data (9), double_data (10), uint64_data
     (11), external_data (13), data_location (14); segment (3) is refused.
@@ -475,6 +482,7 @@ def _read_external(t, base_dir, nbytes):
 # AttributeProto.type values
 _A_FLOAT, _A_INT, _A_STRING, _A_TENSOR, _A_FLOATS, _A_INTS, _A_STRINGS = 1, 2, 3, 4, 6, 7, 8
 _MAX_LIST = 4096  # longest list attribute turned into Python objects
+_MAX_SUBGRAPH_DEPTH = 16  # If/Loop/Scan bodies nested deeper are refused
 
 
 class _Attr:
@@ -668,8 +676,13 @@ class _Graph:
     """A GraphProto, indexed without materialising its nodes: only the LSTM
     nodes and the nodes a lookup reaches become _Node objects."""
 
-    def __init__(self, buf, s, e):
+    def __init__(self, buf, s, e, parent=None, depth=0):
         self.buf = buf
+        # A subgraph (an If/Loop/Scan body) sees the names of its enclosing
+        # graphs (ONNX's lexical scoping): constant() looks there too.
+        self.parent = parent
+        self.depth = depth
+        self.subgraphs = []  # (node index, attribute name, (s, e) of the GraphProto)
         self._node_spans = array.array("q")
         self._inits = _Index()     # name -> initializer span
         self._inputs = _Index()    # name -> (name span)
@@ -715,10 +728,28 @@ class _Graph:
                     self._producers.add(bytes(buf[v[0]:v[1]]), k)
                 elif f == 4:
                     op = bytes(buf[v[0]:v[1]])
+                elif f == 5:  # an attribute: a graph (6) or graphs (11) is a subgraph
+                    self._scan_attribute(k, v)
                 elif f == 7:
                     dom = bytes(buf[v[0]:v[1]])
             if op == b"LSTM" and dom in (b"", b"ai.onnx"):
                 self.lstm_indices.append(k)
+
+    def _scan_attribute(self, k, span):
+        """Note the subgraphs of node k's attribute at `span`.  An attribute
+        that does not parse is not searched (the node's op is not one this
+        loader reads, or it fails when read)."""
+        aname, graphs = b"", []
+        try:
+            for f, wt, v in _fields(self.buf, *span):
+                if f == 1 and wt == _LEN:
+                    aname = bytes(self.buf[v[0]:v[1]])
+                elif f in (6, 11) and wt == _LEN:
+                    graphs.append(v)
+        except FormatError:
+            return
+        name = aname.decode("utf-8", "replace")
+        self.subgraphs.extend((k, name, g) for g in graphs)
 
     def node(self, k):
         if k not in self._nodes:
@@ -816,23 +847,27 @@ class _Graph:
         output, through Identity nodes) as an array, or the _Tensor header
         with tensor=True.  FormatError naming it if it is a run-time value."""
         seen = set()
-        cur = name
+        cur, g = name, self
         while True:
-            t = self.initializer(cur)
+            t = g.initializer(cur)
             if t is not None:
                 return t if tensor else t.array(base_dir)
-            node = self.producer(cur)
+            node = g.producer(cur)
             if node is not None and node.domain in ("", "ai.onnx"):
-                if node.op_type == "Identity" and node.inputs and node.index not in seen:
-                    seen.add(node.index)
+                if node.op_type == "Identity" and node.inputs and (g.depth, node.index) not in seen:
+                    seen.add((g.depth, node.index))
                     cur = node.inputs[0]
                     continue
                 if node.op_type == "Constant":
-                    return _constant_value(self.buf, node, base_dir, tensor)
+                    return _constant_value(g.buf, node, base_dir, tensor)
+            if (node is None and g.parent is not None and not g.is_graph_input(cur)
+                    and not g._named(g._sparse, cur)):
+                g = g.parent  # not defined in this subgraph: a name of an enclosing graph
+                continue
             break
-        if self._named(self._sparse, cur):
+        if g._named(g._sparse, cur):
             raise FormatError(f"{what} {name!r} is a sparse initializer, which is not supported")
-        if self.is_graph_input(cur):
+        if g.is_graph_input(cur):
             raise FormatError(f"{what} {name!r} is a graph input without an initializer (a "
                               f"run-time value); fastlstm needs it to be a constant")
         if node is not None:
@@ -1011,6 +1046,7 @@ class _Spec:
 
     def __init__(self, graph, node, name):
         buf = graph.buf
+        self.graph = graph  # the graph holding the node (a subgraph's names resolve upwards)
         self.node = node
         self.name = name
         what = f"LSTM node {name!r}"
@@ -1104,7 +1140,8 @@ class _BadSpec:
     broken = True
     direction = layout = num_directions = hidden_size = input_size = dtype = None
 
-    def __init__(self, node, name, exc):
+    def __init__(self, graph, node, name, exc):
+        self.graph = graph
         self.node = node
         self.name = name
         self.what = f"LSTM node {name!r}"
@@ -1152,20 +1189,41 @@ class _Model:
             self.ir_version, self.opset, self.graph = _parse_model(self.buf)
         except RecursionError as exc:  # not expected (no recursion), belt and braces
             raise FormatError("model nesting too deep") from exc
+        # The main graph, then its subgraphs (If/Loop/Scan bodies) breadth
+        # first, each with the prefix its LSTM nodes are named under; a
+        # work list, not recursion, and nesting bounded.
+        graphs, qi = [(self.graph, "")], 0
+        while qi < len(graphs):
+            g, prefix = graphs[qi]
+            qi += 1
+            if g.depth >= _MAX_SUBGRAPH_DEPTH:
+                continue  # deeper subgraphs are not searched (documented)
+            for k, aname, span in g.subgraphs:
+                try:
+                    owner = g.node(k)
+                    child = _Graph(self.buf, *span, parent=g, depth=g.depth + 1)
+                except FormatError:
+                    continue  # a subgraph that does not parse is not searched
+                label = owner.name or f"{owner.op_type or 'node'}_{k}"
+                graphs.append((child, f"{prefix}{label}/{aname}/"))
         self.specs = []
+        self.chains = []
         used = set()
-        lstm_nodes = [self.graph.node(k) for k in self.graph.lstm_indices]
-        for k, node in enumerate(lstm_nodes):
-            name = node.name or f"LSTM_{k}"
-            while name in used:
-                name += "_"
-            used.add(name)
-            try:
-                spec = _Spec(self.graph, node, name)
-            except FormatError as exc:  # this node only: the others stay loadable
-                spec = _BadSpec(node, name, exc)
-            self.specs.append(spec)
-        self.chains = _find_chains(self.graph, self.specs)
+        for g, prefix in graphs:
+            specs = []
+            lstm_nodes = [g.node(k) for k in g.lstm_indices]
+            for k, node in enumerate(lstm_nodes):
+                name = prefix + (node.name or f"LSTM_{k}")
+                while name in used:
+                    name += "_"
+                used.add(name)
+                try:
+                    spec = _Spec(g, node, name)
+                except FormatError as exc:  # this node only: the others stay loadable
+                    spec = _BadSpec(g, node, name, exc)
+                specs.append(spec)
+            self.specs.extend(specs)
+            self.chains.extend(_find_chains(g, specs))  # stacks never cross graphs
 
     def spec(self, name):
         if not self.specs:
@@ -1194,7 +1252,7 @@ def _gates(a, H):
 
 def _node_weights(model, spec):
     """{'W','R','B','P'}: arrays checked against the node's sizes."""
-    g, what = model.graph, spec.what
+    g, what = spec.graph, spec.what
     D = spec.num_directions
     get = lambda role: g.constant(spec.inputs[role], f"{what}: weight {role}",  # noqa: E731
                                   model.base_dir) if spec.inputs[role] else None
@@ -1324,7 +1382,7 @@ class OnnxLSTM:
                 parts.append((m, rev))
             self.parts = tuple(parts)
         self.defaults = {}
-        g = model.graph
+        g = spec.graph
         for role in ("initial_h", "initial_c", "sequence_lens"):
             nm = spec.inputs[role]
             if nm and g.is_constant(nm):
@@ -1754,7 +1812,7 @@ def load_stack(path, name=None, *, batch_first=None, dtype=None, num_threads=Non
             raise FastLSTMError(_no_torch_equivalent(s))
         _check_constant_inputs(model, s)
     if batch_first is None:
-        g = model.graph
+        g = first.graph
         prod = g.producer(first.inputs["X"])
         batch_first = first.layout == 1 or bool(
             prod is not None and prod.op_type == "Transpose" and prod.inputs
@@ -1786,7 +1844,7 @@ def _check_constant_inputs(model, spec):
     and lengths at each call).  Ignoring them is exact, and allowed, when the
     states are all zeros and the lengths all equal the sequence length the
     graph declares for the node's input."""
-    g, kept = model.graph, []
+    g, kept = spec.graph, []
     for role in ("initial_h", "initial_c", "sequence_lens"):
         name = spec.inputs[role]
         if not name or not g.is_constant(name):
