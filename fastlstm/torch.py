@@ -282,6 +282,24 @@ class _Engine:
             f"the module runs NumPy and C code; script the original nn.{self._kind}, or "
             "leave this module unscripted")
 
+    def _state_array(self, t, k, name, grad_check):
+        """hx[k] as the engine takes it: the array behind a state tensor the
+        last call returned (the same memory: a decoder loop feeding h_n, c_n
+        back is not converted again), else a view of the tensor (LSTMCell:
+        with a leading axis of 1, the one-step sequence's layer axis)."""
+        last = self.__dict__.get("_last")
+        if (last is not None and t is last[4 * k] and t.data_ptr() == last[4 * k + 1]
+                and t.shape == last[4 * k + 2] and not t.requires_grad):
+            return last[4 * k + 3]
+        a = _array(t, name, grad_check)
+        return a[None] if self._kind == "LSTMCell" else a
+
+    def _remember(self, h, h_arr, c, c_arr):
+        """Note the state tensors returned (views of h_arr, c_arr); in
+        __dict__ directly: nn.Module.__setattr__ costs ~1 us."""
+        self.__dict__["_last"] = (h, h.data_ptr(), h.shape, h_arr, c, c.data_ptr(), c.shape,
+                                  c_arr)
+
     def _check_call(self):
         """The refusals of forward; returns whether inputs must not require grad."""
         if torch.jit.is_tracing() or (_is_exporting is not None and _is_exporting()):
@@ -361,8 +379,8 @@ class LSTM(_Engine, nn.LSTM):
         if hx is not None:
             if not isinstance(hx, (tuple, list)) or len(hx) != 2:
                 raise ShapeError("hx: expected a tuple (h_0, c_0) or None")
-            h0 = _array(hx[0], "hx[0] (h_0)", grad_check)
-            c0 = _array(hx[1], "hx[1] (c_0)", grad_check)
+            h0 = self._state_array(hx[0], 0, "hx[0] (h_0)", grad_check)
+            c0 = self._state_array(hx[1], 1, "hx[1] (c_0)", grad_check)
         fl = self._sync()
         nt = self.num_threads
         if packed:
@@ -377,7 +395,9 @@ class LSTM(_Engine, nn.LSTM):
                     f"For {kind} input, hx and cx should also be {want}-D but got "
                     f"({h0.ndim}-D, {c0.ndim}-D) tensors")
         out, (hn, cn) = fl(x, None if hx is None else (h0, c0), num_threads=nt)
-        return torch.from_numpy(out), (torch.from_numpy(hn), torch.from_numpy(cn))
+        h, c = torch.from_numpy(hn), torch.from_numpy(cn)
+        self._remember(h, hn, c, cn)  # fed back as the next hx: read through hn, cn
+        return torch.from_numpy(out), (h, c)
 
     def _forward_packed(self, fl, input, x, hx, nt):
         batch_sizes = input.batch_sizes
@@ -480,20 +500,8 @@ class LSTMCell(_Engine, nn.LSTMCell):
         res = fl._call_fast(x[None], hxs, nt) if x.ndim == 2 else None  # None: not as it is
         _, (hn, cn) = res if res is not None else fl(x[None], hxs, num_threads=nt)
         h1, c1 = torch.from_numpy(hn[0]), torch.from_numpy(cn[0])
-        # h_1 and c_1 view hn and cn: fed back as the next hx (a decoder
-        # loop), they are read through those arrays, not converted again
-        # (in __dict__ directly: nn.Module.__setattr__ costs ~1 us)
-        self.__dict__["_last"] = (h1, h1.data_ptr(), hn, c1, c1.data_ptr(), cn)
+        self._remember(h1, hn, c1, cn)  # fed back as the next hx: read through hn, cn
         return h1, c1
-
-    def _state_array(self, t, k, name, grad_check):
-        """hx[k] as a (1, ...) array: the array behind a state tensor this
-        cell returned (the same memory), else a view of the tensor."""
-        last = self.__dict__.get("_last")
-        if (last is not None and t is last[3 * k] and t.data_ptr() == last[3 * k + 1]
-                and not t.requires_grad):
-            return last[3 * k + 2]
-        return _array(t, name, grad_check)[None]
 
 
 # torch.compile: Dynamo must not trace into forward (it would follow the

@@ -796,3 +796,22 @@ def test_convert_lstm_cell_with_reduced_weights(weights):
     x, hx = torch.randn(3, 6), (torch.randn(3, 32), torch.randn(3, 32))
     for g, w in zip(cell(x, hx), ref(x, hx)):
         assert max_rel_err(_np(g), _np(w)) <= PRECISION_TOL[weights]
+
+
+def test_lstm_state_fed_back_step_by_step():
+    """nn.LSTM stepped one time step at a time with its own (h_n, c_n) fed
+    back (read through the engine's arrays behind them), also after an
+    in-place change of h_n, equals torch's loop."""
+    torch.manual_seed(8)
+    ref = nn.LSTM(4, 6, num_layers=2).eval().requires_grad_(False)
+    m = ft.LSTM.from_lstm(ref)
+    xs = torch.randn(7, 1, 3, 4)
+    hx_m = hx_r = None
+    for t in range(7):
+        if t == 3:
+            hx_m[0].mul_(0.5)
+            hx_r[0].mul_(0.5)
+        y_m, hx_m = m(xs[t], hx_m)
+        y_r, hx_r = ref(xs[t], hx_r)
+        _close(y_m, y_r, what=f"step {t}")
+        _close(hx_m[1], hx_r[1], what=f"c at step {t}")
