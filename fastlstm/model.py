@@ -73,6 +73,11 @@ def _dtype_of(dtype):
 
 def _to_numpy(value, name):
     """Array-like (NumPy, torch tensor, list) to a NumPy array, no copy if possible."""
+    if type(value).__name__ == "PackedSequence" and hasattr(value, "batch_sizes"):
+        raise DTypeError(
+            f"{name}: a torch PackedSequence; the NumPy API takes a padded array with "
+            "lengths= (torch.nn.utils.rnn.pad_packed_sequence gives both), or use "
+            "fastlstm.torch.LSTM, which takes PackedSequences")
     if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor
         value = value.detach().cpu()
         if str(value.dtype) == "torch.bfloat16":

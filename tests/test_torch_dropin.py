@@ -815,3 +815,9 @@ def test_lstm_state_fed_back_step_by_step():
         y_r, hx_r = ref(xs[t], hx_r)
         _close(y_m, y_r, what=f"step {t}")
         _close(hx_m[1], hx_r[1], what=f"c at step {t}")
+
+
+def test_numpy_api_names_a_packed_sequence():
+    packed = pack_padded_sequence(torch.randn(5, 2, 3), [5, 3])
+    with pytest.raises(fastlstm.DTypeError, match="x: a torch PackedSequence.*lengths="):
+        fastlstm.LSTM(3, 4)(packed)
