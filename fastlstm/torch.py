@@ -216,11 +216,25 @@ class _Engine:
         self._fl = None
         self._fl_key = None
 
-    def _share(self, module):
-        """Take ``module``'s parameters (shared storage, requires_grad=False)."""
+    def _adopt(self, module, num_threads, detach, weights):
+        """Finish from_lstm / from_cell: take ``module``'s parameters (shared
+        storage, requires_grad=False), eval mode, packed once."""
         for name in _param_names(module):
             setattr(self, name, nn.Parameter(getattr(module, name).detach(),
                                              requires_grad=False))
+        if isinstance(self, nn.LSTM):
+            self._init_flat_weights()
+        self._fastlstm_init(num_threads, detach, weights)
+        self.train(False)
+        self._sync()
+        return self
+
+    def _hx_arrays(self, hx, grad_check):
+        """hx = (h_0, c_0) as the engine's arrays (see _state_array)."""
+        if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+            raise ShapeError("hx: expected a tuple (h_0, c_0) or None")
+        return (self._state_array(hx[0], 0, "hx[0] (h_0)", grad_check),
+                self._state_array(hx[1], 1, "hx[1] (c_0)", grad_check))
 
     def _get_name(self):
         return "fastlstm.torch." + self._kind
@@ -363,12 +377,7 @@ class LSTM(_Engine, nn.LSTM):
                 bias=lstm.bias, batch_first=lstm.batch_first, dropout=lstm.dropout,
                 bidirectional=lstm.bidirectional, proj_size=getattr(lstm, "proj_size", 0),
                 device="meta", dtype=getattr(lstm, lstm._flat_weights_names[0]).dtype)
-        self._share(lstm)
-        self._init_flat_weights()
-        self._fastlstm_init(num_threads, detach, weights)
-        self.train(False)
-        self._sync()
-        return self
+        return self._adopt(lstm, num_threads, detach, weights)
 
     # -------------------------------------------------------------- forward
     def forward(self, input, hx=None):  # noqa: A002 - nn.LSTM's argument name
@@ -377,10 +386,7 @@ class LSTM(_Engine, nn.LSTM):
         data = input.data if packed else input
         x = _array(data, "input.data" if packed else "input", grad_check)
         if hx is not None:
-            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                raise ShapeError("hx: expected a tuple (h_0, c_0) or None")
-            h0 = self._state_array(hx[0], 0, "hx[0] (h_0)", grad_check)
-            c0 = self._state_array(hx[1], 1, "hx[1] (c_0)", grad_check)
+            h0, c0 = self._hx_arrays(hx, grad_check)
         fl = self._sync()
         nt = self.num_threads
         if packed:
@@ -472,11 +478,7 @@ class LSTMCell(_Engine, nn.LSTMCell):
         self = cls.__new__(cls)
         nn.LSTMCell.__init__(self, cell.input_size, cell.hidden_size, bias=cell.bias,
                              device="meta", dtype=cell.weight_ih.dtype)
-        self._share(cell)
-        self._fastlstm_init(num_threads, detach, weights)
-        self.train(False)
-        self._sync()
-        return self
+        return self._adopt(cell, num_threads, detach, weights)
 
     def forward(self, input, hx=None):  # noqa: A002 - nn.LSTMCell's argument name
         grad_check = self._check_call()
@@ -485,10 +487,7 @@ class LSTMCell(_Engine, nn.LSTMCell):
             raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {x.ndim}D instead")
         hxs = None
         if hx is not None:
-            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                raise ShapeError("hx: expected a tuple (h_0, c_0) or None")
-            h0 = self._state_array(hx[0], 0, "hx[0] (h_0)", grad_check)
-            c0 = self._state_array(hx[1], 1, "hx[1] (c_0)", grad_check)
+            h0, c0 = self._hx_arrays(hx, grad_check)
             if h0.ndim != x.ndim + 1 or c0.ndim != x.ndim + 1:
                 raise RuntimeError(
                     f"LSTMCell: Expected hx[0] and hx[1] to be {x.ndim}D for {x.ndim}D "
