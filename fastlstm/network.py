@@ -329,7 +329,8 @@ class Network:
         return _check_lengths(lengths, N, T, unbatched), None
 
     # ------------------------------------------------------------------ call
-    def __call__(self, x, lengths=None, *, state=None, return_state=False, num_threads=None):
+    def __call__(self, x, lengths=None, *, mask=None, state=None, return_state=False,
+                 num_threads=None):
         """Run the network.
 
         x: token ids (N, T) (unbatched (T,)) for an embedding or one-hot input
@@ -337,6 +338,10 @@ class Network:
         time-major with batch_first=False.
         lengths: None or N ints in [0, T]: valid steps per sequence (PyTorch
         PackedSequence semantics); tokens past a sequence's end are ignored.
+        mask: None or booleans of x's (N, T) ((T, N) with batch_first=False,
+        (T,) unbatched), True at valid steps, any pattern (LSTM's ``mask=``);
+        it replaces what mask_zero / mask_value would infer.  Give lengths or
+        mask, not both.
         state: None (zeros) or the initial state, one ``(h_0, c_0)`` in
         torch.nn.LSTM's shapes per LSTM of the chain (a single pair for one LSTM).
         Returns, in the model's dtype:
@@ -344,12 +349,14 @@ class Network:
           batch_first=False); positions past a sequence's end are zeros (with
           mask_zero, as Keras, there and at 0 tokens inside a row: the head on
           the last valid output repeated, or on zeros when the last LSTM is
-          bidirectional);
+          bidirectional); so are masked steps (the same Keras rule with
+          mask_zero or mask_value);
           mode "last": (N, output_size);
         unbatched input drops N.  With return_state=True: ``(out, state)``,
         state as taken by ``state=`` (h_n, c_n after each row's last valid step).
         """
         nt = num_threads if num_threads is not None else self.num_threads
+        given_mask = mask
         if self.vocab_size is not None:
             tok, unbatched = self._tokens(x, lengths)
             N, T = tok.shape
@@ -368,6 +375,13 @@ class Network:
             lens, mask = self._lengths(lengths, N, T, unbatched)
             if self.mask_value is not None and lengths is None:
                 mask = np.any(feats != feats.dtype.type(self.mask_value), axis=-1)
+        if given_mask is not None:
+            from .model import _check_mask
+            if lengths is not None:
+                raise ValueError("lengths, mask: give one of them, not both")
+            lead = (T,) if unbatched else ((N, T) if self.batch_first else (T, N))
+            mask = _check_mask(given_mask, lead, unbatched, self.batch_first).T  # (N, T)
+            lens = None
         states = self._split_state(state, N, unbatched)
         y = feats  # (N, T, F) batch-major views throughout
         new_states = []
@@ -387,8 +401,11 @@ class Network:
             out = self._apply_head(z)
         else:
             out = self._apply_head(y)
-            if lens is not None and not self._keras_masks:  # zeros, after head and activation
-                out[np.arange(T)[None, :] >= lens[:, None]] = 0
+            if not self._keras_masks:  # zeros, after head and activation
+                if lens is not None:
+                    out[np.arange(T)[None, :] >= lens[:, None]] = 0
+                elif mask is not None:
+                    out[~mask] = 0
             if not self.batch_first:
                 out = out.transpose(1, 0, 2)
         if unbatched:

@@ -553,6 +553,7 @@ def test_keras_masking_layer(keras, tmp_path, stack):
         net = Network.from_keras(str(tmp_path / "m.keras"))
     assert net.mask_value == -1.5 and not net.mask_zero
     assert max_rel_err(net(x), want) <= TOL
+    np.testing.assert_array_equal(net(x, mask=np.any(x != -1.5, axis=-1)), net(x))
     again = pickle.loads(pickle.dumps(net))
     assert again.mask_value == -1.5
     np.testing.assert_array_equal(again(x), net(x))
@@ -560,6 +561,31 @@ def test_keras_masking_layer(keras, tmp_path, stack):
         s = net.stream(4)
         got = np.stack([s.step(x[:, t]) for t in range(9)], axis=1)
         assert max_rel_err(got, want) <= TOL
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_explicit_mask(batch_first):
+    """net(x, mask=m): the LSTMs run with that mask, then the head; masked
+    steps are zeros after the head (as past a length), unbatched too."""
+    rng = np.random.default_rng(9)
+    lstm = fastlstm.LSTM(4, 6, num_layers=2, seed=9, batch_first=batch_first)
+    w, b = rng.standard_normal((3, 6)).astype(np.float32), rng.standard_normal(3).astype(np.float32)
+    net = Network(lstm, head=w, head_bias=b, activation="sigmoid", batch_first=batch_first)
+    x = rng.standard_normal((2, 7, 4)).astype(np.float32)
+    mask = rng.random((2, 7)) < 0.6
+    mask[0, 0] = False
+    xl, ml = (x, mask) if batch_first else (x.transpose(1, 0, 2), mask.T)
+    out = net(xl, mask=ml)
+    y, _ = lstm(xl, mask=ml)
+    want = 1 / (1 + np.exp(-(y @ w.T + b)))
+    want[~ml] = 0
+    np.testing.assert_allclose(out, want, rtol=0, atol=TOL)
+    u = net(xl[:, 1] if not batch_first else xl[1], mask=mask[1])
+    assert u.shape == (7, 3) and not u[~mask[1]].any()
+    with pytest.raises(ValueError, match="lengths, mask: give one"):
+        net(xl, [7, 7], mask=ml)
+    with pytest.raises(fastlstm.ShapeError, match="mask: expected"):
+        net(xl, mask=ml.T)
 
 
 def test_mask_value_errors():
