@@ -89,7 +89,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without dask
         "fastlstm.dask needs Dask, which is not installed: "
         'pip install "dask[distributed]"') from exc
 
-from .model import LSTM
+from .model import LSTM, _valid_ends
 
 __all__ = ["score_array", "score_bag", "score_batch", "score_sequences", "model_argument",
            "default_num_threads", "worker_config", "WORKER_ENV", "OUTPUTS"]
@@ -267,8 +267,7 @@ def score_batch(model, x, lengths=None, *, mask=None, output="h_n", padding="zer
             raise ValueError(f"mask: expected shape ({N}, {T}) (batch first, as x), "
                              f"got {mask.shape}")
         kw["mask"] = mask if model.batch_first else mask.T
-        # "last": the output at each row's last valid step (as with lengths)
-        lengths = np.where(mask.any(axis=1), T - np.argmax(mask[:, ::-1], axis=1), 0)
+        lengths = _valid_ends(mask)  # "last": the output at each row's last valid step
     if model.batch_first:
         out, (h_n, _) = model(x, **kw)
     else:

@@ -956,6 +956,12 @@ def _check_mask(mask, shape, unbatched, batch_first):
     return arr.T if batch_first else arr
 
 
+def _valid_ends(mask):
+    """(N, T) bool -> int32 (N,): one past each row's last True (0 for none)."""
+    T = mask.shape[1]
+    return np.where(mask.any(axis=1), T - np.argmax(mask[:, ::-1], axis=1), 0).astype(np.int32)
+
+
 def _check_lengths(lengths, N, T, unbatched):
     """lengths -> int32 (N,), or a clear error naming the argument."""
     arr = _to_numpy(lengths, "lengths")

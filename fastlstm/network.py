@@ -208,15 +208,15 @@ class Network:
         mask_value): outputs at masked steps as Keras, not zeros."""
         return self.mask_zero or self.mask_value is not None
 
-    def _valid_rows(self, x_t, tok):
-        """A stream step's (batch,) mask, or None when every row is valid."""
+    def _keras_mask(self, tok, feats):
+        """The mask Keras would compute, of tok's shape (a call's (N, T), a
+        stream step's (batch,)): mask_zero's nonzero tokens, or mask_value's
+        steps with a feature other than it; None without either."""
         if self.mask_zero:
-            valid = tok != 0
-        elif self.mask_value is not None:
-            valid = np.any(x_t != x_t.dtype.type(self.mask_value), axis=-1)
-        else:
-            return None
-        return None if valid.all() else valid
+            return tok != 0
+        if self.mask_value is not None:
+            return np.any(feats != feats.dtype.type(self.mask_value), axis=-1)
+        return None
 
     @property
     def lstm(self):
@@ -308,25 +308,22 @@ class Network:
         np.put_along_axis(x, tok[..., None].astype(np.intp), 1, axis=-1)
         return x
 
-    def _lengths(self, lengths, N, T, unbatched, tok=None, holes=False):
-        """-> (lengths or None, mask or None).  With mask_zero and no lengths
-        each row's length is one past its last nonzero token; zeros before it
-        (holes) give a mask instead (tok != 0, batch-major) where `holes`
-        allows them (a call), else an error (a prompt to generate from)."""
-        from .model import _check_lengths
-        if lengths is None:
-            if self.mask_zero and tok is not None:
-                nz = tok != 0
-                last = np.where(nz.any(axis=1), T - np.argmax(nz[:, ::-1], axis=1), 0)
-                if np.any(~nz & (np.arange(T)[None, :] < last[:, None])):
-                    if holes:
-                        return None, nz
-                    raise ValueError("prompt: token 0 (mask_zero padding) inside a prompt; "
-                                     "generation continues from each prompt's end, so only "
-                                     "trailing padding is taken (pass lengths= explicitly)")
-                return last.astype(np.int32), None
-            return None, None
-        return _check_lengths(lengths, N, T, unbatched), None
+    def _prompt_lengths(self, lengths, N, T, unbatched, tok):
+        """A prompt's lengths: as given, or with mask_zero one past each
+        row's last nonzero token (a 0 before it is refused: generation
+        continues from each prompt's end); None for full rows."""
+        from .model import _check_lengths, _valid_ends
+        if lengths is not None:
+            return _check_lengths(lengths, N, T, unbatched)
+        if not self.mask_zero:
+            return None
+        nz = tok != 0
+        last = _valid_ends(nz)
+        if np.any(~nz & (np.arange(T)[None, :] < last[:, None])):
+            raise ValueError("prompt: token 0 (mask_zero padding) inside a prompt; "
+                             "generation continues from each prompt's end, so only "
+                             "trailing padding is taken (pass lengths= explicitly)")
+        return last
 
     # ------------------------------------------------------------------ call
     def __call__(self, x, lengths=None, *, mask=None, state=None, return_state=False,
@@ -355,12 +352,13 @@ class Network:
         unbatched input drops N.  With return_state=True: ``(out, state)``,
         state as taken by ``state=`` (h_n, c_n after each row's last valid step).
         """
+        from .model import _check_lengths, _check_mask
         nt = num_threads if num_threads is not None else self.num_threads
-        given_mask = mask
+        tok = None
         if self.vocab_size is not None:
             tok, unbatched = self._tokens(x, lengths)
             N, T = tok.shape
-            lens, mask = self._lengths(lengths, N, T, unbatched, tok, holes=True)
+            lens = None if lengths is None else _check_lengths(lengths, N, T, unbatched)
             tok = self._check_tokens(tok, lens, "x")
             feats = self._lookup(tok)
         else:
@@ -372,16 +370,16 @@ class Network:
             unbatched = arr.ndim == 2
             feats = arr[None] if unbatched else (arr if self.batch_first else arr.transpose(1, 0, 2))
             N, T = feats.shape[:2]
-            lens, mask = self._lengths(lengths, N, T, unbatched)
-            if self.mask_value is not None and lengths is None:
-                mask = np.any(feats != feats.dtype.type(self.mask_value), axis=-1)
-        if given_mask is not None:
-            from .model import _check_mask
+            lens = None if lengths is None else _check_lengths(lengths, N, T, unbatched)
+        if mask is not None:
             if lengths is not None:
                 raise ValueError("lengths, mask: give one of them, not both")
             lead = (T,) if unbatched else ((N, T) if self.batch_first else (T, N))
-            mask = _check_mask(given_mask, lead, unbatched, self.batch_first).T  # (N, T)
-            lens = None
+            mask = _check_mask(mask, lead, unbatched, self.batch_first).T  # (N, T)
+        elif lengths is None:
+            # Keras' own masks (the LSTM turns one whose valid steps are
+            # prefixes into lengths: no padding step is computed)
+            mask = self._keras_mask(tok, feats)
         states = self._split_state(state, N, unbatched)
         y = feats  # (N, T, F) batch-major views throughout
         new_states = []
@@ -588,7 +586,7 @@ class Network:
             unbatched = arr.ndim == 1
             tok = arr[None] if unbatched else arr
         N, T = tok.shape
-        lens, _ = self._lengths(lengths, N, T, unbatched, tok if self.mask_zero else None)
+        lens = self._prompt_lengths(lengths, N, T, unbatched, tok)
         tok = self._check_tokens(tok.astype(np.int64, copy=False), lens, "prompt")
         if lens is not None and np.all(lens == T):
             lens = None
@@ -719,13 +717,15 @@ class NetworkStream:
                 raise ShapeError(f"x_t: expected {self.batch} token ids, got shape {arr.shape}")
             tok = net._check_tokens(tok[None].astype(np.int64), None, "x_t")
             x = net._lookup(tok)[0]
-            valid = net._valid_rows(None, tok[0])
+            valid = net._keras_mask(tok[0], None)
         else:
             x = _as_real(x_t, "x_t", net.dtype)
             scalar = x.ndim == 1
             if scalar:
                 x = x[None]
-            valid = net._valid_rows(x, None)
+            valid = net._keras_mask(None, x)
+        if valid is not None and valid.all():
+            valid = None
         # a masked row (mask_zero's token 0, mask_value's features) keeps its
         # state and repeats its last output, as Keras' masked step
         for s in self._streams:
