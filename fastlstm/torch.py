@@ -259,10 +259,15 @@ class _Engine:
         self._fl_key = None
         return self._sync()
 
-    def _sync(self):
+    def _names(self):
+        """The weight names (fixed by the constructor's arguments: computed once)."""
         names = self.__dict__.get("_fl_names")
-        if names is None:  # fixed by the constructor's arguments: computed once
+        if names is None:
             names = self.__dict__["_fl_names"] = _param_names(self)
+        return names
+
+    def _sync(self):
+        names = self._names()
         params = [self._parameters[n] for n in names]
         inference = self.__dict__.get("_fl_inference")
         key = None
@@ -322,15 +327,14 @@ class _Engine:
                 "torch.onnx.export) cannot see into fastlstm's C code (the old tracer would "
                 "record this call's outputs as constants); trace or export the original "
                 f"nn.{self._kind}")
-        what = f"fastlstm.torch.{self._kind}"
         if self.training:
             raise UnsupportedError(
-                f"{what}: the module is in training mode (model.train() was "
+                f"fastlstm.torch.{self._kind}: the module is in training mode (model.train() was "
                 "called?); fastlstm is inference-only: call .eval()")
         grad_check = torch.is_grad_enabled() and not self.detach
-        if grad_check and any(self._parameters[n].requires_grad for n in _param_names(self)):
+        if grad_check and any(self._parameters[n].requires_grad for n in self._names()):
             raise UnsupportedError(
-                f"{what}: its parameters require grad (requires_grad_(True) "
+                f"fastlstm.torch.{self._kind}: its parameters require grad (requires_grad_(True) "
                 "after conversion?) while grad mode is on; fastlstm computes no gradients: "
                 "call requires_grad_(False), run under torch.no_grad()/inference_mode(), "
                 "or build the module with detach=True")
@@ -534,8 +538,9 @@ def convert(model, *, num_threads=None, detach=False, weights=None):
     ``fastlstm.torch.LSTM`` (and every ``nn.LSTMCell`` for a
     ``fastlstm.torch.LSTMCell``) in place, under the same attribute names, and
     return ``model``.  ``model`` itself may be an ``nn.LSTM`` or
-    ``nn.LSTMCell``: the new module is returned (it cannot be swapped in place).  An LSTM reachable under
-    several names becomes one module; already converted ones are kept.
+    ``nn.LSTMCell``: the new module is returned (it cannot be swapped in
+    place).  An LSTM reachable under several names becomes one module;
+    already converted ones are kept.
 
     Checks every LSTM before swapping any (so a refusal leaves ``model``
     untouched) and refuses, naming the module: a model or LSTM in training
@@ -550,10 +555,11 @@ def convert(model, *, num_threads=None, detach=False, weights=None):
     weights = _weights_arg(weights)
     if isinstance(model, (LSTM, LSTMCell)):
         return model
+    wrap = dict(num_threads=num_threads, detach=detach, weights=weights)
     if isinstance(model, nn.LSTM):
-        return LSTM.from_lstm(model, num_threads=num_threads, detach=detach, weights=weights)
+        return LSTM.from_lstm(model, **wrap)
     if isinstance(model, nn.LSTMCell):
-        return LSTMCell.from_cell(model, num_threads=num_threads, detach=detach, weights=weights)
+        return LSTMCell.from_cell(model, **wrap)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if model.training:
@@ -569,19 +575,16 @@ def convert(model, *, num_threads=None, detach=False, weights=None):
                 _check_lstm(child, where, detach, base=nn.LSTMCell if cell else nn.LSTM)
                 _check_weights_dtype(weights, getattr(child, _param_names(child)[0]).dtype,
                                      where)
-                slots.append((parent, name, child, where))
+                slots.append((parent, name, child, where,
+                              LSTMCell.from_cell if cell else LSTM.from_lstm))
     done = {}
-    for parent, name, child, where in slots:  # build every module first: a refusal swaps none
+    # build every module first: a refusal swaps none
+    for parent, name, child, where, make in slots:
         if id(child) not in done:
             try:
-                if isinstance(child, nn.LSTMCell):
-                    done[id(child)] = LSTMCell.from_cell(child, num_threads=num_threads,
-                                                         detach=detach, weights=weights)
-                else:
-                    done[id(child)] = LSTM.from_lstm(child, num_threads=num_threads,
-                                                     detach=detach, weights=weights)
+                done[id(child)] = make(child, **wrap)
             except (ValueError, TypeError) as exc:
                 raise type(exc)(f"{where}: {exc}") from exc
-    for parent, name, child, _ in slots:
+    for parent, name, child, _, _ in slots:
         setattr(parent, name, done[id(child)])
     return model
