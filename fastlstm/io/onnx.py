@@ -482,7 +482,7 @@ def _read_external(t, base_dir, nbytes):
 # AttributeProto.type values
 _A_FLOAT, _A_INT, _A_STRING, _A_TENSOR, _A_FLOATS, _A_INTS, _A_STRINGS = 1, 2, 3, 4, 6, 7, 8
 _MAX_LIST = 4096  # longest list attribute turned into Python objects
-_MAX_SUBGRAPH_DEPTH = 16  # If/Loop/Scan bodies nested deeper are refused
+_MAX_SUBGRAPH_DEPTH = 16  # If/Loop/Scan bodies nested deeper are not searched
 
 
 class _Attr:

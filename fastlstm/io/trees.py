@@ -128,22 +128,34 @@ def _layout(prefix, candidates, what):
             raise FormatError(f"{what}: no cell found in the parameter tree")
         raise FormatError(f"{what}: the tree holds {len(candidates)} cells, pass prefix= one of "
                           f"{candidates} (or a list of them for a stacked LSTM)")
-    if isinstance(prefix, str):
-        return [[prefix.strip("/")]]
-    if not isinstance(prefix, (list, tuple)) or not prefix:
-        raise TypeError("prefix: expected a str, a list of str, or a list of (forward, "
-                        "backward) pairs")
+    layers = _per_layer(prefix, "prefix", lambda p: isinstance(p, str), "a str", TypeError)
+    return [[p.strip("/") for p, _ in layer] for layer in layers]
+
+
+def _per_layer(value, arg, is_one, one, err):
+    """One entry, a list of entries (stacked layers) or a list of (forward,
+    backward) pairs (bidirectional layers) -> [[(entry, its name in
+    messages) per direction] per layer].  `is_one` tells an entry; a value
+    of another form raises `err`, a mix of the two layer kinds ValueError."""
+    if is_one(value):
+        return [[(value, arg)]]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise err(f"{arg}: expected {one}, a list of them or a list of (forward, backward) "
+                  "pairs" + (", got an empty list" if isinstance(value, (list, tuple)) else
+                             f", got {type(value).__name__}"))
     layers = []
-    for item in prefix:
-        if isinstance(item, str):
-            layers.append([item.strip("/")])
-        elif isinstance(item, (list, tuple)) and len(item) == 2 and all(
-                isinstance(p, str) for p in item):
-            layers.append([p.strip("/") for p in item])
+    for k, item in enumerate(value):
+        if is_one(item):
+            layers.append([(item, f"{arg}[{k}]")])
+        elif isinstance(item, (list, tuple)) and len(item) == 2 and all(map(is_one, item)):
+            layers.append([(item[0], f"{arg}[{k}][0]"), (item[1], f"{arg}[{k}][1]")])
         else:
-            raise TypeError(f"prefix: bad entry {item!r}")
+            got = (f"{len(item)} items" if isinstance(item, (list, tuple))
+                   else type(item).__name__)
+            raise err(f"{arg}[{k}]: expected {one} or a (forward, backward) pair of them, "
+                      f"got {got}")
     if len({len(layer) for layer in layers}) != 1:
-        raise ValueError("prefix: mix of unidirectional and bidirectional layers")
+        raise ValueError(f"{arg}: mix of unidirectional and bidirectional layers")
     return layers
 
 
@@ -572,23 +584,8 @@ def from_equinox_lstm_cell(cells, *, batch_first=False, dtype=None, num_threads=
     ``hx`` (each (num_layers * num_directions, N, H)).
     """
     what = "Equinox LSTMCell"
-    if isinstance(cells, (list, tuple)):
-        if not cells:
-            raise ValueError("cells: expected a cell, a list of cells or a list of "
-                             "(forward, backward) pairs, got an empty list")
-        layout = []
-        for k, item in enumerate(cells):
-            if isinstance(item, (list, tuple)):
-                if len(item) != 2:
-                    raise ValueError(f"cells[{k}]: expected a cell or a (forward, backward) "
-                                     f"pair, got {len(item)} items")
-                layout.append([(item[0], f"cells[{k}][0]"), (item[1], f"cells[{k}][1]")])
-            else:
-                layout.append([(item, f"cells[{k}]")])
-        if len({len(layer) for layer in layout}) != 1:
-            raise ValueError("cells: mix of unidirectional and bidirectional layers")
-    else:
-        layout = [[(cells, "cells")]]
+    layout = _per_layer(cells, "cells", lambda c: not isinstance(c, (list, tuple)), "a cell",
+                        ValueError)
     built = [[_eqx_cell(c, n, what) for c, n in layer] for layer in layout]
     if any(c["b"] is not None for layer in built for c in layer):
         for layer in built:  # use_bias=False beside cells with bias: a zero bias (exact)
