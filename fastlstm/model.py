@@ -772,8 +772,13 @@ class LSTM:
             ax = 1
         else:
             ax = 0
-        y = np.take_along_axis(y0, np.where(mtn, k, 0)[..., None], axis=ax)
-        if padding == "repeat":
+        repeat, D = padding == "repeat", self.num_directions
+        # one gather: at k (repeat: every step's last valid output so far) or
+        # at k where valid and 0 (zeros) elsewhere; a bidirectional repeat
+        # fills its forward half at k after
+        y = np.take_along_axis(y0, (k if repeat and D == 1 else np.where(mtn, k, 0))[..., None],
+                               axis=ax)
+        if repeat and D == 2:
             y[..., :Hout] = np.take_along_axis(y0[..., :Hout], k[..., None], axis=ax)
         y = y[:, 0] if unbatched else np.ascontiguousarray(y)  # the layout of other calls' out
         return y, (hn, cn)
