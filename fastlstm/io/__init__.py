@@ -27,6 +27,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import re
 
 import numpy as np
 
@@ -299,7 +300,36 @@ def _torch_stacks(f):
     flat = stacks.flatten(f.obj, lambda x: isinstance(x, TensorRef))
     metas = {k: (t.shape, t.dtype) for k, t in flat.items()}
     found, rejected = stacks.find_stacks(metas, "torch")
+    if f.torchscript:
+        for s in found:
+            _script_config(f, s)
     return flat, found, rejected
+
+
+# TorchScript constants that must agree with what the weights' shapes say
+_SCRIPT_CHECKED = ("input_size", "hidden_size", "proj_size", "num_layers", "bidirectional",
+                   "bias")
+
+
+def _script_config(f, stack):
+    """A TorchScript archive's module: what its code records (a scripted
+    module's Final constants, a traced LSTM's torch.lstm call) must agree
+    with the shapes; its batch_first goes into the stack's info."""
+    consts = f.script_constants(stack.name)
+    # the module's TorchScript class, without torch's ___torch_mangle_<n> parts
+    stack.info["torchscript"] = re.sub(r"\.___torch_mangle_[0-9]+", "",
+                                       f.script_paths.get(stack.name, "?"))
+    mode = consts.get("mode")
+    if mode is not None and mode != "LSTM":
+        raise FormatError(f"{f.where}: module {stack.name or '<root>'!r} is a TorchScript "
+                          f"{mode}, not an LSTM")
+    for key in _SCRIPT_CHECKED:
+        if key in consts and consts[key] != stack.info[key]:
+            raise FormatError(
+                f"{f.where}: module {stack.name or '<root>'!r}: its TorchScript code says "
+                f"{key}={consts[key]!r}, its weights' shapes {key}={stack.info[key]!r}")
+    if stack.kind == "LSTM" and type(consts.get("batch_first")) is bool:
+        stack.info["batch_first"] = consts["batch_first"]
 
 
 def _torch_list(path):
@@ -312,6 +342,8 @@ def _torch_load(path, name=None, **kwargs):
     with TorchFile(path) as f:
         flat, found, rejected = _torch_stacks(f)
         stack = stacks.select_stack(found, name, f.where, rejected)
+        if "batch_first" in stack.info:  # recorded by a TorchScript archive
+            kwargs.setdefault("batch_first", stack.info["batch_first"])
         return stacks.build_model(stack, lambda k: f.array(flat[k]), f.where,
                                   lambda k: flat[k].nbytes, f.size, **kwargs)
 

@@ -18,14 +18,28 @@ the file holds.  Tensors are recorded as :class:`TensorRef` (storage,
 offset, shape, stride, dtype) and only read when needed, as read-only NumPy
 views of their storage (offset, size and stride honoured; tensors may share
 a storage).
+
+TorchScript archives (``torch.jit.save`` of a scripted or traced module) are
+the same zip with a ``code/`` folder: their ``data.pkl`` pickles the module
+tree as objects of ``__torch__.<path>.<Class>`` (NEWOBJ, then BUILD with the
+attribute dict).  Such globals resolve to :class:`ScriptObject`, a record of
+the class's name and the attributes (nothing of the class is looked up, let
+alone run), and the tree is turned into nested dicts, so that an LSTM module
+is found under its attribute path like a state dict's prefix.  The archive's
+code is never executed or compiled: :meth:`TorchFile.script_constants` only
+matches two fixed line patterns in a class's source text (a scripted module's
+``name : Final[int] = 3`` constants, a traced module's single literal
+``torch.lstm(...)`` call) and reads their values with ``ast.literal_eval``.
 """
 from __future__ import annotations
 
+import ast
 import io
 import math
 import os
 import pickle
 import pickletools
+import re
 import zipfile
 from collections import OrderedDict
 
@@ -34,7 +48,7 @@ import numpy as np
 from ..errors import FormatError
 from .safetensors import bf16_to_f32
 
-__all__ = ["TorchFile", "TensorRef", "load_torch"]
+__all__ = ["TorchFile", "TensorRef", "ScriptObject", "load_torch"]
 
 _MAX_NDIM = 64
 
@@ -162,6 +176,56 @@ class TensorRef(_Frozen):
                 f"offset={self.offset}, storage={self.storage.key!r})")
 
 
+class ScriptObject(_Frozen):
+    """An object of a TorchScript class in a TorchScript archive's data.pkl:
+    ``qualname`` (e.g. ``'__torch__.torch.nn.modules.rnn.LSTM'``, mangled
+    names included) and ``attrs``, the attribute dict the archive saved (a
+    state that is not a dict is kept under ``'__state__'``).  Each qualname
+    gets a subclass of its own (pickle's NEWOBJ needs a class); the class is
+    only a name."""
+
+    __slots__ = ("attrs",)
+    _qualname = "?"
+
+    def __new__(cls, *args):
+        if cls is ScriptObject or args:
+            raise FormatError(f"TorchScript object {cls._qualname}: built with arguments")
+        obj = super().__new__(cls)
+        object.__setattr__(obj, "attrs", None)
+        return obj
+
+    def __init__(self, *args):  # REDUCE on the class (never written by torch)
+        raise FormatError(f"TorchScript object {self._qualname}: called like a function")
+
+    @property
+    def qualname(self):
+        return type(self)._qualname
+
+    def __setstate__(self, state):
+        if self.attrs is not None:
+            raise FormatError(f"TorchScript object {self.qualname}: state set twice")
+        if isinstance(state, dict) and all(isinstance(k, str) for k in state):
+            object.__setattr__(self, "attrs", dict(state))
+        else:
+            object.__setattr__(self, "attrs", {"__state__": state})
+
+    def __repr__(self):
+        return f"<ScriptObject {self.qualname}>"
+
+
+_MAX_SCRIPT_CLASSES = 4096
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+# Final constants of a scripted module's class: "  hidden_size : Final[int] = 3"
+_FINAL_LINE = re.compile(
+    r"  ([A-Za-z_][A-Za-z0-9_]{0,63}) : Final\[(int|bool|float|str)\] = (.{1,200})")
+# A traced nn.LSTM's one call: torch.lstm(input, hx, params, has_biases,
+# num_layers, dropout, train, bidirectional, batch_first), all literals.
+_TRACED_LSTM = re.compile(
+    r"torch\.lstm\([A-Za-z_][A-Za-z0-9_]*, [A-Za-z_][A-Za-z0-9_]*, [A-Za-z_][A-Za-z0-9_]*, "
+    r"(True|False), ([0-9]{1,6}), [0-9.e+-]{1,24}, (True|False), (True|False), (True|False)\)")
+_CONSTANT_TYPES = {"int": int, "bool": bool, "float": float, "str": str}
+
+
 def _is_int(v):
     return type(v) is int
 
@@ -177,10 +241,12 @@ def _int_tuple(v, what):
 class _RestrictedUnpickler(pickle.Unpickler):
     """Unpickler whose globals come from a fixed allowlist of stand-ins."""
 
-    def __init__(self, file, where):
+    def __init__(self, file, where, script=False):
         super().__init__(file, encoding="utf-8")
         self._where = where
         self._storages = {}
+        self._script = script
+        self._script_classes = {}
         c = _Callable
         g = {
             "collections.OrderedDict": c(self._ordered_dict, "collections.OrderedDict"),
@@ -207,6 +273,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
         g["torch.storage.UntypedStorage"] = g["torch.UntypedStorage"]
         for name in list(_DTYPES) + list(_TORCH_DTYPE_ALIASES):
             g[f"torch.{name}"] = _TorchDType(_TORCH_DTYPE_ALIASES.get(name, name))
+        if script:  # TorchScript's list helpers return their argument
+            for fn in ("build_intlist", "build_tensorlist", "build_doublelist",
+                       "build_boollist", "restore_type_tag"):
+                g[f"torch.jit._pickle.{fn}"] = c(self._passthrough, fn)
         self._globals = g
 
     # -- the only ways the pickle can reach a Python object
@@ -215,6 +285,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
             module = "builtins"
         obj = self._globals.get(f"{module}.{name}") if isinstance(module, str) and isinstance(
             name, str) else None
+        if obj is None and self._script:
+            obj = self._script_class(module, name)
         if obj is None:
             raise FormatError(
                 f"{self._where}: refused to load global {module}.{name}: fastlstm reads only "
@@ -239,6 +311,30 @@ class _RestrictedUnpickler(pickle.Unpickler):
             raise FormatError(f"{self._where}: storage {key!r} is used as both {st.dtype}"
                               f"[{st.numel}] and {dtype}[{numel}]")
         return st
+
+    def _script_class(self, module, name):
+        """A ScriptObject subclass for ``__torch__.<path>.<Class>``, or None."""
+        if not (isinstance(module, str) and isinstance(name, str)):
+            return None
+        parts = module.split(".")
+        if (parts[0] != "__torch__" or len(module) > 512 or not _IDENT.fullmatch(name)
+                or not all(_IDENT.fullmatch(p) for p in parts)):
+            return None
+        qualname = f"{module}.{name}"
+        cls = self._script_classes.get(qualname)
+        if cls is None:
+            if len(self._script_classes) >= _MAX_SCRIPT_CLASSES:
+                raise FormatError(f"{self._where}: more than {_MAX_SCRIPT_CLASSES} TorchScript "
+                                  f"classes")
+            cls = type("ScriptObject", (ScriptObject,), {"__slots__": (), "_qualname": qualname})
+            self._script_classes[qualname] = cls
+        return cls
+
+    @staticmethod
+    def _passthrough(value, *rest):
+        if len(rest) > 1:
+            raise FormatError("torch.jit._pickle helper: too many arguments")
+        return value
 
     # -- stand-ins
     @staticmethod
@@ -433,10 +529,11 @@ class TorchFile:
         names = list(self._infos)
         pkls = [n for n in names if n == "data.pkl" or (
             n.endswith("/data.pkl") and n.count("/") == 1)]
-        if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
-            raise FormatError(f"{self.where}: a TorchScript archive (torch.jit.save) is not "
-                              f"supported; save the module's state_dict() with torch.save")
         if not pkls:
+            if any(n.endswith("model.json") for n in names) and any("code/" in n for n in names):
+                raise FormatError(f"{self.where}: a TorchScript archive of PyTorch < 1.4 "
+                                  f"(model.json) is not supported; load it with torch and "
+                                  f"save it again with a recent PyTorch")
             if "config.json" in names:
                 raise FormatError(f"{self.where}: a zip with config.json (a Keras file?), not "
                                   f"a torch.save archive")
@@ -445,6 +542,11 @@ class TorchFile:
         if len(pkls) > 1:
             raise FormatError(f"{self.where}: several data.pkl records: {pkls[:4]}")
         self.prefix = pkls[0][: -len("data.pkl")]
+        # TorchScript: the archive's code (never run; see the module docstring)
+        self.torchscript = any(n.startswith(self.prefix + "code/") for n in names) or (
+            self.prefix + "constants.pkl") in self._infos
+        self.script_paths = {}
+        self._constants = {}
         order = self.prefix + "byteorder"
         self.byteorder = "little"
         if order in self._infos:
@@ -455,23 +557,119 @@ class TorchFile:
         data = self._read_member(pkls[0])
         _prescan(data, self.where)
         try:
-            self.obj = _RestrictedUnpickler(io.BytesIO(data), self.where).load()
+            self.obj = _RestrictedUnpickler(io.BytesIO(data), self.where,
+                                            script=self.torchscript).load()
         except (FormatError, MemoryError):
             raise
         except Exception as exc:
             raise FormatError(f"{self.where}: cannot unpickle data.pkl ({type(exc).__name__}: "
                               f"{exc})") from exc
+        if self.torchscript:
+            self.obj = self._script_tree(self.obj, "", 0, {})
 
-    def _read_member(self, name, limit=None):
+    def _script_tree(self, obj, path, depth, memo):
+        """obj with every ScriptObject replaced by a dict of its attributes
+        (containers rebuilt); ``script_paths`` maps each object's dotted
+        attribute path (its first one) to its class's qualname."""
+        if isinstance(obj, TensorRef) or not isinstance(obj, (ScriptObject, dict, list, tuple)):
+            return obj
+        if id(obj) in memo:
+            return memo[id(obj)]
+        if depth > 200:
+            raise FormatError(f"{self.where}: objects nested too deeply")
+        if isinstance(obj, ScriptObject):
+            self.script_paths.setdefault(path, obj.qualname)
+            items, new = (obj.attrs or {}).items(), {}
+        elif isinstance(obj, dict):
+            items, new = obj.items(), OrderedDict() if isinstance(obj, OrderedDict) else {}
+        else:
+            items, new = enumerate(obj), []
+        if isinstance(obj, tuple):
+            out = tuple(self._script_tree(v, f"{path}.{k}" if path else str(k), depth + 1, memo)
+                        for k, v in items)
+            memo[id(obj)] = out
+            return out
+        memo[id(obj)] = new
+        for k, v in items:
+            sub = f"{path}.{k}" if path else str(k)
+            v = self._script_tree(v, sub, depth + 1, memo)
+            if isinstance(new, list):
+                new.append(v)
+            else:
+                new[k] = v
+        return new
+
+    def script_constants(self, path):
+        """What a TorchScript archive's code says of the module at attribute
+        path ``path`` ('' for the root; see ``script_paths``): a dict of its
+        class's ``Final`` constants (a scripted module: ``batch_first``,
+        ``hidden_size``, ...), or for a traced ``nn.LSTM`` the arguments of its
+        one ``torch.lstm`` call (``bias``, ``num_layers``, ``bidirectional``,
+        ``batch_first``); {} when neither is found.  Text matching only:
+        nothing is executed or compiled."""
+        qualname = self.script_paths.get(path)
+        if qualname is None:
+            return {}
+        if qualname in self._constants:
+            return self._constants[qualname]
+        module, _, cls = qualname.rpartition(".")
+        record = self.prefix + "code/" + module.replace(".", "/") + ".py"
+        found = {}
+        zi = self._infos.get(record)
+        if zi is not None:
+            # the text of a class is small; a bound keeps a deflate bomb out
+            limit = min(16 << 20, 8 * self.size + (1 << 20))
+            text = self._read_member(record, limit, deflated=True).decode("utf-8", "replace")
+            block = []
+            for line in text.splitlines():
+                if block:
+                    if line[:1] not in ("", " "):
+                        break
+                    block.append(line)
+                elif line.startswith(f"class {cls}("):
+                    block.append(line)
+            for line in block:
+                m = _FINAL_LINE.fullmatch(line)
+                if m is None:
+                    continue
+                try:
+                    value = ast.literal_eval(m.group(3))
+                except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+                    continue
+                want = _CONSTANT_TYPES[m.group(2)]
+                if want is float and type(value) is int:
+                    value = float(value)
+                if type(value) is want:
+                    found[m.group(1)] = value
+            if not found:
+                calls = _TRACED_LSTM.findall("\n".join(block))
+                if len(calls) == 1:
+                    bias, layers, _train, bidir, bf = calls[0]
+                    found = {"bias": bias == "True", "num_layers": int(layers),
+                             "bidirectional": bidir == "True", "batch_first": bf == "True"}
+        self._constants[qualname] = found
+        return found
+
+    def _read_member(self, name, limit=None, deflated=False):
+        """A record's bytes.  ``deflated``: a deflate-compressed record is
+        accepted too (TorchScript's code text; ``limit`` then bounds what is
+        decompressed)."""
         zi = self._infos.get(name)
         if zi is None:
             raise FormatError(f"{self.where}: record {name!r} missing from the archive")
-        if zi.compress_type != zipfile.ZIP_STORED:
+        packed = deflated and zi.compress_type == zipfile.ZIP_DEFLATED
+        if zi.compress_type != zipfile.ZIP_STORED and not packed:
             raise FormatError(f"{self.where}: record {name!r} is compressed; torch.save "
                               f"archives store records uncompressed")
         if zi.flag_bits & 0x1:
             raise FormatError(f"{self.where}: record {name!r} is encrypted")
-        if zi.file_size != zi.compress_size or zi.header_offset + zi.file_size > self.size:
+        if packed and limit is None:
+            raise ValueError("limit: required for a compressed record")
+        if packed and zi.header_offset + zi.compress_size > self.size:
+            raise FormatError(f"{self.where}: record {name!r} claims {zi.compress_size} bytes, "
+                              f"beyond the archive's {self.size}")
+        if not packed and (zi.file_size != zi.compress_size
+                           or zi.header_offset + zi.file_size > self.size):
             raise FormatError(f"{self.where}: record {name!r} claims {zi.file_size} bytes, "
                               f"beyond the archive's {self.size}")
         if limit is not None and zi.file_size > limit:
