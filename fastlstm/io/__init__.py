@@ -222,7 +222,9 @@ def list_stacks(path, *, format=None):
     ``input_size``, ``hidden_size``, ``proj_size``, ``num_layers``,
     ``num_directions``, ``bidirectional``, ``bias``, ``dtype`` (of the stored
     weights), ``variant`` ('standard', or the cell options in use such as
-    'peepholes').  Only headers and metadata are read, not the weights.
+    'peepholes'); where the file records them, ``batch_first`` and the
+    module's class (``torchscript``: a TorchScript archive's).  Only headers
+    and metadata are read, not the weights.
     """
     return list(_format(path, format).list_stacks(os.fspath(path)))
 
