@@ -594,6 +594,12 @@ class LSTM:
             raise TypeError(f"module: expected a torch.nn.LSTM, got {cls_name}")
         if getattr(module, "mode", "LSTM") != "LSTM":
             raise TypeError(f"module: expected a torch.nn.LSTM, got {cls_name} ({module.mode})")
+        if not hasattr(module, "num_layers") or not hasattr(module, "batch_first"):
+            # nn.LSTMCell (live or scripted): no layers, no sequence layout
+            hint = ("; a cell loads with fastlstm.io.from_torch_cell(cell)"
+                    if hasattr(module, "weight_ih") else "")
+            raise TypeError(f"module: expected a torch.nn.LSTM, got {cls_name} (no num_layers "
+                            f"or batch_first){hint}")
         sd = {k: v for k, v in module.state_dict().items()}
         model = cls.from_state_dict(sd, batch_first=bool(module.batch_first), dtype=dtype,
                                     num_threads=num_threads)

@@ -129,6 +129,16 @@ def test_bare_lstm_cell_float64_and_override(tmp_path):
     assert_close(h[0], h1.numpy(), np.float32, "scripted LSTMCell h")
     assert_close(c[0], c1.numpy(), np.float32, "scripted LSTMCell c")
 
+    # the modules torch.jit.load returns, converted live: the same weights
+    loaded = torch.jit.load(str(path))
+    live = fastlstm.LSTM.from_torch(loaded)
+    assert live.batch_first and np.array_equal(live(x)[0], m(x)[0])
+    live_cell = fastlstm.io.from_torch_cell(torch.jit.load(str(cpath)))
+    assert np.array_equal(live_cell(xc[None])[0], mc(xc[None])[0])
+    for c in (cell, torch.jit.load(str(cpath))):
+        with pytest.raises(TypeError, match=r"expected a torch\.nn\.LSTM.*from_torch_cell"):
+            fastlstm.LSTM.from_torch(c)
+
 
 def test_several_lstms_by_name(tmp_path):
     class Two(torch.nn.Module):
