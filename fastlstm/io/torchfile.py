@@ -565,14 +565,16 @@ class TorchFile:
             raise FormatError(f"{self.where}: cannot unpickle data.pkl ({type(exc).__name__}: "
                               f"{exc})") from exc
         if self.torchscript:
-            self.obj = self._script_tree(self.obj, "", 0, {})
+            self.obj = self._rebuild(self.obj, lambda v: v)
 
-    def _script_tree(self, obj, path, depth, memo):
-        """obj with every ScriptObject replaced by a dict of its attributes
-        (containers rebuilt); ``script_paths`` maps each object's dotted
-        attribute path (its first one) to its class's qualname."""
-        if isinstance(obj, TensorRef) or not isinstance(obj, (ScriptObject, dict, list, tuple)):
-            return obj
+    def _rebuild(self, obj, leaf, path="", depth=0, memo=None):
+        """obj with its dicts, lists and tuples rebuilt, every other value
+        passed through ``leaf``, and each ScriptObject turned into a dict of
+        its attributes, its dotted attribute path (the first one) recorded in
+        ``script_paths``.  Shared containers stay shared; cycles are kept."""
+        memo = {} if memo is None else memo
+        if not isinstance(obj, (ScriptObject, dict, list, tuple)):
+            return leaf(obj)
         if id(obj) in memo:
             return memo[id(obj)]
         if depth > 200:
@@ -584,19 +586,19 @@ class TorchFile:
             items, new = obj.items(), OrderedDict() if isinstance(obj, OrderedDict) else {}
         else:
             items, new = enumerate(obj), []
+
+        def sub(k, v):
+            return self._rebuild(v, leaf, f"{path}.{k}" if path else str(k), depth + 1, memo)
+
         if isinstance(obj, tuple):
-            out = tuple(self._script_tree(v, f"{path}.{k}" if path else str(k), depth + 1, memo)
-                        for k, v in items)
-            memo[id(obj)] = out
-            return out
+            new = memo[id(obj)] = tuple(sub(k, v) for k, v in items)
+            return new
         memo[id(obj)] = new
         for k, v in items:
-            sub = f"{path}.{k}" if path else str(k)
-            v = self._script_tree(v, sub, depth + 1, memo)
             if isinstance(new, list):
-                new.append(v)
+                new.append(sub(k, v))
             else:
-                new[k] = v
+                new[k] = sub(k, v)
         return new
 
     def script_constants(self, path):
@@ -736,34 +738,11 @@ class TorchFile:
                 strides=tuple(s * base.itemsize for s in ref.stride), writeable=False)
         return out
 
-    def materialize(self, obj=None, _depth=0, _memo=None):
+    def materialize(self, obj=None):
         """``obj`` (default: the whole file) with every TensorRef replaced by
         its array; dicts, lists and tuples are rebuilt."""
-        if obj is None and _depth == 0:
-            obj = self.obj
-        memo = {} if _memo is None else _memo
-        if isinstance(obj, TensorRef):
-            return self.array(obj)
-        if not isinstance(obj, (dict, list, tuple)):
-            return obj
-        if id(obj) in memo:
-            return memo[id(obj)]
-        if _depth > 200:
-            raise FormatError(f"{self.where}: objects nested too deeply")
-        if isinstance(obj, dict):
-            new = OrderedDict() if isinstance(obj, OrderedDict) else {}
-            memo[id(obj)] = new
-            for k, v in obj.items():
-                new[k] = self.materialize(v, _depth + 1, memo)
-            return new
-        if isinstance(obj, list):
-            new = []
-            memo[id(obj)] = new
-            new.extend(self.materialize(v, _depth + 1, memo) for v in obj)
-            return new
-        new = tuple(self.materialize(v, _depth + 1, memo) for v in obj)
-        memo[id(obj)] = new
-        return new
+        return self._rebuild(self.obj if obj is None else obj,
+                             lambda v: self.array(v) if isinstance(v, TensorRef) else v)
 
     def close(self):
         if self._zf is not None:
