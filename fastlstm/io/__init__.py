@@ -14,6 +14,8 @@ Formats are recognised by content, not by extension:
   state dicts (:mod:`fastlstm.io.safetensors`);
 * ``torch``: torch.save zip archives, read by a restricted unpickler that
   never runs code from the file (:mod:`fastlstm.io.torchfile`);
+* ``torch-export``: torch.export.save archives (.pt2): JSON and raw weight
+  records, with ``batch_first`` from the graph (:mod:`fastlstm.io.pt2`);
 * more formats plug in with :func:`register_format` (the ``onnx`` and
   ``keras`` modules of this package register themselves when present).
 
@@ -32,7 +34,7 @@ import re
 import numpy as np
 
 from ..errors import FormatError
-from . import native, safetensors, stacks, torchfile
+from . import native, pt2, safetensors, stacks, torchfile
 from .native import load_model, save_model
 from .safetensors import SafetensorsFile
 from .torchfile import TorchFile, TensorRef, load_torch
@@ -169,6 +171,9 @@ def _unsupported(probe):
         return f"{where}: a Keras .keras archive: keras support not available" + _why("keras")
     if probe.is_hdf5:
         return f"{where}: an HDF5 (Keras .h5) file: keras support not available" + _why("keras")
+    if names and any(n.count("/") == 1 and n.endswith("/archive_format") for n in names):
+        return (f"{where}: a PT2 archive without an ExportedProgram (models/*.json under one "
+                f"top-level folder), e.g. an AOTInductor package: not supported")
     if probe.is_zip:
         return f"{where}: a zip archive that is not a torch.save file (no data.pkl)"
     if probe.is_pickle:
@@ -350,9 +355,15 @@ def _torch_load(path, name=None, **kwargs):
                                   lambda k: flat[k].nbytes, f.size, **kwargs)
 
 
+def _pt2_sniff(probe):
+    names = probe.zip_names()
+    return names is not None and pt2.is_export_archive(names)
+
+
 register_format("fastlstm", _native_sniff, native.list_stacks, _native_load, priority=10)
 register_format("safetensors", _st_sniff, _st_list, _st_load)
 register_format("torch", _torch_sniff, _torch_list, _torch_load)
+register_format(pt2.FORMAT_NAME, _pt2_sniff, pt2.list_stacks, pt2.load)
 
 
 # -------------------------------------------------------------- in-memory
