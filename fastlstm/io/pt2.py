@@ -113,15 +113,7 @@ class ExportFile(TorchFile):
         raise FormatError(f"{self.where}: {msg}")
 
     def _open(self):
-        try:
-            self._zf = zipfile.ZipFile(self._fp)
-            infos = self._zf.infolist()
-        except MemoryError:
-            raise
-        except Exception as exc:
-            self._fail(f"not a readable zip archive ({type(exc).__name__}: {exc})")
-        self._infos = {zi.filename: zi for zi in infos}
-        names = list(self._infos)
+        names = self._open_zip()
         if not is_export_archive(names):
             self._fail("not a torch.export archive (expected archive_format and "
                        "models/*.json under one top-level folder)")

@@ -517,16 +517,7 @@ class TorchFile:
         else:
             raise FormatError(f"{self.where}: not a torch.save zip archive (starts with "
                               f"{head[:8]!r})")
-        try:
-            self._zf = zipfile.ZipFile(self._fp)
-            infos = self._zf.infolist()
-        except MemoryError:
-            raise
-        except Exception as exc:
-            raise FormatError(f"{self.where}: corrupt zip archive ({type(exc).__name__}: "
-                              f"{exc})") from exc
-        self._infos = {zi.filename: zi for zi in infos}
-        names = list(self._infos)
+        names = self._open_zip()
         pkls = [n for n in names if n == "data.pkl" or (
             n.endswith("/data.pkl") and n.count("/") == 1)]
         if not pkls:
@@ -651,6 +642,20 @@ class TorchFile:
                              "bidirectional": bidir == "True", "batch_first": bf == "True"}
         self._constants[qualname] = found
         return found
+
+    def _open_zip(self):
+        """Open the zip directory: ``_zf``, ``_infos`` (name -> ZipInfo);
+        returns the record names."""
+        try:
+            self._zf = zipfile.ZipFile(self._fp)
+            infos = self._zf.infolist()
+        except MemoryError:
+            raise
+        except Exception as exc:
+            raise FormatError(f"{self.where}: corrupt zip archive ({type(exc).__name__}: "
+                              f"{exc})") from exc
+        self._infos = {zi.filename: zi for zi in infos}
+        return list(self._infos)
 
     def _read_member(self, name, limit=None, deflated=False):
         """A record's bytes.  ``deflated``: a deflate-compressed record is
