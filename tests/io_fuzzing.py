@@ -4,7 +4,8 @@ The fuzz tests are seeded and of fixed length, so they are reproducible and
 fast.  A longer run:
 
     FASTLSTM_FUZZ_ITERS=20000 python -m pytest -q tests/test_io_safetensors.py \
-        tests/test_io_torchfile.py tests/test_io_native.py -k fuzz
+        tests/test_io_torchfile.py tests/test_io_torchscript.py tests/test_io_pt2.py \
+        tests/test_io_native.py tests/test_io_onnx.py -k fuzz
 
 (FASTLSTM_FUZZ_SEED=<int> changes the seed.)  Each iteration loads a damaged
 file and checks that it either loads or raises fastlstm.FormatError (never
