@@ -127,8 +127,12 @@ def network_from_state_dict(cls, state_dict, *, lstm, embedding, head, activatio
                             mode, batch_first, dtype, num_threads):
     sd = state_dict
     if isinstance(sd, (str, os.PathLike)):
-        from .io import load_torch
-        sd = load_torch(sd)
+        from .io import TorchFile
+        from .io.stacks import flatten
+        with TorchFile(sd) as f:
+            sd = f.materialize()
+            if f.torchscript:  # its module tree as nested dicts -> a state dict's dotted keys
+                sd = flatten(sd, lambda v: isinstance(v, np.ndarray))
     if hasattr(sd, "state_dict") and callable(sd.state_dict):  # an nn.Module by mistake
         sd = sd.state_dict()
     if not isinstance(sd, dict) or not any(isinstance(k, str) and k.endswith("weight_ih_l0")

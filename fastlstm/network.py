@@ -646,8 +646,8 @@ class Network:
                         activation="none", one_hot=None, mode="sequence", batch_first=True,
                         dtype=None, num_threads=None):
         """Build a network from a PyTorch state dict (tensors or arrays), or
-        from a ``torch.save`` file of one (read by fastlstm's restricted
-        unpickler: torch is not needed).
+        from a ``torch.save`` file of one or a TorchScript archive of the
+        model (read by fastlstm's restricted unpickler: torch is not needed).
 
         lstm: the nn.LSTM's name (key prefix without the dot; a list of
         names for a chain; None: the only LSTM in the dict); embedding: the

@@ -96,6 +96,18 @@ def test_matches_torch_running_the_archive(tmp_path, how, cfg):
     assert_close(y, lstm_want, np.float32, f"{how} {cfg} lstm")
 
 
+@pytest.mark.parametrize("how", ["script", "trace"])
+def test_network_from_the_archive(tmp_path, how):
+    """Embedding, LSTM and head of a TorchScript archive as one Network."""
+    tokens = _tokens(True)
+    path = tmp_path / f"{how}.pt"
+    _save(_Net(batch_first=True, num_layers=2, bidirectional=True), how, tokens, path)
+    net = fastlstm.Network.from_state_dict(path, lstm="lstm", embedding="emb", head="fc")
+    with torch.no_grad():
+        want = torch.jit.load(str(path))(torch.from_numpy(tokens)).numpy()
+    assert_close(net(tokens), want, np.float32, f"{how} Network")
+
+
 def test_bare_lstm_cell_float64_and_override(tmp_path):
     torch.manual_seed(2)
     lstm = torch.nn.LSTM(3, 4, batch_first=True).double().eval()
