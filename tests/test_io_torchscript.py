@@ -263,6 +263,22 @@ def test_script_objects_are_names_only(tmp_path):
     assert issubclass(cls, ScriptObject) and cls.__module__ == ScriptObject.__module__
 
 
+def test_quantized_modules_are_refused_by_name(tmp_path):
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = torch.nn.LSTM(4, 3)
+
+        def forward(self, x):
+            return self.lstm(x)[0]
+
+    q = torch.ao.quantization.quantize_dynamic(M().eval(), {torch.nn.LSTM}, dtype=torch.qint8)
+    path = tmp_path / "q.pt"
+    torch.jit.script(q).save(str(path))
+    with pytest.raises(fastlstm.FormatError, match=r"quantized tensors.*weights='int8'"):
+        fastlstm.load(path)
+
+
 def test_code_records_cannot_inflate_memory(tmp_path):
     path = tmp_path / "ts.pt"
     torch.jit.script(torch.nn.LSTM(2, 3)).save(str(path))

@@ -287,6 +287,11 @@ class _RestrictedUnpickler(pickle.Unpickler):
             name, str) else None
         if obj is None and self._script:
             obj = self._script_class(module, name)
+        if obj is None and f"{module}.{name}" == "torch._utils._rebuild_qtensor":
+            raise FormatError(
+                f"{self._where}: holds quantized tensors (torch.ao quantization), which "
+                f"fastlstm does not read (refused to load global {module}.{name}); save the "
+                f"float model and load it with weights='int8' for int8 weights")
         if obj is None:
             raise FormatError(
                 f"{self._where}: refused to load global {module}.{name}: fastlstm reads only "
