@@ -41,14 +41,13 @@ ExportedPrograms (``package_pt2``) names its stacks ``"<model>.<fqn>"``.
 """
 from __future__ import annotations
 
-import io
 import json
 import re
 import zipfile
 
 from ..errors import FormatError
 from . import stacks
-from .torchfile import _DTYPES, TensorRef, TorchFile, _int_tuple, _RestrictedUnpickler, _Storage
+from .torchfile import _DTYPES, TensorRef, TorchFile, _int_tuple, _Storage, tensor_view
 
 __all__ = ["ExportFile", "list_stacks", "load", "is_export_archive", "FORMAT_NAME",
            "MAX_JSON_BYTES", "MAX_JSON_DEPTH", "MAX_GRAPH_DEPTH"]
@@ -109,6 +108,8 @@ class ExportFile(TorchFile):
     Use as a context manager.
     """
 
+    _KIND = "torch.export"
+
     def _fail(self, msg):
         raise FormatError(f"{self.where}: {msg}")
 
@@ -140,19 +141,9 @@ class ExportFile(TorchFile):
     def _record(self, name, what):
         """The zip entry of record ``name`` (a path under the root), checked
         to be stored uncompressed inside the archive."""
-        zi = self._infos.get(self.prefix + name)
-        if zi is None:
-            self._fail(f"{what}: record {name!r} missing from the archive")
-        if zi.compress_type != zipfile.ZIP_STORED or zi.file_size != zi.compress_size:
-            self._fail(f"{what}: record {name!r} is compressed; torch.export archives store "
-                       f"records uncompressed")
-        if zi.header_offset + zi.file_size > self.size:
-            self._fail(f"{what}: record {name!r} claims {zi.file_size} bytes at "
-                       f"{zi.header_offset}, beyond the archive's {self.size}")
-        return zi
+        return self._member(self.prefix + name, what)
 
     def _read(self, name, limit):
-        self._record(name, name)
         return self._read_member(self.prefix + name, limit=limit)
 
     def _text(self, name):
@@ -248,8 +239,7 @@ class ExportFile(TorchFile):
             self._fail(f"{what}: record {name!r} holds {zi.file_size} bytes, not a whole "
                        f"number of {dtype} elements")
         # torch.save's view checks: offset, sizes and strides inside the record
-        checks = _RestrictedUnpickler(io.BytesIO(b""), f"{self.where}: {what}")
-        return checks._tensor(storage, offset, shape, stride, dtype)
+        return tensor_view(storage, offset, shape, stride, dtype, f"{self.where}: {what}")
 
     def array(self, ref):
         """A tensor's values as a read-only NumPy array (bfloat16 widened)."""

@@ -238,6 +238,37 @@ def _int_tuple(v, what):
                       f"got {str(v)[:80]}")
 
 
+def tensor_view(storage, offset, size, stride, dtype, where):
+    """A TensorRef of a view of ``storage``, checked: offset, sizes and
+    strides inside the storage (``dtype`` None: the storage's own; else a
+    byte storage reinterpreted), and a bounded size.  FormatError (prefixed
+    with ``where``) otherwise.  torch.save's rebuild functions and the
+    torch.export reader both build their tensors here."""
+    if not isinstance(storage, _Storage):
+        raise FormatError(f"{where}: tensor rebuilt from a non-storage")
+    if not _is_int(offset) or offset < 0:
+        raise FormatError(f"{where}: bad storage offset {str(offset)[:40]}")
+    size = _int_tuple(size, "tensor size")
+    stride = _int_tuple(stride, "tensor stride")
+    if len(size) != len(stride):
+        raise FormatError(f"{where}: tensor size {size} and stride {stride} differ "
+                          f"in length")
+    if dtype is None:
+        dtype = storage.dtype
+        elems = storage.numel
+    else:
+        if storage.dtype != "uint8":
+            raise FormatError(f"{where}: typed storage for a {dtype} tensor")
+        elems = storage.numel // _DTYPES[dtype][1]
+    n = math.prod(size)
+    if n and offset + sum((d - 1) * s for d, s in zip(size, stride)) >= elems:
+        raise FormatError(f"{where}: tensor view (offset {offset}, size {size}, "
+                          f"stride {stride}) exceeds its storage of {elems} elements")
+    if math.prod(max(d, 1) for d in size) * _DTYPES[dtype][1] >= 2 ** 48:
+        raise FormatError(f"{where}: tensor size {size} too large")
+    return TensorRef(storage, offset, size, stride, dtype)
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     """Unpickler whose globals come from a fixed allowlist of stand-ins."""
 
@@ -349,29 +380,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return OrderedDict(*args)
 
     def _tensor(self, storage, offset, size, stride, dtype=None):
-        if not isinstance(storage, _Storage):
-            raise FormatError(f"{self._where}: tensor rebuilt from a non-storage")
-        if not _is_int(offset) or offset < 0:
-            raise FormatError(f"{self._where}: bad storage offset {str(offset)[:40]}")
-        size = _int_tuple(size, "tensor size")
-        stride = _int_tuple(stride, "tensor stride")
-        if len(size) != len(stride):
-            raise FormatError(f"{self._where}: tensor size {size} and stride {stride} differ "
-                              f"in length")
-        if dtype is None:
-            dtype = storage.dtype
-            elems = storage.numel
-        else:
-            if storage.dtype != "uint8":
-                raise FormatError(f"{self._where}: typed storage for a {dtype} tensor")
-            elems = storage.numel // _DTYPES[dtype][1]
-        n = math.prod(size)
-        if n and offset + sum((d - 1) * s for d, s in zip(size, stride)) >= elems:
-            raise FormatError(f"{self._where}: tensor view (offset {offset}, size {size}, "
-                              f"stride {stride}) exceeds its storage of {elems} elements")
-        if math.prod(max(d, 1) for d in size) * _DTYPES[dtype][1] >= 2 ** 48:
-            raise FormatError(f"{self._where}: tensor size {size} too large")
-        return TensorRef(storage, offset, size, stride, dtype)
+        return tensor_view(storage, offset, size, stride, dtype, self._where)
 
     def _rebuild_v1(self, storage, offset, size, stride):
         return self._tensor(storage, offset, size, stride)
@@ -662,28 +671,39 @@ class TorchFile:
         self._infos = {zi.filename: zi for zi in infos}
         return list(self._infos)
 
+    _KIND = "torch.save"  # in messages: whose archives store records uncompressed
+
+    def _member(self, name, what=None, deflated=False):
+        """The ZipInfo of record ``name``, checked: present, stored (or,
+        with ``deflated``, deflate-compressed), not encrypted, and inside
+        the archive.  ``what`` prefixes the messages, which name the record
+        under the archive's root folder."""
+        at = f"{self.where}: {what}: " if what else f"{self.where}: "
+        zi = self._infos.get(name)
+        root = getattr(self, "prefix", "")
+        name = name[len(root):] if root and name.startswith(root) else name
+        if zi is None:
+            raise FormatError(f"{at}record {name!r} missing from the archive")
+        packed = deflated and zi.compress_type == zipfile.ZIP_DEFLATED
+        if zi.compress_type != zipfile.ZIP_STORED and not packed:
+            raise FormatError(f"{at}record {name!r} is compressed; {self._KIND} archives store "
+                              f"records uncompressed")
+        if zi.flag_bits & 0x1:
+            raise FormatError(f"{at}record {name!r} is encrypted")
+        stored = zi.compress_size if packed else zi.file_size
+        if (not packed and zi.file_size != zi.compress_size) or (
+                zi.header_offset + stored > self.size):
+            raise FormatError(f"{at}record {name!r} claims {stored} bytes, beyond the "
+                              f"archive's {self.size}")
+        return zi
+
     def _read_member(self, name, limit=None, deflated=False):
         """A record's bytes.  ``deflated``: a deflate-compressed record is
         accepted too (TorchScript's code text; ``limit`` then bounds what is
         decompressed)."""
-        zi = self._infos.get(name)
-        if zi is None:
-            raise FormatError(f"{self.where}: record {name!r} missing from the archive")
-        packed = deflated and zi.compress_type == zipfile.ZIP_DEFLATED
-        if zi.compress_type != zipfile.ZIP_STORED and not packed:
-            raise FormatError(f"{self.where}: record {name!r} is compressed; torch.save "
-                              f"archives store records uncompressed")
-        if zi.flag_bits & 0x1:
-            raise FormatError(f"{self.where}: record {name!r} is encrypted")
-        if packed and limit is None:
+        zi = self._member(name, deflated=deflated)
+        if zi.compress_type != zipfile.ZIP_STORED and limit is None:
             raise ValueError("limit: required for a compressed record")
-        if packed and zi.header_offset + zi.compress_size > self.size:
-            raise FormatError(f"{self.where}: record {name!r} claims {zi.compress_size} bytes, "
-                              f"beyond the archive's {self.size}")
-        if not packed and (zi.file_size != zi.compress_size
-                           or zi.header_offset + zi.file_size > self.size):
-            raise FormatError(f"{self.where}: record {name!r} claims {zi.file_size} bytes, "
-                              f"beyond the archive's {self.size}")
         if limit is not None and zi.file_size > limit:
             raise FormatError(f"{self.where}: record {name!r} too large ({zi.file_size} bytes)")
         try:
