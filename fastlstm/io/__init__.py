@@ -349,8 +349,6 @@ def _torch_load(path, name=None, **kwargs):
     with TorchFile(path) as f:
         flat, found, rejected = _torch_stacks(f)
         stack = stacks.select_stack(found, name, f.where, rejected)
-        if "batch_first" in stack.info:  # recorded by a TorchScript archive
-            kwargs.setdefault("batch_first", stack.info["batch_first"])
         return stacks.build_model(stack, lambda k: f.array(flat[k]), f.where,
                                   lambda k: flat[k].nbytes, f.size, **kwargs)
 

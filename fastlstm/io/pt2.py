@@ -357,16 +357,12 @@ class ExportFile(TorchFile):
                 s.info["batch_first"] = next(iter(values))
         return self.obj, found, rejected
 
-    def batch_first(self, stack, batch_first=None):
-        """``batch_first`` if given, else the graph's for ``stack`` (False
-        when no lstm node runs it)."""
-        if batch_first is not None:
-            return batch_first
-        values = self._batch_first.get(stack.prefix, ())
-        if len(values) > 1:
+    def check_batch_first(self, stack):
+        """FormatError if lstm nodes run ``stack`` with both batch_first
+        values (its info then has none to default to)."""
+        if len(self._batch_first.get(stack.prefix, ())) > 1:
             self._fail(f"the graph runs {stack.name or '<root>'!r} with batch_first both True "
                        f"and False: pass batch_first=")
-        return next(iter(values), False)
 
 
 def _torch_order(stack):
@@ -397,6 +393,8 @@ def load(path, name=None, *, batch_first=None, **kwargs):
     with ExportFile(path) as f:
         flat, found, rejected = f.find_stacks()
         stack = stacks.select_stack(found, name, f.where, rejected)
+        if batch_first is None:
+            f.check_batch_first(stack)
         return stacks.build_model(stack, lambda k: f.array(flat[k]), f.where,
-                                  lambda k: flat[k].nbytes, f.size,
-                                  batch_first=f.batch_first(stack, batch_first), **kwargs)
+                                  lambda k: flat[k].nbytes, f.size, batch_first=batch_first,
+                                  **kwargs)

@@ -219,9 +219,12 @@ def check_sizes(info, where):
                           f"{str(sizes)[:120]}")
 
 
-def build_model(stack, get, where, nbytes=None, budget=None, *, batch_first=False, dtype=None,
+def build_model(stack, get, where, nbytes=None, budget=None, *, batch_first=None, dtype=None,
                 num_threads=None, **cell_options):
     """Build a fastlstm.LSTM from a stack.
+
+    ``batch_first``: None takes the stack's ``info["batch_first"]`` where the
+    file records it (TorchScript, torch.export), else False.
 
     ``get(key)`` returns the NumPy array of a source key.  ``nbytes(key)``:
     the bytes a source tensor claims; ``budget``: the most bytes the stack's
@@ -244,6 +247,8 @@ def build_model(stack, get, where, nbytes=None, budget=None, *, batch_first=Fals
         arrays[param] = arr
     if dtype is None:
         dtype = np.float64 if all(a.dtype == np.float64 for a in arrays.values()) else np.float32
+    if batch_first is None:
+        batch_first = stack.info.get("batch_first", False)
     try:
         return LSTM.from_state_dict(arrays, batch_first=batch_first, dtype=dtype,
                                     num_threads=num_threads, **cell_options)
